@@ -1,0 +1,48 @@
+# Two commands do all the setup: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# Offline by default: nothing downloads weights or data at run time; telemetry off.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export DO_NOT_TRACK ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export GX_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test test-fast lint format clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install the project with its dev extras
+
+demo: venv  ## run the main job on the embedded offline demo
+	$(BIN)/rlhf demo
+
+test: venv  ## lint, then the whole test suite (slow end-to-end tests included), as CI does
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+test-fast: venv  ## the test suite without the tests marked slow
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: venv  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv  ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:  ## remove generated artifacts (keeps .venv)
+	rm -rf artifacts .pytest_cache .ruff_cache
