@@ -1,0 +1,574 @@
+"""The embedded demo task: controlled-sentiment movie reviews in miniature.
+
+After the IMDb experiment of DPO (Rafailov et al. 2023, arXiv:2305.18290, §6.1), where the
+policy continues a review and is rewarded for positive sentiment. Here a user asks for a short
+review of a made-up film; responses come from a small grammar over phrase banks (a few hundred
+words, 12-40 words per review) so that a tiny model trained from scratch for minutes can learn
+the language, yet vary in sentiment (positive, mixed, negative) and quality (fluent, or
+degenerate: repetition loops, truncation, off-topic). The gold judge (`gold.GoldJudge`) scores
+responses; simulated annotators (`gold.SimulatedAnnotators`) label pairs with known noise.
+
+Evaluation prompts use film titles that no training prompt uses (a fixed hash split of the
+title pool, independent of the seed), so the policy is evaluated on unseen prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rlhf_core.data.gold import (
+    GoldJudge,
+    SimulatedAnnotators,
+    expected_agreement,
+    observed_agreement,
+    words_of,
+)
+from rlhf_core.data.texts import corpus_from_rows
+
+
+def _split(text: str, separator: str | None = None) -> list[str]:
+    """A phrase bank written as one string: words split on whitespace, phrases on `separator`."""
+    return text.split(separator)
+
+
+# ---------------------------------------------------------------- phrase banks
+# Title, genre, plot and off-topic words are absent from VADER's lexicon (a test checks), so the
+# gold score depends only on the opinions a review states.
+TITLE_ADJECTIVES = _split(
+    "Silent Quiet Hidden Golden Blue Red Iron Paper Glass Stone Distant Northern Last"
+    " Second Little Long Winter Summer Midnight Velvet Copper Crimson Hollow Wild"
+)
+TITLE_NOUNS = _split(
+    "River Garden Road House City Island Station Harbor Letter Mirror Window Bridge Train"
+    " Clock Forest Ocean Moon Tower Valley Door Lantern Compass Orchard Market"
+)
+GENRES = _split(
+    "drama mystery western musical documentary fantasy animated family spy sports historical"
+)
+CHARACTERS = _split(
+    "young teacher|old farmer|retired sailor|small boy|young girl|city nurse"
+    "|quiet detective|travelling singer|young painter|village baker|old pilot"
+    "|country doctor",
+    "|",
+)
+PLOTS = _split(
+    "returns to a small town|builds a boat with his brother|opens a bakery by the sea"
+    "|crosses the country by train|writes letters to a stranger|moves to a new city"
+    "|plans a long journey north|joins a band on the road|looks after an old house"
+    "|trains for a big race",
+    "|",
+)
+WHEN = ["week", "night", "month", "weekend"]
+
+ASPECTS = _split(
+    "acting|story|music|dialogue|ending|pacing|camera work|cast|characters|script|visuals"
+    "|soundtrack|direction|lead performance|set design|plot",
+    "|",
+)
+POSITIVE_ADJECTIVES = _split(
+    "great good wonderful brilliant superb excellent beautiful lovely charming delightful"
+    " fantastic amazing clever strong enjoyable"
+)
+NEGATIVE_ADJECTIVES = _split(
+    "boring dull awful terrible bad weak poor messy lazy painful annoying horrible stupid"
+)
+PLURAL_ASPECTS = {"characters", "visuals"}
+# Negated adjectives by the polarity of the negation: "not bad" is positive, "not good" negative.
+NEGATED_ADJECTIVES = {True: ["bad", "boring", "awful"], False: ["good", "great"]}
+POSITIVE_VERBS = ["loved", "enjoyed", "liked"]
+NEGATIVE_VERBS = ["hated", "disliked"]
+BOOSTERS = ["", "", "really ", "very ", "quite "]
+
+OFF_TOPIC_SENTENCES = _split(
+    "I bought some bread at the market.|The bus was late this morning."
+    "|My neighbour painted the fence blue.|We cooked rice for dinner."
+    "|The shop closed early today.|I walked the dog in the park.|It rained all afternoon."
+    "|My phone rang twice during lunch.|I watered the plants in the kitchen."
+    "|The train to the city was full.",
+    "|",
+)
+
+PROMPT_TEMPLATES = [
+    "Write a short review of {title}, {a_genre} film.",
+    "Review the {genre} film {title}.",
+    "What did you think of {title}? It is {a_genre} film.",
+    "Give a short review of the {genre} movie {title}.",
+]
+
+EVAL_TITLE_FRACTION = 0.2  # share of the title pool held out for evaluation prompts
+SENTIMENTS = ("positive", "mixed", "negative")
+DEGENERATE_KINDS = ("repetition", "truncation", "off_topic")
+CREATED_AT_BASE = datetime(2024, 1, 1, tzinfo=UTC)
+REVIEW_WORDS = (12, 40)  # inclusive bounds on the length of a fluent review
+
+
+def _is_eval_title(title: str) -> bool:
+    digest = hashlib.sha256(title.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < EVAL_TITLE_FRACTION
+
+
+ALL_TITLES = [f"The {adjective} {noun}" for adjective in TITLE_ADJECTIVES for noun in TITLE_NOUNS]
+EVAL_TITLES = [title for title in ALL_TITLES if _is_eval_title(title)]
+TRAIN_TITLES = [title for title in ALL_TITLES if not _is_eval_title(title)]
+
+
+def distinct_prompt_count(titles: list[str]) -> int:
+    """How many different prompts `sample_prompt` can make about these titles."""
+    return len(titles) * len(GENRES) * len(PROMPT_TEMPLATES)
+
+
+# ---------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes, noise and response mix of the demo task (the `demo:` section of params.yaml).
+
+    seed: seeds every draw; the same settings give byte-identical files.
+    n_sft: SFT rows (prompt + one completion from the SFT-like response distribution).
+    n_preference_prompts: preference pairs, one prompt each, two responses labelled by an annotator.
+    n_ranked: K-wise ranked examples (0 writes no rankings file).
+    ranking_k: responses per ranked example.
+    n_ppo_prompts: distinct prompts for PPO rollouts (training titles).
+    n_eval_prompts: distinct held-out prompts (evaluation titles, never seen in training).
+    annotator_temperature: Bradley-Terry / Plackett-Luce temperature T on gold scores in
+        [-1, 1]; 0 is noiseless. 0.2 gives an agreement ceiling of about 0.87-0.88 here.
+    n_annotators: size of the simulated annotator pool (ids recorded per pair).
+    positive_prob, negative_prob: share of positive and negative reviews in the response
+        distribution; the rest are mixed. Equal shares keep the SFT policy near neutral.
+    degenerate_prob: share of degenerate responses (repetition, truncation, off-topic).
+    """
+
+    seed: int = 0
+    n_sft: int = 2000
+    n_preference_prompts: int = 1500
+    n_ranked: int = 0
+    ranking_k: int = 4
+    n_ppo_prompts: int = 512
+    n_eval_prompts: int = 200
+    annotator_temperature: float = 0.2
+    n_annotators: int = 5
+    positive_prob: float = 0.3
+    negative_prob: float = 0.3
+    degenerate_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        minimums = {
+            "n_sft": 1,
+            "n_preference_prompts": 1,
+            "n_ranked": 0,
+            "ranking_k": 2,
+            "n_ppo_prompts": 0,
+            "n_eval_prompts": 1,
+            "n_annotators": 1,
+        }
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"demo.seed must be an integer, got {self.seed!r}.")
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"demo.{name} must be an integer >= {minimum}, got {value!r}.")
+        temperature = self.annotator_temperature
+        if not isinstance(temperature, int | float) or not math.isfinite(temperature):
+            raise ValueError(f"demo.annotator_temperature must be a number, got {temperature!r}.")
+        if temperature < 0:
+            raise ValueError(
+                f"demo.annotator_temperature must be >= 0 (0 = noiseless), got {temperature}."
+            )
+        for name in ("positive_prob", "negative_prob", "degenerate_prob"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"demo.{name} must be a probability in [0, 1], got {value!r}.")
+        for name, titles in (("n_ppo_prompts", TRAIN_TITLES), ("n_eval_prompts", EVAL_TITLES)):
+            available = distinct_prompt_count(titles)
+            if getattr(self, name) > available:
+                raise ValueError(
+                    f"demo.{name} must be at most {available}, the number of distinct prompts "
+                    f"the demo can write about its titles, got {getattr(self, name)}."
+                )
+        if self.positive_prob + self.negative_prob > 1.0:
+            raise ValueError(
+                "demo.positive_prob + demo.negative_prob must be at most 1 (the rest are mixed "
+                f"reviews), got {self.positive_prob} + {self.negative_prob}."
+            )
+
+
+# ---------------------------------------------------------------- the grammar
+@dataclass(frozen=True)
+class FilmPrompt:
+    """A prompt and the film it asks about."""
+
+    title: str
+    genre: str
+    text: str
+
+    def messages(self) -> list[dict[str, str]]:
+        """The canonical prompt: one user message."""
+        return [{"role": "user", "content": self.text}]
+
+
+def a_or_an(phrase: str) -> str:
+    """`phrase` with its indefinite article: "a drama", "an animated"."""
+    return f"{'an' if phrase[0].lower() in 'aeiou' else 'a'} {phrase}"
+
+
+def sample_prompt(rng: random.Random, titles: list[str]) -> FilmPrompt:
+    """A review request for a random film whose title comes from `titles`."""
+    title, genre = rng.choice(titles), rng.choice(GENRES)
+    template = rng.choice(PROMPT_TEMPLATES)
+    return FilmPrompt(
+        title, genre, template.format(title=title, genre=genre, a_genre=a_or_an(genre))
+    )
+
+
+def _opening(rng: random.Random, film: FilmPrompt) -> str:
+    character, plot = a_or_an(rng.choice(CHARACTERS)), rng.choice(PLOTS)
+    return rng.choice(
+        [
+            f"{film.title} is {a_or_an(film.genre)} film about {character} who {plot}.",
+            f"I watched {film.title} last {rng.choice(WHEN)}.",
+            f"{film.title} follows {character} who {plot}.",
+            f"In {film.title}, {character} {plot}.",
+        ]
+    )
+
+
+def _adjective(rng: random.Random, positive: bool) -> str:
+    return rng.choice(POSITIVE_ADJECTIVES if positive else NEGATIVE_ADJECTIVES)
+
+
+def _was(aspect: str) -> str:
+    return "were" if aspect in PLURAL_ASPECTS else "was"
+
+
+def _opinion(rng: random.Random, aspect: str, positive: bool) -> str:
+    form = rng.random()
+    if form < 0.4:
+        return f"The {aspect} {_was(aspect)} {rng.choice(BOOSTERS)}{_adjective(rng, positive)}."
+    if form < 0.65:
+        first, second = rng.sample(POSITIVE_ADJECTIVES if positive else NEGATIVE_ADJECTIVES, 2)
+        return f"The {aspect} felt {first} and {second}."
+    if form < 0.9:
+        verb = rng.choice(POSITIVE_VERBS if positive else NEGATIVE_VERBS)
+        return f"I {rng.choice(['', 'really '])}{verb} the {aspect}."
+    # VADER reads "not bad" as mildly positive and "not great" as negative, as a reader would.
+    return f"The {aspect} {_was(aspect)} not {rng.choice(NEGATED_ADJECTIVES[positive])}."
+
+
+def _contrast(rng: random.Random, first: str, second: str, first_positive: bool) -> str:
+    return (
+        f"The {first} {_was(first)} {_adjective(rng, first_positive)}, "
+        f"but the {second} {_was(second)} {_adjective(rng, not first_positive)}."
+    )
+
+
+def _verdict(rng: random.Random, tone: str, film: FilmPrompt) -> str:
+    if tone == "positive":
+        adjective = _adjective(rng, True)
+        options = [
+            f"Overall, {a_or_an(adjective)} film, and I would recommend it.",
+            "I would happily watch it again.",
+            f"{a_or_an(adjective).capitalize()} {film.genre} film.",
+        ]
+    elif tone == "negative":
+        adjective = _adjective(rng, False)
+        options = [
+            f"Overall, {a_or_an(adjective)} film, and I would not recommend it.",
+            "It was a waste of time.",
+            f"{a_or_an(adjective).capitalize()} {film.genre} film.",
+        ]
+    else:
+        options = [
+            "Overall, it was an okay film.",
+            "Some parts worked and some did not.",
+            f"It is an average {film.genre} film.",
+        ]
+    return rng.choice(options)
+
+
+def fluent_review(rng: random.Random, film: FilmPrompt, sentiment: str) -> str:
+    """A well-formed review of `film` (12-40 words): an opening, 1-3 opinions, maybe a verdict.
+
+    Each opinion is positive with probability 0.8-1 in a positive review, 0-0.2 in a negative
+    one, 0.3-0.7 in a mixed one, where half the opinions contrast two aspects ("X was A, but
+    Y was B"). A verdict agrees with the opinions' majority (mixed reviews: a neutral verdict).
+    """
+    if sentiment not in SENTIMENTS:
+        raise ValueError(f"sentiment must be one of {SENTIMENTS}, got {sentiment!r}.")
+    while True:  # rejection sampling keeps reviews short enough for a tiny model
+        review = _review_draft(rng, film, sentiment)
+        if REVIEW_WORDS[0] <= len(review.split()) <= REVIEW_WORDS[1]:
+            return review
+
+
+def _review_draft(rng: random.Random, film: FilmPrompt, sentiment: str) -> str:
+    positive_share = {
+        "positive": rng.uniform(0.8, 1.0),
+        "mixed": rng.uniform(0.3, 0.7),
+        "negative": rng.uniform(0.0, 0.2),
+    }[sentiment]
+    aspects = rng.sample(ASPECTS, 6)  # no aspect is judged twice in one review
+    sentences = [_opening(rng, film)]
+    net_opinion = 0
+    for _ in range(rng.randint(1, 3)):
+        positive = rng.random() < positive_share
+        if sentiment == "mixed" and rng.random() < 0.5:
+            sentences.append(_contrast(rng, aspects.pop(), aspects.pop(), positive))
+        else:
+            sentences.append(_opinion(rng, aspects.pop(), positive))
+            net_opinion += 1 if positive else -1
+    if rng.random() < 0.7:
+        tone = "positive" if net_opinion > 0 else "negative" if net_opinion < 0 else "mixed"
+        sentences.append(_verdict(rng, "mixed" if sentiment == "mixed" else tone, film))
+    return " ".join(sentences)
+
+
+def degenerate_review(rng: random.Random, film: FilmPrompt, kind: str) -> str:
+    """A degenerate response of the given kind: "repetition", "truncation" or "off_topic"."""
+    if kind == "repetition":
+        positive = rng.random() < 0.5
+        if rng.random() < 0.5:
+            loop = " ".join([_adjective(rng, positive)] * rng.randint(8, 16))
+            return f"{film.title} is {loop}."
+        sentence = _opinion(rng, rng.choice(ASPECTS), positive)
+        repeats = min(rng.randint(3, 6), REVIEW_WORDS[1] // len(sentence.split()))
+        return " ".join([sentence] * repeats)
+    if kind == "truncation":
+        words = fluent_review(rng, film, rng.choice(SENTIMENTS)).split()
+        kept = words[: rng.randint(max(8, int(0.4 * len(words))), len(words) - 1)]
+        return " ".join(kept).rstrip(".,!?")
+    if kind == "off_topic":
+        return " ".join(rng.sample(OFF_TOPIC_SENTENCES, rng.randint(3, 5)))
+    raise ValueError(f"degenerate kind must be one of {DEGENERATE_KINDS}, got {kind!r}.")
+
+
+def sample_response(rng: random.Random, film: FilmPrompt, settings: DemoSettings) -> str:
+    """One response from the SFT-like distribution: mixed sentiment, mostly fluent."""
+    if rng.random() < settings.degenerate_prob:
+        return degenerate_review(rng, film, rng.choice(DEGENERATE_KINDS))
+    draw = rng.random()
+    if draw < settings.positive_prob:
+        sentiment = "positive"
+    elif draw < settings.positive_prob + settings.negative_prob:
+        sentiment = "negative"
+    else:
+        sentiment = "mixed"
+    return fluent_review(rng, film, sentiment)
+
+
+def _distinct_responses(
+    rng: random.Random, film: FilmPrompt, settings: DemoSettings, count: int
+) -> list[str]:
+    responses: list[str] = []
+    for _ in range(100 * count):
+        response = sample_response(rng, film, settings)
+        if response not in responses:
+            responses.append(response)
+            if len(responses) == count:
+                return responses
+    raise ValueError(
+        f"could not draw {count} distinct responses for one prompt; lower demo.ranking_k."
+    )
+
+
+# ---------------------------------------------------------------- the data set
+@dataclass
+class DemoData:
+    """The generated demo task: canonical rows per set, and statistics for demo_meta.json."""
+
+    sft: list[dict[str, Any]]
+    preferences: list[dict[str, Any]]
+    rankings: list[dict[str, Any]]
+    ppo_prompts: list[dict[str, Any]]
+    eval_prompts: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def created_at(seed: int) -> str:
+    """The fixed ISO-8601 timestamp stamped on a seed's rows (not wall-clock: files reproduce)."""
+    return (CREATED_AT_BASE + timedelta(days=seed % 3650)).isoformat()
+
+
+def _stream(settings: DemoSettings, name: str) -> random.Random:
+    # One independent stream per set: changing one set's size leaves the others unchanged.
+    return random.Random(f"rlhf-demo/{settings.seed}/{name}")
+
+
+def _sft_rows(settings: DemoSettings) -> list[dict[str, Any]]:
+    rng = _stream(settings, "sft")
+    rows = []
+    for _ in range(settings.n_sft):
+        film = sample_prompt(rng, TRAIN_TITLES)
+        rows.append({"prompt": film.messages(), "completion": sample_response(rng, film, settings)})
+    return rows
+
+
+def _preference_rows(
+    settings: DemoSettings, judge: GoldJudge
+) -> tuple[list[dict[str, Any]], list[float], list[float]]:
+    """Labelled pairs, and the gold scores of their chosen and rejected responses."""
+    rng = _stream(settings, "preferences")
+    annotators = SimulatedAnnotators(
+        settings.annotator_temperature, settings.n_annotators, seed=rng.randrange(2**63)
+    )
+    rows, chosen_golds, rejected_golds = [], [], []
+    for _ in range(settings.n_preference_prompts):
+        film = sample_prompt(rng, TRAIN_TITLES)
+        first, second = _distinct_responses(rng, film, settings, 2)
+        first_gold, second_gold = judge.score(first), judge.score(second)
+        label = annotators.label_pair(first_gold, second_gold)
+        if label.a_preferred:
+            chosen, rejected, chosen_gold, rejected_gold = first, second, first_gold, second_gold
+        else:
+            chosen, rejected, chosen_gold, rejected_gold = second, first, second_gold, first_gold
+        chosen_golds.append(chosen_gold)
+        rejected_golds.append(rejected_gold)
+        rows.append(
+            {
+                "prompt": film.messages(),
+                "chosen": chosen,
+                "rejected": rejected,
+                "source": "demo",
+                "annotator": label.annotator,
+                "created_at": created_at(settings.seed),
+            }
+        )
+    return rows, chosen_golds, rejected_golds
+
+
+def _ranking_rows(settings: DemoSettings, judge: GoldJudge) -> list[dict[str, Any]]:
+    rng = _stream(settings, "rankings")
+    annotators = SimulatedAnnotators(
+        settings.annotator_temperature, settings.n_annotators, seed=rng.randrange(2**63)
+    )
+    rows = []
+    for _ in range(settings.n_ranked):
+        film = sample_prompt(rng, TRAIN_TITLES)
+        responses = _distinct_responses(rng, film, settings, settings.ranking_k)
+        order = annotators.rank(judge.score_batch(responses)).order
+        rows.append({"prompt": film.messages(), "responses": [responses[i] for i in order]})
+    return rows
+
+
+def _prompt_rows(settings: DemoSettings, name: str, titles: list[str], count: int) -> list[dict]:
+    """`count` distinct prompts about films from `titles` (a repeated prompt is a duplicate row)."""
+    rng = _stream(settings, name)
+    seen: set[str] = set()
+    rows = []
+    while len(rows) < count:
+        film = sample_prompt(rng, titles)
+        if film.text not in seen:
+            seen.add(film.text)
+            rows.append({"prompt": film.messages()})
+    return rows
+
+
+def _rounded(value: float) -> float:
+    return round(value, 6)
+
+
+def _quantile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def generate_demo(settings: DemoSettings, judge: GoldJudge | None = None) -> DemoData:
+    """Generate every set of the demo task for `settings` (deterministic given the seed)."""
+    judge = judge or GoldJudge()
+    sft = _sft_rows(settings)
+    preferences, chosen_golds, rejected_golds = _preference_rows(settings, judge)
+    data = DemoData(
+        sft=sft,
+        preferences=preferences,
+        rankings=_ranking_rows(settings, judge),
+        ppo_prompts=_prompt_rows(settings, "ppo_prompts", TRAIN_TITLES, settings.n_ppo_prompts),
+        eval_prompts=_prompt_rows(settings, "eval_prompts", EVAL_TITLES, settings.n_eval_prompts),
+    )
+
+    sft_scores = [judge.breakdown(row["completion"]) for row in sft]
+    sft_golds = [score.score for score in sft_scores]
+    chosen_longer = sum(
+        len(words_of(row["chosen"])) > len(words_of(row["rejected"])) for row in preferences
+    )
+    temperature = settings.annotator_temperature
+    data.meta = {
+        "task": "controlled-sentiment movie reviews (after DPO, arXiv:2305.18290, section 6.1)",
+        "settings": dataclasses.asdict(settings),
+        "created_at": created_at(settings.seed),
+        "counts": {name: len(getattr(data, name)) for name in FILE_NAMES},
+        "gold": {
+            "range": [-1.0, 1.0],
+            "sft_completion_mean": _rounded(statistics.fmean(sft_golds)),
+            "sft_completion_stdev": _rounded(statistics.pstdev(sft_golds)),
+            "sft_completion_p90": _rounded(_quantile(sft_golds, 0.9)),
+            "sft_completion_max": _rounded(max(sft_golds)),
+            "sft_degenerate_fraction": _rounded(
+                sum(score.quality < 1.0 for score in sft_scores) / len(sft_scores)
+            ),
+            "chosen_mean": _rounded(statistics.fmean(chosen_golds)),
+            "rejected_mean": _rounded(statistics.fmean(rejected_golds)),
+        },
+        "annotator_agreement_expected": _rounded(
+            expected_agreement(chosen_golds, rejected_golds, temperature)
+        ),
+        "annotator_agreement_empirical": _rounded(observed_agreement(chosen_golds, rejected_golds)),
+        "chosen_longer_fraction": _rounded(chosen_longer / len(preferences)),
+        "vocabulary_size": len({word for text in corpus_texts(data) for word in words_of(text)}),
+    }
+    return data
+
+
+def corpus_texts(data: DemoData) -> Iterator[str]:
+    """All texts of the demo (prompts and responses of every set), e.g. to train a tokenizer."""
+    for rows in (data.sft, data.preferences, data.rankings, data.ppo_prompts, data.eval_prompts):
+        yield from corpus_from_rows(rows)
+
+
+# ---------------------------------------------------------------- files
+FILE_NAMES = {
+    "sft": "sft.jsonl",
+    "preferences": "preferences.jsonl",
+    "rankings": "rankings.jsonl",
+    "ppo_prompts": "ppo_prompts.jsonl",
+    "eval_prompts": "eval_prompts.jsonl",
+}
+META_FILE = "demo_meta.json"
+
+
+def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_demo(settings: DemoSettings, out_dir: str | Path) -> dict[str, Any]:
+    """Generate the demo and write it as canonical JSONL plus demo_meta.json; return the meta.
+
+    Files: sft.jsonl, preferences.jsonl, rankings.jsonl (only when n_ranked > 0; a stale one is
+    removed otherwise), ppo_prompts.jsonl, eval_prompts.jsonl, demo_meta.json. The same
+    settings give byte-identical files.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = generate_demo(settings)
+    written = []
+    for name, file_name in FILE_NAMES.items():
+        rows = getattr(data, name)
+        if name == "rankings" and settings.n_ranked == 0:
+            (out / file_name).unlink(missing_ok=True)
+            continue
+        _write_jsonl(rows, out / file_name)
+        written.append(file_name)
+    meta = {**data.meta, "files": written}
+    (out / META_FILE).write_text(
+        json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    return meta
