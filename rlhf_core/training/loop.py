@@ -1,0 +1,316 @@
+"""The one training loop every gradient-based stage uses (SFT, reward model, DPO).
+
+Straight-line code: for each optimizer step, take that step's examples from the epoch plan,
+split them into micro-batches, accumulate gradients normalised by the step's total loss units
+(tokens for SFT, pairs for reward and DPO), clip, step, log, evaluate and checkpoint. A stage
+supplies a `TrainingTask`: how to collate examples and the loss of a micro-batch.
+
+Normalising by the units of the whole step (not by micro-batch) makes gradient accumulation
+exact: one batch of 8 and eight accumulated batches of 1 give the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from rlhf_core.training.batching import plan_epoch, split_micro_batches
+from rlhf_core.training.checkpoint import CheckpointManager
+from rlhf_core.training.schedule import SCHEDULES, build_scheduler
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation knobs shared by the stages (each stage has its own copy in params.yaml).
+
+    Attributes:
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay on matrices (not on norms and biases).
+        adam_beta1, adam_beta2: AdamW's moment decay rates.
+        warmup_steps: linear warmup length in optimizer steps.
+        schedule: decay after warmup: cosine | linear | constant.
+        min_lr_ratio: the decay's floor as a fraction of the peak.
+        max_grad_norm: global gradient-norm clip (0 disables).
+        epochs: passes over the training examples (fractional allowed).
+        max_steps: optimizer steps; overrides epochs when set.
+        batch_size: examples per optimizer step.
+        micro_batch_size: examples per forward pass (gradient accumulation); None = batch_size.
+        max_tokens_per_micro_batch: dynamic batching cap on examples × padded length.
+        group_by_length: batch similar lengths together (less padding).
+        eval_every: evaluate every N steps (0 = only at the end).
+        checkpoint_every: checkpoint every N steps (0 = never).
+        keep_checkpoints: how many checkpoints to keep.
+        mixed_precision: no | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
+        seed: seeds initial RNG state and the data order.
+    """
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    micro_batch_size: int | None = None
+    max_tokens_per_micro_batch: int | None = None
+    group_by_length: bool = True
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise ValueError("batch_size and micro_batch_size must be at least 1")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError("set epochs > 0 or max_steps")
+        if min(self.warmup_steps, self.eval_every, self.checkpoint_every) < 0:
+            raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0")
+
+
+class TrainingTask(Protocol):
+    """What a stage tells the loop about its data and loss."""
+
+    lengths: Sequence[int]  # per training example, for length grouping and token budgets
+
+    def collate(self, indices: list[int]) -> dict[str, Any]:
+        """Tensors for the examples at `indices`."""
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """How many loss units (tokens, pairs) the batch holds; the step's loss is per unit."""
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Real (non-padding) tokens the batch's forward passes process."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        """Sum of per-unit losses over the batch, and metric sums over the same units."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics (called under no_grad, model in eval mode)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps, per-step history, final evaluation and throughput."""
+
+    global_step: int
+    resumed_from: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    tokens: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on ≥2-D weights, none on biases and norm gains."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def total_steps(settings: TrainSettings, num_examples: int) -> int:
+    """Optimizer steps of the run."""
+    if settings.max_steps:
+        return settings.max_steps
+    return max(1, math.ceil(settings.epochs * math.ceil(num_examples / settings.batch_size)))
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not enabled,
+    )
+
+
+def train(
+    model: torch.nn.Module,
+    task: TrainingTask,
+    settings: TrainSettings,
+    *,
+    checkpoints: CheckpointManager | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    accelerator: Any = None,
+    description: str = "train",
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train `model` on `task`; resume from the newest matching checkpoint if there is one."""
+    from accelerate import Accelerator
+
+    seed_everything(settings.seed)
+    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
+    lengths = list(task.lengths)
+    if not lengths:
+        raise ValueError("no training examples")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if settings.batch_size < world:
+        raise ValueError(f"batch_size {settings.batch_size} < number of processes {world}")
+    steps = total_steps(settings, len(lengths))
+    steps_per_epoch = math.ceil(len(lengths) / settings.batch_size)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, settings.weight_decay),
+        lr=settings.learning_rate,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+    )
+    scheduler = build_scheduler(
+        optimizer, steps, settings.warmup_steps, settings.schedule, settings.min_lr_ratio
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start = 0
+    if checkpoints is not None and (latest := checkpoints.latest()) is not None:
+        state = checkpoints.load(latest, accelerator.unwrap_model(model), optimizer, scheduler)
+        start = state.global_step
+        log.info("resuming %s from %s (step %d of %d)", description, latest, start, steps)
+    result = TrainResult(global_step=start, resumed_from=start)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plans: dict[int, list[list[int]]] = {}
+    started = time.perf_counter()
+    model.train()
+    with _progress(show_progress and accelerator.is_main_process) as bar:
+        bar_task = bar.add_task(description, total=steps, completed=start, status="")
+        for step in range(start, steps):
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch not in plans:
+                plans = {
+                    epoch: plan_epoch(
+                        lengths, settings.batch_size, settings.seed, epoch, settings.group_by_length
+                    )
+                }
+            step_indices = plans[epoch][position][rank::world]
+            metrics = _optimizer_step(
+                model, task, settings, accelerator, optimizer, trainable, step_indices, lengths
+            )
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            scheduler.step()
+            result.global_step = step + 1
+            result.tokens += int(metrics["tokens"])
+            result.history.append({"step": step + 1, **metrics})
+            if on_log is not None:
+                on_log(step + 1, metrics)
+            bar.update(bar_task, advance=1, status=f"loss {metrics['loss']:.4f}")
+            is_last = step + 1 == steps
+            if settings.eval_every and (step + 1) % settings.eval_every == 0 and not is_last:
+                _evaluate(model, task, step + 1, result, on_eval)
+            if (
+                checkpoints is not None
+                and settings.checkpoint_every
+                and (step + 1) % settings.checkpoint_every == 0
+                and not is_last
+                and accelerator.is_main_process
+            ):
+                checkpoints.save(step + 1, accelerator.unwrap_model(model), optimizer, scheduler)
+    result.train_seconds = time.perf_counter() - started
+    _evaluate(model, task, result.global_step, result, on_eval)
+    result.final_eval = result.eval_history[-1] if result.eval_history else {}
+    return result
+
+
+def _optimizer_step(
+    model, task, settings, accelerator, optimizer, trainable, step_indices, lengths
+) -> dict[str, float]:
+    """Forward/backward every micro-batch of one step, then clip and update."""
+    step_started = time.perf_counter()
+    micro_batches = split_micro_batches(
+        step_indices, lengths, settings.micro_batch_size, settings.max_tokens_per_micro_batch
+    )
+    batches = [task.collate(indices) for indices in micro_batches]
+    local_units = sum(task.units(batch) for batch in batches)
+    global_units = local_units
+    if accelerator.num_processes > 1:
+        counted = torch.tensor([local_units], device=accelerator.device)
+        global_units = int(accelerator.reduce(counted, reduction="sum").item())
+    if global_units == 0:
+        raise ValueError("an optimizer step has no loss units (e.g. no completion tokens)")
+    # DDP averages gradients over processes; scale so the result is the mean over all units.
+    scale = accelerator.num_processes / global_units
+    loss_sum, tokens, metric_sums = 0.0, 0, {}
+    for index, batch in enumerate(batches):
+        is_last = index == len(batches) - 1
+        sync = contextlib.nullcontext() if is_last else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            batch_loss, batch_metrics = task.loss(model, batch)
+            accelerator.backward(batch_loss * scale)
+        loss_sum += float(batch_loss.detach())
+        tokens += task.tokens(batch)
+        for key, value in batch_metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+    grad_norm = _grad_norm(accelerator, trainable, settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - step_started
+    metrics = {"loss": loss_sum / local_units, "grad_norm": grad_norm, "tokens": tokens}
+    metrics["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+    metrics.update({key: value / local_units for key, value in metric_sums.items()})
+    return metrics
+
+
+def _grad_norm(accelerator, trainable, max_norm: float) -> float:
+    if max_norm and max_norm > 0:
+        return float(accelerator.clip_grad_norm_(trainable, max_norm))
+    grads = [p.grad.detach().norm() for p in trainable if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _evaluate(model, task, step, result: TrainResult, on_eval) -> None:
+    evaluate = getattr(task, "evaluate", None)
+    if evaluate is None:
+        return
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(model)
+    model.train()
+    if metrics:
+        result.eval_history.append({"step": step, **metrics})
+        if on_eval is not None:
+            on_eval(step, metrics)
