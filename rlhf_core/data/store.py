@@ -1,0 +1,251 @@
+"""The append-only preference store: validated rows merged by content hash, originals archived.
+
+Layout of a store directory (a DVC-tracked output; `dvc add data/preferences` versions it):
+
+    pairs.parquet         merged valid preference pairs (`rankings.parquet` for ranked data)
+    manifest.jsonl        one line per ingested file, in order: hash, name, time, counts, status
+    archive/<sha256>/     each ingested file, byte for byte, never deleted
+    reports/<sha256>/     its validation report and quarantined rows (with reasons)
+
+Every row carries provenance: `content_hash`, `source_file` (name as given), `source_line`,
+`file_sha256` and `ingested_at`. Because ingestion is a pure function of the archived files,
+their order and the settings recorded in the manifest, `rebuild_store` reproduces any past
+version of the table exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
+from rlhf_core.data.validation import ValidationSettings, validate_files
+
+TABLES = {"preference": "pairs.parquet", "ranked": "rankings.parquet"}
+MANIFEST = "manifest.jsonl"
+PROVENANCE_COLUMNS = ["content_hash", "source_file", "source_line", "file_sha256", "ingested_at"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one input file."""
+
+    file: str
+    sha256: str
+    status: str  # "ingested" | "already_ingested" | "rejected"
+    total: int = 0
+    valid: int = 0
+    quarantined: int = 0
+    added: int = 0
+    duplicates: int = 0
+    valid_fraction: float | None = None
+    report_dir: str | None = None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Parquet hands back numpy arrays for list columns; turn them into plain Python values."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _schema_columns(kind: str) -> list[str]:
+    return list(REQUIRED_FIELDS[kind]) + [f for f in OPTIONAL_FIELDS[kind] if f != "split"]
+
+
+def read_manifest(store_dir: str | Path) -> list[dict[str, Any]]:
+    """The store's ingestion log, oldest first (empty for a new store)."""
+    path = Path(store_dir) / MANIFEST
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_table(store_dir: str | Path, kind: str = "preference") -> pd.DataFrame:
+    """The merged table of `kind`, with plain Python values (empty frame for a new store)."""
+    path = Path(store_dir) / TABLES[_check_kind(kind)]
+    if not path.is_file():
+        return pd.DataFrame(columns=_schema_columns(kind) + PROVENANCE_COLUMNS)
+    table = pd.read_parquet(path)
+    return table.map(_plain) if len(table) else table
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in TABLES:
+        raise ValueError(f"the store holds {sorted(TABLES)} data, not {kind!r}")
+    return kind
+
+
+def _write_parquet_atomically(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        frame.to_parquet(temporary, index=False)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _new_rows(
+    valid: pd.DataFrame, kind: str, source_name: str, sha: str, when: str
+) -> pd.DataFrame:
+    columns = _schema_columns(kind)
+    rows = []
+    for record in valid.to_dict(orient="records"):
+        row = {column: _plain(record.get(column)) for column in columns}
+        row["content_hash"] = content_hash(row, kind)
+        row["source_file"] = source_name
+        row["source_line"] = int(record["source_line"])
+        row["file_sha256"] = sha
+        row["ingested_at"] = when
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns + PROVENANCE_COLUMNS)
+
+
+def _merge(table: pd.DataFrame, new_rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Append rows whose content hash is not in the table yet (nor earlier in `new_rows`)."""
+    seen = set(table["content_hash"]) if len(table) else set()
+    fresh = new_rows[~new_rows["content_hash"].isin(seen)]
+    fresh = fresh.drop_duplicates(subset="content_hash", keep="first")
+    duplicates = len(new_rows) - len(fresh)
+    if not len(table):
+        return fresh.reset_index(drop=True), duplicates
+    return pd.concat([table, fresh], ignore_index=True), duplicates
+
+
+def _ingest_one(
+    archived: Path,
+    source_name: str,
+    sha: str,
+    when: str,
+    store: Path,
+    kind: str,
+    settings: ValidationSettings,
+    tokenizer: Any,
+) -> tuple[IngestResult, pd.DataFrame | None]:
+    report_dir = store / "reports" / sha
+    report = validate_files([archived], kind, report_dir, settings, tokenizer, data_docs=False)
+    base = {
+        "file": source_name,
+        "sha256": sha,
+        "total": report["total"],
+        "valid": report["valid"],
+        "quarantined": report["quarantined"],
+        "valid_fraction": report["valid_fraction"],
+        "report_dir": str(report_dir),
+    }
+    if not report["passed"]:
+        return IngestResult(status="rejected", **base), None
+    valid = pd.read_parquet(report_dir / "valid.parquet")
+    new_rows = _new_rows(valid, kind, source_name, sha, when)
+    merged, duplicates = _merge(read_table(store, kind), new_rows)
+    result = IngestResult(
+        status="ingested", added=len(new_rows) - duplicates, duplicates=duplicates, **base
+    )
+    return result, merged
+
+
+def ingest_files(
+    paths: Sequence[str | Path],
+    store_dir: str | Path,
+    kind: str = "preference",
+    settings: ValidationSettings | None = None,
+    tokenizer: Any = None,
+    now: datetime | None = None,
+) -> list[IngestResult]:
+    """Validate each file and merge its valid rows into the store, deduplicated by content hash.
+
+    A file already in the manifest (same sha256) adds nothing. A file whose valid fraction is
+    below `settings.min_valid_fraction` is archived and recorded as rejected, but merges nothing.
+    """
+    kind = _check_kind(kind)
+    settings = settings or ValidationSettings()
+    store = Path(store_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file to ingest")
+        sha = file_sha256(path)
+        manifest = read_manifest(store)
+        if any(e["sha256"] == sha and e["status"] == "ingested" for e in manifest):
+            results.append(IngestResult(file=path.name, sha256=sha, status="already_ingested"))
+            continue
+        archived = store / "archive" / sha / path.name
+        if not archived.exists():
+            archived.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, archived)
+        when = (now or datetime.now(UTC)).isoformat()
+        result, merged = _ingest_one(
+            archived, path.name, sha, when, store, kind, settings, tokenizer
+        )
+        if merged is not None:
+            _write_parquet_atomically(merged, store / TABLES[kind])
+        entry = {
+            **dataclasses.asdict(result),
+            "kind": kind,
+            "ingested_at": when,
+            "archive": str(archived.relative_to(store)),
+            "settings": dataclasses.asdict(settings),
+        }
+        entry.pop("report_dir")
+        with open(store / MANIFEST, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        results.append(result)
+    return results
+
+
+def rebuild_store(store_dir: str | Path, out_dir: str | Path, upto: int | None = None) -> Path:
+    """Rebuild the store as it was after its first `upto` manifest entries (all when None).
+
+    Replays the archived files in manifest order with the recorded times and settings into
+    `out_dir`, and returns it. The rebuilt tables equal the originals row for row.
+    """
+    store = Path(store_dir)
+    entries = read_manifest(store)
+    entries = entries if upto is None else entries[:upto]
+    out = Path(out_dir)
+    for entry in entries:
+        if entry["status"] != "ingested":
+            continue
+        archived = store / entry["archive"]
+        renamed = out / ".replay" / entry["sha256"] / entry["file"]
+        renamed.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(archived, renamed)
+        ingest_files(
+            [renamed],
+            out,
+            kind=entry["kind"],
+            settings=ValidationSettings(**entry["settings"]),
+            now=datetime.fromisoformat(entry["ingested_at"]),
+        )
+    shutil.rmtree(out / ".replay", ignore_errors=True)
+    return out

@@ -1,0 +1,148 @@
+"""The append-only preference store: merge by content hash, provenance, archive, rebuild."""
+
+import json
+from datetime import UTC, datetime
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from rlhf_core.cli import app
+from rlhf_core.data.store import (
+    file_sha256,
+    ingest_files,
+    read_manifest,
+    read_table,
+    rebuild_store,
+)
+from rlhf_core.data.validation import ValidationSettings
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _pair(i, chosen=None):
+    return {
+        "prompt": f"Review film number {i}.",
+        "chosen": chosen or f"Film {i} was wonderful.",
+        "rejected": f"Film {i} was dull.",
+    }
+
+
+def _write_jsonl(path, records, extra_lines=()):
+    lines = [json.dumps(r) for r in records] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _lenient():
+    return ValidationSettings(min_valid_fraction=0.5)
+
+
+def test_ingest_merges_valid_rows_with_provenance_and_archives_the_file(tmp_path):
+    store = tmp_path / "store"
+    bad_same_text = {"prompt": "p", "chosen": "same", "rejected": "same"}
+    source = _write_jsonl(
+        tmp_path / "batch1.jsonl", [_pair(0), _pair(1), bad_same_text], extra_lines=["{not json"]
+    )
+    [result] = ingest_files([source], store, settings=_lenient(), now=T0)
+
+    assert (result.status, result.total, result.valid, result.quarantined) == ("ingested", 4, 2, 2)
+    assert result.added == 2 and result.duplicates == 0
+    table = read_table(store)
+    assert len(table) == 2
+    sha = file_sha256(source)
+    assert set(table["file_sha256"]) == {sha}
+    assert set(table["source_file"]) == {"batch1.jsonl"}
+    assert list(table["source_line"]) == [1, 2]
+    assert set(table["ingested_at"]) == {T0.isoformat()}
+    assert table.loc[0, "prompt"] == [{"role": "user", "content": "Review film number 0."}]
+    # The original is archived byte for byte; quarantined rows are kept with reasons.
+    archived = store / "archive" / sha / "batch1.jsonl"
+    assert archived.read_bytes() == source.read_bytes()
+    quarantine = (store / "reports" / sha / "quarantine.jsonl").read_text().splitlines()
+    reasons = sorted(json.loads(line)["reason"] for line in quarantine)
+    assert reasons == ["chosen_equals_rejected", "malformed_json"]
+    [entry] = read_manifest(store)
+    assert entry["sha256"] == sha and entry["status"] == "ingested" and entry["added"] == 2
+
+
+def test_reingesting_the_same_file_adds_nothing(tmp_path):
+    store = tmp_path / "store"
+    source = _write_jsonl(tmp_path / "b.jsonl", [_pair(0), _pair(1)])
+    ingest_files([source], store, now=T0)
+    before = read_table(store)
+    [again] = ingest_files([source], store, now=T0)
+    assert again.status == "already_ingested"
+    pd.testing.assert_frame_equal(read_table(store), before)
+    assert len(read_manifest(store)) == 1
+
+
+def test_rows_already_in_the_store_are_deduplicated_by_content(tmp_path):
+    store = tmp_path / "store"
+    first = _write_jsonl(tmp_path / "a.jsonl", [_pair(0), _pair(1)])
+    # Same content with another key order and extra whitespace-free fields: same hash.
+    reordered = {
+        "rejected": "Film 1 was dull.",
+        "prompt": "Review film number 1.",
+        "chosen": "Film 1 was wonderful.",
+    }
+    second = _write_jsonl(tmp_path / "b.jsonl", [reordered, _pair(2), _pair(2)])
+    ingest_files([first], store, now=T0)
+    [result] = ingest_files([second], store, settings=_lenient(), now=T0)
+    # The in-file repeat of pair 2 is quarantined by validation; pair 1 is already stored.
+    assert result.valid == 2 and result.added == 1 and result.duplicates == 1
+    table = read_table(store)
+    assert len(table) == 3
+    assert table["content_hash"].is_unique
+    assert list(table["source_file"]) == ["a.jsonl", "a.jsonl", "b.jsonl"]
+
+
+def test_a_file_below_the_valid_fraction_is_archived_but_not_merged(tmp_path):
+    store = tmp_path / "store"
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [_pair(0)], extra_lines=["{x", "{y", "{z"])
+    [result] = ingest_files([bad], store, now=T0)
+    assert result.status == "rejected" and result.valid_fraction == pytest.approx(0.25)
+    assert len(read_table(store)) == 0
+    assert (store / "archive" / result.sha256 / "bad.jsonl").is_file()
+    assert read_manifest(store)[0]["status"] == "rejected"
+
+
+def test_any_past_version_can_be_rebuilt_from_the_archive(tmp_path):
+    store = tmp_path / "store"
+    files = [
+        _write_jsonl(tmp_path / "a.jsonl", [_pair(0), _pair(1)]),
+        _write_jsonl(tmp_path / "b.jsonl", [_pair(1), _pair(2), _pair(3, chosen="Great!")]),
+    ]
+    ingest_files([files[0]], store, now=T0)
+    after_first = read_table(store)
+    ingest_files([files[1]], store, now=datetime(2026, 2, 1, tzinfo=UTC))
+    for path in files:
+        path.unlink()  # the originals are gone; the archive is enough
+
+    pd.testing.assert_frame_equal(
+        read_table(rebuild_store(store, tmp_path / "v1", upto=1)), after_first
+    )
+    pd.testing.assert_frame_equal(
+        read_table(rebuild_store(store, tmp_path / "v2")), read_table(store)
+    )
+
+
+def test_ingest_command(tmp_path):
+    store = tmp_path / "store"
+    source = _write_jsonl(tmp_path / "new.jsonl", [_pair(0), _pair(1)])
+    runner = CliRunner()
+    params = tmp_path / "none.yaml"  # absent: defaults apply
+    result = runner.invoke(
+        app, ["ingest", str(source), "--store", str(store), "--params", str(params)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "ingested: 2 rows, 2 valid, 0 quarantined, 2 added" in result.output
+    result = runner.invoke(
+        app, ["ingest", str(source), "--store", str(store), "--params", str(params)]
+    )
+    assert result.exit_code == 0 and "already ingested" in result.output
+    missing = runner.invoke(
+        app,
+        ["ingest", str(tmp_path / "nope.jsonl"), "--store", str(store), "--params", str(params)],
+    )
+    assert missing.exit_code == 2 and "no such file" in missing.output
