@@ -1,0 +1,253 @@
+"""The `rlhf` command line: the outermost edge of the product.
+
+Heavy libraries (torch, transformers, great_expectations) are imported inside the commands
+that need them, so `rlhf --help` and quick commands start in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rlhf_core import __version__
+
+app = typer.Typer(
+    name="rlhf",
+    help="Reproducible RLHF: data validation, SFT, reward models, DPO and PPO as a tracked "
+    "pipeline. Run from the project root (where params.yaml and dvc.yaml live).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Build, inspect and convert models.", no_args_is_help=True)
+stage_app = typer.Typer(
+    help="Run one pipeline stage (DVC calls exactly these; see dvc.yaml).", no_args_is_help=True
+)
+app.add_typer(model_app, name="model")
+app.add_typer(stage_app, name="stage")
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="The params file to read.", show_default=True)
+]
+KINDS_HELP = "sft | preference | ranked | prompts"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _load_params(path: Path):
+    from rlhf_core.config import ParamsError, load_params
+
+    try:
+        return load_params(path)
+    except ParamsError as error:
+        _fail(str(error))
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the installed version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def params(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Check params.yaml against the schema and print every resolved value (defaults included)."""
+    import yaml
+
+    resolved = _load_params(params_path)
+    typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def validate(
+    paths: Annotated[list[Path], typer.Argument(help="Input files or save_to_disk folders.")],
+    kind: Annotated[str, typer.Option("--kind", "-k", help=KINDS_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and rows.")],
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder, for the token-length bounds.")
+    ] = None,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Validate data sets with Great Expectations; quarantine bad rows with a reason.
+
+    Writes OUT/report.json (total, valid, quarantined, reasons), OUT/valid.parquet,
+    OUT/quarantine.jsonl and Data Docs under OUT/data_docs. Exits 1 only when the valid
+    fraction is below data.validation.min_valid_fraction in params.yaml.
+    """
+    from rlhf_core.data.schemas import KINDS
+
+    if kind not in KINDS:
+        _fail(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    settings = _load_params(params_path).data.validation if params_path.is_file() else None
+    report = _run_validation(paths, kind, out, settings, tokenizer)
+    if not report["passed"]:
+        typer.secho(
+            f"{report['valid']}/{report['total']} rows valid "
+            f"({report['valid_fraction']:.1%} < {report['min_valid_fraction']:.0%}); "
+            f"see {out / 'quarantine.jsonl'}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1)
+
+
+def _run_validation(paths, kind, out, settings, tokenizer_path):
+    from rlhf_core.data.validation import ValidationSettings, validate_files
+
+    tokenizer = None
+    if tokenizer_path is not None:
+        from rlhf_core.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tokenizer_path))
+    try:
+        report = validate_files(
+            [str(p) for p in paths], kind, out, settings or ValidationSettings(), tokenizer
+        )
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    reasons = ", ".join(f"{code}: {n}" for code, n in sorted(report["reasons"].items())) or "none"
+    typer.echo(
+        f"{kind}: {report['total']} rows, {report['valid']} valid, "
+        f"{report['quarantined']} quarantined ({reasons}) -> {out}"
+    )
+    for warning in report.get("warnings", []):
+        typer.secho(f"warning: {warning['detail']}", fg=typer.colors.YELLOW)
+    return report
+
+
+@app.command()
+def ingest(
+    files: Annotated[list[Path], typer.Argument(help="New preference files to ingest.")],
+    store: Annotated[
+        Path, typer.Option(help="The versioned preference store (a DVC-tracked folder).")
+    ] = Path("data/preferences"),
+    kind: Annotated[str, typer.Option(help="preference | ranked")] = "preference",
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Validate new preference files and merge their valid rows into the store.
+
+    Rows are deduplicated by content hash and carry provenance (source file and line,
+    ingestion time, file hash). Files are archived in the store, never deleted; re-ingesting
+    a file adds nothing. Exits 1 if any file was rejected by the valid-fraction threshold.
+    """
+    from rlhf_core.data.store import ingest_files
+
+    settings = _load_params(params_path).data.validation if params_path.is_file() else None
+    try:
+        results = ingest_files(files, store, kind=kind, settings=settings)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    for result in results:
+        if result.status == "already_ingested":
+            typer.echo(f"{result.file}: already ingested (sha256 {result.sha256[:12]}), skipped")
+        else:
+            typer.echo(
+                f"{result.file}: {result.status}: {result.total} rows, {result.valid} valid, "
+                f"{result.quarantined} quarantined, {result.added} added, "
+                f"{result.duplicates} duplicates (report: {result.report_dir})"
+            )
+    if any(result.status == "rejected" for result in results):
+        raise typer.Exit(code=1)
+
+
+@model_app.command("build")
+def model_build(
+    corpus: Annotated[list[Path], typer.Argument(help="Data files whose texts train the BPE.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model and tokenizer.")],
+    kind: Annotated[str, typer.Option("--kind", "-k", help=KINDS_HELP)] = "sft",
+    config: Annotated[str, typer.Option(help="Named size: nano, micro, demo, bench.")] = "demo",
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights.")] = 0,
+) -> None:
+    """Train a byte-level BPE tokenizer on data files and build a small Llama from scratch."""
+    from rlhf_core.models.building import build_base_model
+
+    try:
+        summary = build_base_model({kind: corpus}, out, config, vocab_size, seed)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@model_app.command("info")
+def model_info(
+    source: Annotated[str, typer.Argument(help="Model folder, .gguf file or hub id.")],
+) -> None:
+    """Load a model (safetensors only) and print its architecture and size."""
+    from rlhf_core.models.loading import load_causal_lm
+    from rlhf_core.models.tiny import count_parameters
+
+    try:
+        model, tokenizer = load_causal_lm(source)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        _fail(str(error))
+    info = {
+        "architecture": type(model).__name__,
+        "parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
+        "hidden_size": model.config.hidden_size,
+        "layers": model.config.num_hidden_layers,
+        "dtype": str(next(model.parameters()).dtype),
+        "chat_template": bool(tokenizer.chat_template),
+    }
+    typer.echo(json.dumps(info, indent=2))
+
+
+@stage_app.command("prepare")
+def stage_prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Write the raw data sets (demo task or user files) and the base model to fixed paths."""
+    from rlhf_core.stages.prepare import run_prepare
+
+    summary = _run_stage(run_prepare, params_path)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@stage_app.command("validate")
+def stage_validate(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Validate every raw data set into data/validated/<set> (report, rows, quarantine, docs)."""
+    from rlhf_core.stages.validate import run_validate
+
+    summary = _run_stage(run_validate, params_path)
+    typer.echo(json.dumps(summary, indent=2))
+    if not summary["passed"]:
+        raise typer.Exit(code=1)
+
+
+def _run_stage(stage_function, params_path: Path):
+    params_obj = _load_params(params_path)
+    try:
+        return stage_function(params_obj)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+
+
+@app.command()
+def demo(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Run the pipeline on the embedded offline demo and print where to look."""
+    from rlhf_core.stages.demo import run_demo
+
+    summary = _run_stage(run_demo, params_path)
+    if not summary["passed"]:
+        raise typer.Exit(code=1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

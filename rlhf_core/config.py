@@ -1,0 +1,111 @@
+"""Typed configuration: params.yaml read into validated pydantic objects.
+
+params.yaml is the one source of every knob. Each top-level section maps to one object below;
+unknown keys are errors (a typo must not become a silent default), and every error names the
+key and the file. Settings owned by a library module (the demo generator, validation) are that
+module's own dataclasses, embedded here so their fields and defaults are written once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rlhf_core.data.demo import DemoSettings
+from rlhf_core.data.validation import ValidationSettings
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be read or does not match the schema."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(_Section):
+    """The base model every stage starts from."""
+
+    base: str = Field(
+        "demo",
+        description=(
+            "'demo' builds a small Llama from scratch with a BPE tokenizer trained on the demo "
+            "corpus; otherwise a local save_pretrained directory, a .gguf file, or a hub id "
+            "(hub ids need network access and HF_HUB_OFFLINE unset)."
+        ),
+    )
+    tiny_config: str = Field("demo", description="Named config of the from-scratch model.")
+    tokenizer_vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size (demo).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model.")
+    seed: int = Field(0, description="Seed of the from-scratch model's initial weights.")
+
+
+class DataParams(_Section):
+    """Where data comes from and how it is split and validated."""
+
+    source: str = Field(
+        "demo",
+        description="'demo' generates the demo task; 'files' reads the paths listed in `files`.",
+    )
+    files: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="kind -> input paths when source is 'files' (kinds: sft, preference, "
+        "ranked, prompts, eval_prompts).",
+    )
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Held-out share of prompts.")
+    split_salt: str = Field("", description="Changes the hash split without changing the data.")
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value not in ("demo", "files"):
+            raise ValueError("must be 'demo' or 'files'")
+        return value
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    seed: int = Field(0, description="Global seed for every stage.")
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams = Field(default_factory=DataParams)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            message = "unknown key (check its spelling against params.yaml's documented keys)"
+        problems.append(f"{key}: {message}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate an already-loaded mapping; `source` names it in error messages."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as error:
+        raise ParamsError(_format_validation_error(error, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate a params.yaml; a missing file or a bad key is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML ({error})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    return parse_params(raw, str(path))

@@ -1,0 +1,56 @@
+"""Fixed input and output locations of the pipeline stages, relative to the project root.
+
+DVC declares these same paths as each stage's deps and outs, so a stage never reads state
+outside them. Everything here is generated: DVC outputs or git-ignored, never git objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Data sets the prepare stage writes, by kind: (file name, validation kind).
+RAW_SETS: dict[str, tuple[str, str]] = {
+    "sft": ("sft.jsonl", "sft"),
+    "preference": ("preferences.jsonl", "preference"),
+    "ranked": ("rankings.jsonl", "ranked"),
+    "prompts": ("ppo_prompts.jsonl", "prompts"),
+    "eval_prompts": ("eval_prompts.jsonl", "prompts"),
+}
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    """Every fixed path of a project rooted at `root`."""
+
+    root: Path = Path(".")
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def validated_dir(self) -> Path:
+        return self.root / "data" / "validated"
+
+    @property
+    def preference_store(self) -> Path:
+        return self.root / "data" / "preferences"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.root / "data" / "incoming"
+
+    @property
+    def base_model_dir(self) -> Path:
+        return self.root / "artifacts" / "base"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "artifacts" / "metrics"
+
+    def raw_file(self, set_name: str) -> Path:
+        return self.raw_dir / RAW_SETS[set_name][0]
+
+    def validated_set(self, set_name: str) -> Path:
+        return self.validated_dir / set_name

@@ -1,0 +1,73 @@
+"""The `rlhf` command line: every command has help, errors are one clear line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from rlhf_core.cli import app
+
+runner = CliRunner()
+
+
+def _all_command_paths():
+    root = get_command(app)
+    paths = []
+
+    def walk(command, prefix):
+        for name, sub in getattr(command, "commands", {}).items():
+            paths.append([*prefix, name])
+            walk(sub, [*prefix, name])
+
+    walk(root, [])
+    return paths
+
+
+def test_every_command_has_help():
+    paths = _all_command_paths()
+    names = {" ".join(p) for p in paths}
+    assert {"validate", "ingest", "params", "model build", "stage prepare", "demo"} <= names
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage" in result.output
+
+
+def test_console_script_help_runs_from_the_venv():
+    script = Path(sys.executable).parent / "rlhf"
+    assert script.exists(), "the rlhf console script is installed next to the interpreter"
+    completed = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "validate" in completed.stdout and "ingest" in completed.stdout
+
+
+def test_params_command_reports_a_bad_key_in_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("modle: {}\n")
+    result = runner.invoke(app, ["params", "--params", str(bad)])
+    assert result.exit_code == 2
+    assert "modle: unknown key" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_params_command_prints_resolved_defaults(tmp_path):
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    result = runner.invoke(app, ["params", "--params", str(empty)])
+    assert result.exit_code == 0, result.output
+    assert "trust_remote_code: false" in result.output
+
+
+@pytest.mark.parametrize("kind", ["pairs", ""])
+def test_validate_rejects_an_unknown_kind(tmp_path, kind):
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    result = runner.invoke(app, ["validate", str(data), "--kind", kind, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--kind must be one of" in result.output
