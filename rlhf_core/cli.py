@@ -34,6 +34,8 @@ ParamsOption = Annotated[
     Path, typer.Option("--params", "-p", help="The params file to read.", show_default=True)
 ]
 KINDS_HELP = "sft | preference | ranked | prompts"
+# Libraries that log routine internals at INFO; shown with --verbose only.
+QUIET_LOGGERS = ("great_expectations", "mlflow", "alembic", "httpx", "datasets", "urllib3")
 
 
 def _fail(message: str) -> None:
@@ -59,6 +61,14 @@ def _main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_library_info)
+
+
+def _quiet_library_info(record: logging.LogRecord) -> bool:
+    """Drop routine INFO records of chatty libraries (they set their own logger levels)."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(QUIET_LOGGERS)
 
 
 @app.command()

@@ -549,7 +549,7 @@ def validate_files(
     settings = settings or ValidationSettings()
     check_kind(kind)
     paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # GX Data Docs need an absolute path
     out.mkdir(parents=True, exist_ok=True)
     docs_dir = out / "data_docs"
     shutil.rmtree(docs_dir, ignore_errors=True)  # stale pages of an earlier run
