@@ -49,6 +49,34 @@ class ProjectPaths:
     def metrics_dir(self) -> Path:
         return self.root / "artifacts" / "metrics"
 
+    @property
+    def sft_model_dir(self) -> Path:
+        return self.root / "artifacts" / "sft"
+
+    @property
+    def reward_model_dir(self) -> Path:
+        return self.root / "artifacts" / "reward"
+
+    def policy_dir(self, algorithm: str) -> Path:
+        """An aligned policy (dpo, ppo, ...)."""
+        return self.root / "artifacts" / "policy" / algorithm
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "artifacts" / "plots"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.root / "artifacts" / "evaluation"
+
+    def checkpoints_dir(self, stage: str) -> Path:
+        """Resumable checkpoints of a running stage: git-ignored, not a DVC output, removed
+        when the stage completes."""
+        return self.root / ".checkpoints" / stage
+
+    def metrics_file(self, stage: str) -> Path:
+        return self.metrics_dir / f"{stage}.json"
+
     def raw_file(self, set_name: str) -> Path:
         return self.raw_dir / RAW_SETS[set_name][0]
 

@@ -1,0 +1,67 @@
+"""Small pieces every training and evaluation stage uses: validated data in, metrics out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rlhf_core.data.splits import split_frame
+from rlhf_core.paths import ProjectPaths
+
+
+def plain(value: Any) -> Any:
+    """Parquet gives numpy arrays for list columns; turn them into plain Python values."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return value
+
+
+def load_validated(paths: ProjectPaths, set_name: str) -> pd.DataFrame:
+    """The valid rows of a validated set (data/validated/<set>/valid.parquet)."""
+    path = paths.validated_set(set_name) / "valid.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `rlhf stage validate` first")
+    frame = pd.read_parquet(path)
+    return frame.map(plain) if len(frame) else frame
+
+
+def train_eval_split(
+    frame: pd.DataFrame, eval_fraction: float, salt: str = ""
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stable split by prompt hash (a prompt never moves between splits as data grows).
+
+    Rows whose input already says `split` keep it.
+    """
+    train, held_out = split_frame(frame, eval_fraction, salt)
+    return train.reset_index(drop=True), held_out.reset_index(drop=True)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Write JSON atomically; NaN and infinities become null (valid JSON for DVC metrics)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(_finite(payload), out, indent=2, sort_keys=True)
+        out.write("\n")
+    os.replace(temporary, path)
+    return path
