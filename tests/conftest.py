@@ -12,3 +12,65 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny prepared project shared by the stage tests: demo data (small), validated sets, a
+# "nano" base model, and untrained stand-ins for the SFT and reward models at their fixed
+# paths, so each stage can be tested alone. Built once per session, copied per test.
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY_PARAMS = {
+    "seed": 0,
+    "model": {"base": "demo", "tiny_config": "nano", "tokenizer_vocab_size": 400, "seed": 0},
+    "data": {"eval_fraction": 0.2},
+    "demo": {
+        "seed": 0,
+        "n_sft": 64,
+        "n_preference_prompts": 48,
+        "n_ranked": 16,
+        "ranking_k": 3,
+        "n_ppo_prompts": 16,
+        "n_eval_prompts": 8,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_project_template(tmp_path_factory) -> Path:
+    from rlhf_core.config import parse_params
+    from rlhf_core.models.heads import RewardModel
+    from rlhf_core.models.loading import load_causal_lm, save_model
+    from rlhf_core.paths import ProjectPaths
+    from rlhf_core.stages.prepare import run_prepare
+    from rlhf_core.stages.validate import run_validate
+
+    root = tmp_path_factory.mktemp("tiny_project")
+    params = parse_params(TINY_PARAMS)
+    run_prepare(params, root)
+    run_validate(params, root)
+    paths = ProjectPaths(root)
+    model, tokenizer = load_causal_lm(str(paths.base_model_dir))
+    save_model(model, tokenizer, paths.sft_model_dir)
+    RewardModel.from_causal_lm(model, seed=0).save_pretrained(
+        paths.reward_model_dir, tokenizer=tokenizer
+    )
+    return root
+
+
+@pytest.fixture
+def tiny_project(tiny_project_template, tmp_path) -> Path:
+    """A fresh copy of the tiny prepared project (tmp_path/project)."""
+    return Path(shutil.copytree(tiny_project_template, tmp_path / "project"))
+
+
+@pytest.fixture
+def tiny_params():
+    """The params the tiny project was built with (a Params object)."""
+    from rlhf_core.config import parse_params
+
+    return parse_params(TINY_PARAMS)
