@@ -1,0 +1,322 @@
+"""MLflow tracking and lineage: params, metric curves, lineage tags, chaining, nesting, failure."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import mlflow
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+
+from rlhf_core import tracking
+from rlhf_core.tracking import (
+    FLUSH_EVERY_CALLS,
+    RUN_INFO_FILE,
+    ensure_experiment,
+    flatten_params,
+    git_state,
+    path_md5,
+    read_producer_run_id,
+    stage_run,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One migrated sqlite store for the whole module (the first migration takes ~2 s)."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+        patch.delenv("RLHF_EXPERIMENT", raising=False)
+        client = MlflowClient(uri)
+        ensure_experiment(client, tracking.EXPERIMENT_NAME, (root / "mlruns").as_uri())
+        yield root, client
+
+
+@pytest.fixture
+def client(store):
+    return store[1]
+
+
+def _git(repo, *args):
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def _git_repo(path):
+    path.mkdir()
+    _git(path, "init", "-q")
+    (path / "code.py").write_text("print('v1')\n")
+    (path / "dvc.lock").write_text("schema: '2.0'\n")
+    _git(path, "add", ".")
+    _git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    return path
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _dvc_md5(path, cache):
+    """DVC's own hash of a file or directory: the value it would write to dvc.lock."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    _, _, obj = build(HashFileDB(fs, str(cache)), str(path), fs, "md5")
+    return obj.hash_info.value
+
+
+def test_flatten_params_dotted_keys_lists_as_json():
+    nested = {
+        "sft": {"lr": 0.001, "layers": [1, 2], "optim": {"name": "adamw", "betas": (0.9, 0.95)}},
+        "seed": 7,
+        "model": None,
+        "extra": {},
+    }
+    assert flatten_params(nested) == {
+        "sft.lr": "0.001",
+        "sft.layers": "[1, 2]",
+        "sft.optim.name": "adamw",
+        "sft.optim.betas": "[0.9, 0.95]",
+        "seed": "7",
+        "model": "None",
+        "extra": "{}",
+    }
+
+
+def test_params_flattened_and_more_than_100_logged(client, tmp_path):
+    params = {"group": {f"knob_{i:03d}": i * 0.5 for i in range(150)}, "sft": {"layers": [4, 8]}}
+    with stage_run("params", project_root=tmp_path, params=params) as run:
+        pass
+    logged = client.get_run(run.run_id).data.params
+    assert len(logged) == 151
+    assert logged["group.knob_149"] == "74.5"
+    assert logged["sft.layers"] == "[4, 8]"
+
+
+def test_metric_history_per_step_exact_across_buffered_flushes(client, tmp_path):
+    steps = FLUSH_EVERY_CALLS * 2 + 20
+    losses = [1.0 / (step + 1) for step in range(steps)]
+    with stage_run("metrics", project_root=tmp_path) as run:
+        for step, loss in enumerate(losses):
+            run.log_metrics({"train/loss": loss, "train/step_x2": 2.0 * step}, step=step)
+        # two automatic flushes so far; the last 20 steps still sit in the buffer
+        assert len(client.get_metric_history(run.run_id, "train/loss")) == 2 * FLUSH_EVERY_CALLS
+    history = client.get_metric_history(run.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == list(enumerate(losses))
+    doubled = client.get_metric_history(run.run_id, "train/step_x2")
+    assert sorted((m.step, m.value) for m in doubled) == [(s, 2.0 * s) for s in range(steps)]
+
+
+def test_git_commit_and_dirty_tags(client, tmp_path):
+    repo = _git_repo(tmp_path / "repo")
+    with stage_run("git", project_root=repo) as run:
+        pass
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["git_commit"] == _git(repo, "rev-parse", "HEAD")
+    assert tags["git_dirty"] == "false"
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert git_state(repo)[1] == "false"  # dvc repro rewrites dvc.lock: not code drift
+    (repo / "code.py").write_text("print('v2')\n")
+    assert git_state(repo)[1] == "true"
+
+
+def test_git_state_outside_a_repository(tmp_path):
+    assert git_state(tmp_path) == ("unknown", "unknown")
+
+
+def test_path_md5_equals_dvc_for_files_and_directories(tmp_path):
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    (data / "a.jsonl").write_bytes(b'{"x": 1}\n')
+    (data / "nested" / "b.bin").write_bytes(bytes(range(256)) * 5000)  # > one 1 MiB block
+    (data / "nested" / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
+    assert path_md5(data / "a.jsonl") == _md5(b'{"x": 1}\n')
+    assert path_md5(data / "nested" / "b.bin") == _md5(bytes(range(256)) * 5000)
+    assert path_md5(data) == _dvc_md5(data, tmp_path / "cache")
+    with pytest.raises(ValueError, match="neither a file nor a directory"):
+        path_md5(tmp_path / "missing")
+
+
+def test_directory_md5_follows_content_not_mtime(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\x00\x01\x02")
+    (folder / "config.json").write_text("{}")
+    before = path_md5(folder)
+    os.utime(folder / "weights.bin", (1_000_000, 1_000_000))
+    assert path_md5(folder) == before
+    (folder / "weights.bin").write_bytes(b"\x00\x01\x03")
+    changed = path_md5(folder)
+    assert changed != before
+    (folder / "weights.bin").rename(folder / "weights2.bin")
+    assert path_md5(folder) != changed
+
+
+def test_chained_stages_link_output_to_producing_run(client, tmp_path):
+    model_dir = tmp_path / "artifacts" / "sft"
+    with stage_run("sft", project_root=tmp_path) as producer:
+        model_dir.mkdir(parents=True)
+        (model_dir / "model.safetensors").write_bytes(b"weights")
+        producer.record_output(model_dir)
+    marker = json.loads((model_dir / RUN_INFO_FILE).read_text())
+    assert marker["run_id"] == producer.run_id
+    assert marker["stage"] == "sft"
+    assert set(marker) == {"run_id", "experiment_id", "stage", "tracking_uri", "git_commit"}
+    assert read_producer_run_id(model_dir / "model.safetensors") == producer.run_id
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_bytes(b'{"prompt": "hi"}\n')
+    with stage_run("reward", project_root=tmp_path, inputs={"sft": model_dir, "prefs": prefs}) as c:
+        pass
+    consumer_tags = client.get_run(c.run_id).data.tags
+    producer_tags = client.get_run(producer.run_id).data.tags
+    assert consumer_tags["input.sft.run_id"] == producer.run_id
+    assert consumer_tags["input.sft.md5"] == _dvc_md5(model_dir, tmp_path / "cache")
+    assert consumer_tags["input.sft.md5"] == producer_tags["output.artifacts/sft.md5"]
+    assert consumer_tags["input.prefs.md5"] == _md5(b'{"prompt": "hi"}\n')
+    assert "input.prefs.run_id" not in consumer_tags  # raw data: produced by no run
+
+
+def test_missing_input_is_a_clear_error(client, tmp_path):
+    with (
+        pytest.raises(ValueError, match="Input 'prefs' does not exist"),
+        stage_run("reward", project_root=tmp_path, inputs={"prefs": tmp_path / "nope.jsonl"}),
+    ):
+        pass
+
+
+def test_run_nested_under_parent_from_environment(client, tmp_path, monkeypatch):
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
+    parent = client.create_run(experiment.experiment_id, run_name="pipeline")
+    monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", parent.info.run_id)
+    with stage_run("sft", project_root=tmp_path) as child:
+        pass
+    tags = client.get_run(child.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["mlflow.runName"] == "sft"
+    monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", "0" * 32)
+    with (
+        pytest.raises(ValueError, match="is not a run in"),
+        stage_run("sft", project_root=tmp_path),
+    ):
+        pass
+
+
+def test_dataset_inputs_carry_file_md5(client, tmp_path):
+    frame = pd.DataFrame(
+        {
+            "prompt": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]],
+            "chosen": ["great", "fine"],
+            "rejected": ["bad", "meh"],
+        }
+    )
+    path = tmp_path / "pairs.parquet"
+    frame.to_parquet(path)
+    md5 = _md5(path.read_bytes())
+    with stage_run("reward", project_root=tmp_path) as run:
+        run.log_dataset(path, "prefs")
+        run.log_dataset(frame.head(1), "eval", context="evaluation", source=path)
+        with pytest.raises(ValueError, match="pass source="):
+            run.log_dataset(frame, "orphan")
+    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    by_name = {i.dataset.name: i for i in inputs}
+    assert set(by_name) == {f"prefs@{md5[:12]}", f"eval@{md5[:12]}"}
+    prefs_tags = {t.key: t.value for t in by_name[f"prefs@{md5[:12]}"].tags}
+    assert prefs_tags == {"mlflow.data.context": "training", "md5": md5}
+    eval_tags = {t.key: t.value for t in by_name[f"eval@{md5[:12]}"].tags}
+    assert eval_tags["mlflow.data.context"] == "evaluation"
+    assert json.loads(by_name[f"prefs@{md5[:12]}"].dataset.source)["uri"] == str(path.resolve())
+
+
+def test_exception_marks_run_failed_and_propagates(client, tmp_path):
+    out = tmp_path / "out"
+    with (
+        pytest.raises(RuntimeError, match="diverged"),
+        stage_run("ppo", project_root=tmp_path) as r,
+    ):
+        r.log_metrics({"reward": 0.5}, step=0)  # still buffered when the error comes
+        out.mkdir()
+        r.record_output(out)
+        raise RuntimeError("loss diverged")
+    run = client.get_run(r.run_id)
+    assert run.info.status == "FAILED"
+    assert [m.value for m in client.get_metric_history(r.run_id, "reward")] == [0.5]
+    assert not (out / RUN_INFO_FILE).exists()  # a failed stage produced nothing to link to
+
+
+def test_output_recorded_but_never_written_fails_the_run(client, tmp_path):
+    with (
+        pytest.raises(ValueError, match="recorded but never written"),
+        stage_run("sft", project_root=tmp_path) as r,
+    ):
+        r.record_output(tmp_path / "artifacts" / "sft")
+    assert client.get_run(r.run_id).info.status == "FAILED"
+
+
+def test_figures_artifacts_dicts_and_model_dirs_listed(client, tmp_path):
+    report = tmp_path / "report.html"
+    report.write_text("<html></html>")
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "a.csv").write_text("step,loss\n0,1.0\n")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"w")
+    figure = Figure()
+    figure.add_subplot().plot([0, 1], [1.0, 0.5])
+    with stage_run("evaluate", project_root=tmp_path) as run:
+        run.log_figure(figure, "plots/reward_curve.png")
+        run.log_artifact(report, "reports")
+        run.log_artifacts(plots, "tables")
+        run.log_dict({"accuracy": 0.75}, "metrics/eval.json")
+        run.log_model_dir(model_dir, "policy")
+        with pytest.raises(ValueError, match="not a save_pretrained model directory"):
+            run.log_model_dir(plots, "bad")
+
+    def listed(path=None):
+        return {a.path for a in client.list_artifacts(run.run_id, path)}
+
+    assert listed() == {"plots", "reports", "tables", "metrics", "policy"}
+    assert listed("plots") == {"plots/reward_curve.png"}
+    assert listed("reports") == {"reports/report.html"}
+    assert listed("tables") == {"tables/a.csv"}
+    assert listed("policy") == {"policy/config.json", "policy/model.safetensors"}
+    saved = mlflow.artifacts.load_dict(
+        f"{client.get_run(run.run_id).info.artifact_uri}/metrics/eval.json"
+    )
+    assert saved == {"accuracy": 0.75}
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["model.policy.md5"] == _dvc_md5(model_dir, tmp_path / "cache")
+
+
+def test_default_store_lives_in_project_whatever_the_cwd(store, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(store[0] / "mlflow.db", project / "mlflow.db")  # skip a fresh migration
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("RLHF_EXPERIMENT", "own-experiment")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri_before = mlflow.get_tracking_uri()
+    with stage_run("prepare", project_root=project) as run:
+        run.log_dict({"ok": True}, "check.json")
+    assert tracking.tracking_uri(project) == f"sqlite:///{project.resolve()}/mlflow.db"
+    client = MlflowClient(tracking.tracking_uri(project))
+    experiment = client.get_experiment(client.get_run(run.run_id).info.experiment_id)
+    assert experiment.name == "own-experiment"
+    assert experiment.artifact_location == (project / "mlruns").resolve().as_uri()
+    assert list((project / "mlruns").rglob("check.json"))
+    assert not any(elsewhere.iterdir())  # nothing written into the CWD
+    assert mlflow.get_tracking_uri() == uri_before  # the process-wide URI is restored
+    assert "MLFLOW_TRACKING_URI" not in os.environ
