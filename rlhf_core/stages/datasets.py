@@ -19,7 +19,8 @@ def data_set_files(params: Params, paths: ProjectPaths) -> dict[str, list[Path]]
     """
     if params.data.source == "demo":
         files = {name: [paths.raw_file(name)] for name in RAW_SETS}
-        return {name: found for name, found in files.items() if found[0].is_file()}
+        resolved = {name: found for name, found in files.items() if found[0].is_file()}
+        return _with_store(resolved, paths)
     unknown = sorted(set(params.data.files) - set(RAW_SETS))
     if unknown:
         raise ValueError(
@@ -33,7 +34,18 @@ def data_set_files(params: Params, paths: ProjectPaths) -> dict[str, list[Path]]
             raise FileNotFoundError(f"params.yaml data.files.{name}: not found: {missing}")
         if found:
             resolved[name] = found
-    return resolved
+    return _with_store(resolved, paths)
+
+
+def _with_store(files: dict[str, list[Path]], paths: ProjectPaths) -> dict[str, list[Path]]:
+    """Add the preference store's merged tables (rows ingested with `rlhf ingest`)."""
+    from rlhf_core.data.store import TABLES
+
+    for set_name, table in (("preference", TABLES["preference"]), ("ranked", TABLES["ranked"])):
+        stored = paths.preference_store / table
+        if stored.is_file():
+            files.setdefault(set_name, []).append(stored)
+    return files
 
 
 def set_kind(set_name: str) -> str:

@@ -31,6 +31,9 @@ def run_prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 
         log.info("generating the demo task into %s", paths.raw_dir)
         summary["demo"] = write_demo(params.demo, paths.raw_dir)
+    # Folders the retrain flow and `rlhf ingest` use; validate depends on the store in dvc.yaml.
+    paths.preference_store.mkdir(parents=True, exist_ok=True)
+    paths.incoming_dir.mkdir(parents=True, exist_ok=True)
     files = data_set_files(params, paths)
     summary["sets"] = {name: [str(p) for p in found] for name, found in files.items()}
     summary["base_model"] = _prepare_base_model(params, files, paths.base_model_dir)
