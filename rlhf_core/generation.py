@@ -1,0 +1,535 @@
+"""Sample responses from a causal LM for chat prompts, and score them with a reward model.
+
+Shared by PPO rollouts and the evaluation stage. Every function takes its models as arguments
+and does no file I/O. Batches are formed from length-sorted examples (less padding) and results
+come back in the caller's order.
+
+Token-level conventions:
+- A prompt is rendered with the tokenizer's chat template plus the generation prompt (for our
+  tokenizer: `<|user|>…<|end|><|assistant|>`); a response is what the model sampled after it,
+  cut after its first EOS, which is kept. A response that hit `max_new_tokens` has no EOS.
+- Padding is masked with `attention_mask`, never recognised by token id, so a tokenizer whose
+  pad token is its EOS token works everywhere here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.losses import sequence_logprobs, shift_for_causal_lm
+from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+# Padding is always masked out, so its id never changes a result; 0 is valid in every vocab.
+_MASKED_PAD_ID = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts and settings
+# --------------------------------------------------------------------------------------------
+
+
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages]
+) -> list[list[int]]:
+    """Token ids of each chat prompt followed by the assistant's generation prompt.
+
+    Renders `apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)` and encodes
+    the text with `add_special_tokens=False`: the template already writes every special token
+    the model expects (role tokens, `<|end|>`, and a BOS where a model's template has one), so
+    letting the tokenizer add its own BOS/EOS would double them. This is also what
+    `apply_chat_template(..., tokenize=True)` does internally, so both give the same ids.
+    """
+    _require_chat_template(tokenizer)
+    texts = [
+        tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        for prompt in prompts
+    ]
+    return _encode(tokenizer, texts)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How `generate` samples.
+
+    Attributes:
+        max_new_tokens: most tokens per response (default 48); a response that reaches it
+            without an EOS is marked `ended=False`.
+        temperature: softmax temperature T > 0 for sampling (default 1.0). PPO's log-probs are
+            computed at T = 1, so other values sample from a different policy than the one
+            trained (the same holds for `top_k` and `top_p`).
+        top_k: keep only the k most likely tokens; 0 (default) keeps all.
+        top_p: nucleus sampling, keep the smallest set of tokens with mass ≥ top_p; 1.0
+            (default) keeps all.
+        batch_size: prompts per `model.generate` call (default 64).
+        do_sample: sample (default True); False decodes greedily and ignores temperature,
+            top_k and top_p.
+    """
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 64
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be a positive integer but is {self.max_new_tokens!r}."
+            )
+        if not _is_number(self.temperature) or not 0.0 < self.temperature < float("inf"):
+            raise ValueError(
+                f"temperature must be a positive finite number but is {self.temperature!r}; "
+                "use do_sample=False for greedy decoding."
+            )
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(
+                f"top_k must be a non-negative integer (0 keeps all tokens) but is {self.top_k!r}."
+            )
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1] but is {self.top_p!r}.")
+        _require_batch_size(self.batch_size)
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be true or false but is {self.do_sample!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Sampled responses, one row per prompt, in the order the prompts were given.
+
+    Attributes:
+        prompt_ids: rendered prompt tokens (see `render_prompts`).
+        response_ids: sampled tokens; each ends with EOS when the model ended it, and has
+            no EOS (and `max_new_tokens` tokens) when it was cut by the length limit.
+        ended: whether each response ended with an EOS.
+        texts: responses decoded without special tokens and stripped of surrounding space.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    ended: list[bool]
+    texts: list[str]
+
+    def __post_init__(self) -> None:
+        sizes = {
+            "prompt_ids": len(self.prompt_ids),
+            "response_ids": len(self.response_ids),
+            "ended": len(self.ended),
+            "texts": len(self.texts),
+        }
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Rollout fields must have one entry per prompt but have {sizes}.")
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, indices: Sequence[int]) -> Rollout:
+        """The rows at `indices`, in that order."""
+        return Rollout(
+            prompt_ids=[self.prompt_ids[i] for i in indices],
+            response_ids=[self.response_ids[i] for i in indices],
+            ended=[self.ended[i] for i in indices],
+            texts=[self.texts[i] for i in indices],
+        )
+
+    def to_padded(self, pad_id: int) -> dict[str, torch.Tensor | int]:
+        """Training tensors: each prompt left-padded to a common P, each response right-padded.
+
+        Returns a dict with
+            input_ids:      (b, P + R) long, `[pad… prompt | response …pad]`
+            attention_mask: (b, P + R) long, 1 on prompt and response tokens
+            response_mask:  (b, P + R) long, 1 exactly on response tokens (including the EOS)
+            prompt_width:   int P; every response starts at column P.
+
+        Alignment for a causal LM run on `input_ids`: the logits at position t predict the token
+        at t + 1, so the response tokens `input_ids[:, P : P + R]` are scored by
+        `logits[:, P - 1 : P + R - 1]`, i.e. positions P-1…P+R-2, and the mask for those logits
+        is `response_mask[:, P : P + R]` (equivalently `shift_for_causal_lm(logits, input_ids,
+        response_mask)`). Use `position_ids_from_mask(attention_mask)` for positions.
+        """
+        if len(self) == 0:
+            raise ValueError("The rollout is empty; there is nothing to pad.")
+        prompt_width = max(len(ids) for ids in self.prompt_ids)
+        response_width = max(len(ids) for ids in self.response_ids)
+        input_rows, attention_rows, response_rows = [], [], []
+        for prompt, response in zip(self.prompt_ids, self.response_ids, strict=True):
+            left = prompt_width - len(prompt)
+            right = response_width - len(response)
+            input_rows.append([pad_id] * left + list(prompt) + list(response) + [pad_id] * right)
+            attention_rows.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+            response_rows.append([0] * prompt_width + [1] * len(response) + [0] * right)
+        return {
+            "input_ids": torch.tensor(input_rows, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_rows, dtype=torch.long),
+            "response_mask": torch.tensor(response_rows, dtype=torch.long),
+            "prompt_width": prompt_width,
+        }
+
+
+def truncate_at_eos(token_ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
+    """`(tokens up to and including the first EOS, whether there was one)`.
+
+    Everything after the first EOS (padding, or more EOS when pad == EOS) is dropped.
+    """
+    tokens = list(token_ids)
+    if eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1], True
+    return tokens, False
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def generate(
+    model: PreTrainedModel | PolicyWithValueHead,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    settings: SamplingSettings | None = None,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+) -> Rollout:
+    """Sample one response per chat prompt.
+
+    Prompts are rendered with `render_prompts`, sorted by length, left-padded in batches of
+    `settings.batch_size` and passed to `model.generate` (KV cache on) under
+    `torch.inference_mode()` with the model in eval mode (each module's train/eval mode is
+    restored afterwards). Sampling draws from torch's global RNG, seeded with `seed` inside
+    `torch.random.fork_rng()`: the same seed and batch size give the same samples, and the
+    caller's RNG state is left as it was. Each response is cut after its first EOS.
+
+    The sampling distribution is fixed by `settings` alone: the model's own
+    `generation_config` defaults for temperature, top-k/p, repetition penalties and minimum
+    lengths are overridden (token suppression lists and `min_p` from it would still apply).
+
+    Args:
+        model: a causal LM, or a `PolicyWithValueHead` (its `.lm` samples).
+        tokenizer: with a chat template, a pad token and an EOS token (pad may equal EOS).
+        prompts: chat prompts, each a list of `{"role", "content"}` messages.
+        settings: sampling settings; `SamplingSettings()` by default.
+        seed: seeds the sampling.
+        progress: show a progress bar over batches.
+
+    Returns:
+        A `Rollout` in the order of `prompts`.
+    """
+    settings = settings or SamplingSettings()
+    pad_id, eos_id = _pad_and_eos_ids(tokenizer)
+    lm = model.lm if isinstance(model, PolicyWithValueHead) else model
+    prompt_ids = render_prompts(tokenizer, prompts)
+    generation_config = _generation_config(settings, pad_id, eos_id)
+    device = _device_of(lm)
+    batches = list(_length_sorted_batches([len(ids) for ids in prompt_ids], settings.batch_size))
+    responses: list[list[int]] = [[] for _ in prompt_ids]
+    ended = [False] * len(prompt_ids)
+    with _eval_mode(model), torch.inference_mode(), _forked_rng(device):
+        torch.manual_seed(seed)
+        for batch in _maybe_track(batches, progress, "Generating"):
+            input_ids, attention_mask = _pad([prompt_ids[i] for i in batch], pad_id, "left")
+            sequences = lm.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=generation_config,
+            )  # (batch, P + new tokens)
+            new_tokens = sequences[:, input_ids.shape[1] :].tolist()
+            for index, tokens in zip(batch, new_tokens, strict=True):
+                responses[index], ended[index] = truncate_at_eos(tokens, eos_id)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in responses]
+    return Rollout(prompt_ids=prompt_ids, response_ids=responses, ended=ended, texts=texts)
+
+
+def _generation_config(settings: SamplingSettings, pad_id: int, eos_id: int) -> GenerationConfig:
+    """A generation config pinning the common knobs that shape the next-token distribution."""
+    common = {
+        "max_new_tokens": settings.max_new_tokens,
+        "min_new_tokens": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_id,
+        "use_cache": True,
+    }
+    if not settings.do_sample:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(
+        do_sample=True,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        **common,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reward scores
+# --------------------------------------------------------------------------------------------
+
+
+def score(
+    reward_model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    responses: Sequence[str],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Reward r(x, y) for each (prompt, response) pair, as float32 (n,) in the given order.
+
+    Each pair is rendered as the conversation `prompt + [{"role": "assistant", "content":
+    response}]` with the chat template (which, for our templates, closes the answer with EOS),
+    encoded with `add_special_tokens=False`, and scored by `score_token_ids`.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(
+            f"score needs one response per prompt but got {len(prompts)} prompts and "
+            f"{len(responses)} responses."
+        )
+    _require_chat_template(tokenizer)
+    pad_id, _ = _pad_and_eos_ids(tokenizer)
+    texts = [
+        tokenizer.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": response}], tokenize=False
+        )
+        for prompt, response in zip(prompts, responses, strict=True)
+    ]
+    return score_token_ids(reward_model, _encode(tokenizer, texts), pad_id, batch_size)
+
+
+def score_token_ids(
+    reward_model: RewardModel,
+    input_ids_list: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Reward of each already-tokenised sequence, as float32 (n,) in the given order.
+
+    Sequences are sorted by length, right-padded with `pad_id` in batches of `batch_size` and
+    scored in inference mode with the reward model in eval mode. PPO passes
+    `prompt_ids + response_ids` of its rollouts, so the reward model sees exactly the sampled
+    tokens.
+    """
+    _require_batch_size(batch_size)
+    sequences = [[int(token) for token in ids] for ids in input_ids_list]
+    empty = [i for i, ids in enumerate(sequences) if not ids]
+    if empty:
+        raise ValueError(f"Sequences {empty} are empty; a reward model needs at least one token.")
+    scores = torch.empty(len(sequences), dtype=torch.float32)
+    device = _device_of(reward_model)
+    with _eval_mode(reward_model), torch.inference_mode():
+        for batch in _length_sorted_batches([len(ids) for ids in sequences], batch_size):
+            input_ids, attention_mask = _pad([sequences[i] for i in batch], pad_id, "right")
+            rewards = reward_model(input_ids.to(device), attention_mask.to(device))  # (batch,)
+            scores[batch] = rewards.float().cpu()
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence log-probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_logprob_sums(
+    model: PreTrainedModel | PolicyWithValueHead,
+    rollout_or_padded: Rollout | Mapping[str, torch.Tensor | int],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """log π(y | x) = Σₜ log π(yₜ | x, y<ₜ) over each response's tokens, float32 (n,).
+
+    Computed at temperature 1 from the model's logits, in inference mode with the model in
+    eval mode, via `shift_for_causal_lm` + `sequence_logprobs`. Evaluation estimates the KL
+    divergence to a reference policy from samples y ~ π as
+    KL(π ‖ π_ref) ≈ mean over samples of [log π(y|x) − log π_ref(y|x)]
+    (the k1 estimator; Schulman, "Approximating KL divergence", 2020).
+
+    Args:
+        model: a causal LM or a `PolicyWithValueHead` (its `.lm` is run).
+        rollout_or_padded: a `Rollout` (padded per batch here, rows sorted by length), or the
+            dict from `Rollout.to_padded` (needs input_ids, attention_mask, response_mask).
+        batch_size: rows per forward pass.
+    """
+    _require_batch_size(batch_size)
+    lm = model.lm if isinstance(model, PolicyWithValueHead) else model
+    device = _device_of(lm)
+    sums: list[tuple[list[int], torch.Tensor]] = []
+    with _eval_mode(model), torch.inference_mode():
+        for rows, padded in _padded_batches(rollout_or_padded, batch_size):
+            input_ids = padded["input_ids"].to(device)  # (b, seq)
+            attention_mask = padded["attention_mask"].to(device)  # (b, seq)
+            response_mask = padded["response_mask"].to(device)  # (b, seq)
+            if bool(response_mask[:, 0].any()):
+                raise ValueError(
+                    "A response token sits at position 0, where no logit predicts it; every "
+                    "sequence needs at least one prompt token before its response."
+                )
+            logits = lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).logits  # (b, seq, vocab)
+            shifted = shift_for_causal_lm(logits, input_ids, response_mask)
+            sums.append((rows, sequence_logprobs(*shifted).float().cpu()))
+    total = sum(len(rows) for rows, _ in sums)
+    result = torch.empty(total, dtype=torch.float32)
+    for rows, values in sums:
+        result[rows] = values
+    return result
+
+
+def _padded_batches(
+    rollout_or_padded: Rollout | Mapping[str, torch.Tensor | int], batch_size: int
+) -> Iterator[tuple[list[int], Mapping[str, torch.Tensor | int]]]:
+    """`(row indices, padded tensors for those rows)` per batch."""
+    if isinstance(rollout_or_padded, Rollout):
+        lengths = [
+            len(prompt) + len(response)
+            for prompt, response in zip(
+                rollout_or_padded.prompt_ids, rollout_or_padded.response_ids, strict=True
+            )
+        ]
+        for rows in _length_sorted_batches(lengths, batch_size):
+            yield rows, rollout_or_padded.select(rows).to_padded(_MASKED_PAD_ID)
+        return
+    missing = {"input_ids", "attention_mask", "response_mask"} - set(rollout_or_padded)
+    if missing:
+        raise ValueError(
+            f"The padded batch lacks {sorted(missing)}; pass a Rollout or Rollout.to_padded()."
+        )
+    n = rollout_or_padded["input_ids"].shape[0]
+    for start in range(0, n, batch_size):
+        rows = list(range(start, min(start + batch_size, n)))
+        yield (
+            rows,
+            {
+                key: rollout_or_padded[key][start : start + batch_size]
+                for key in ("input_ids", "attention_mask", "response_mask")
+            },
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of `batch_size`, longest first, so padding per batch stays small.
+
+    Longest first also makes an out-of-memory error show up on the first batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable for ties
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)`, both (batch, longest) long, padded on `side`."""
+    width = max(len(ids) for ids in sequences)
+    input_rows, mask_rows = [], []
+    for ids in sequences:
+        padding = width - len(ids)
+        if side == "left":
+            input_rows.append([pad_id] * padding + list(ids))
+            mask_rows.append([0] * padding + [1] * len(ids))
+        else:
+            input_rows.append(list(ids) + [pad_id] * padding)
+            mask_rows.append([1] * len(ids) + [0] * padding)
+    return torch.tensor(input_rows, dtype=torch.long), torch.tensor(mask_rows, dtype=torch.long)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of already-templated texts (no special tokens added)."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put `module` in eval mode, then restore each submodule's own train/eval mode."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
+@contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """Fork the CPU RNG, and the CUDA RNG of `device` when it is a GPU, for the block."""
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        yield
+
+
+def _maybe_track(batches: list[list[int]], progress: bool, description: str) -> Iterable[list[int]]:
+    """`batches`, wrapped in a rich progress bar when `progress` is set."""
+    if not progress:
+        return batches
+    from rich.progress import track
+
+    return track(batches, description=description)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _pad_and_eos_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            "The tokenizer has no EOS token, so responses cannot end; set tokenizer.eos_token."
+        )
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "The tokenizer has no pad token; call rlhf_core.models.ensure_pad_token(tokenizer)."
+        )
+    return tokenizer.pad_token_id, tokenizer.eos_token_id
+
+
+def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not tokenizer.chat_template:
+        raise ValueError(
+            "The tokenizer has no chat template; call "
+            "rlhf_core.models.ensure_chat_template(tokenizer) to give it the default one."
+        )
+
+
+def _require_batch_size(batch_size: int) -> None:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer but is {batch_size!r}.")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
