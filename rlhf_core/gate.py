@@ -1,0 +1,275 @@
+"""The quality gate: may a newly trained policy replace the champion?
+
+Pure decisions on numbers, no I/O. The input is the evaluate stage's metrics
+(`artifacts/metrics/evaluate.json`):
+
+    {"dpo": {"gold_win_rate_vs_sft": 0.71, "rm_win_rate_vs_sft": 0.68, "kl_to_sft": 3.1, ...},
+     "ppo": {...},
+     "reward_model": {"eval_accuracy": 0.72, ...}}
+
+The gate checks, in order:
+1. the reward model's held-out accuracy (every policy trained or judged with it depends on it);
+2. each candidate policy's win rate over SFT and its KL to SFT (absolute thresholds); the best
+   policy that passes both is the candidate;
+3. with a champion already registered, the candidate's head-to-head win rate against it.
+With no champion yet, passing 1 and 2 is enough: the first candidate becomes the champion.
+
+`gold_*` metrics are null for user data without a gold judge; the gate then falls back to the
+reward model's version of the metric and says so in its reasons and checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+REWARD_MODEL_KEY = "reward_model"
+KL_METRIC = "kl_to_sft"
+REWARD_ACCURACY_METRIC = "eval_accuracy"
+
+Evaluation = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Thresholds of the quality gate.
+
+    Attributes:
+        policy_metric: the evaluate metric a policy must raise (default
+            "gold_win_rate_vs_sft", the gold judge's win rate over SFT); also the metric that
+            ranks the candidates.
+        fallback_metric: used instead when `policy_metric` is null, as gold metrics are for data
+            without a gold judge (default "rm_win_rate_vs_sft"); None means no fallback.
+        min_policy_metric: the least `policy_metric` a policy needs (default 0.6: it beats SFT
+            on 60% of held-out prompts).
+        max_kl: the largest KL(policy ‖ SFT) in nats a policy may have (default 25.0); a
+            policy far from SFT has likely learned to exploit the reward model.
+        min_reward_accuracy: the least held-out pairwise accuracy of the reward model
+            (default 0.6).
+        min_win_rate_vs_champion: the least head-to-head win rate of the candidate against the
+            current champion (default 0.55, ties counting half).
+        candidate_policies: the policies that may become the candidate (default dpo, ppo).
+    """
+
+    policy_metric: str = "gold_win_rate_vs_sft"
+    fallback_metric: str | None = "rm_win_rate_vs_sft"
+    min_policy_metric: float = 0.6
+    max_kl: float = 25.0
+    min_reward_accuracy: float = 0.6
+    min_win_rate_vs_champion: float = 0.55
+    candidate_policies: tuple[str, ...] = ("dpo", "ppo")
+
+    def __post_init__(self) -> None:
+        for name in ("min_policy_metric", "max_kl", "min_reward_accuracy"):
+            if not _is_finite_number(getattr(self, name)):
+                raise ValueError(f"GateSettings.{name} must be a finite number.")
+        if not _is_finite_number(self.min_win_rate_vs_champion) or not (
+            0.0 <= self.min_win_rate_vs_champion <= 1.0
+        ):
+            raise ValueError("GateSettings.min_win_rate_vs_champion must lie in [0, 1].")
+        if self.max_kl < 0:
+            raise ValueError("GateSettings.max_kl must be non-negative (KL is never below 0).")
+        if isinstance(self.candidate_policies, str) or not self.candidate_policies:
+            raise ValueError("GateSettings.candidate_policies must be a non-empty tuple of names.")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold test: `value` against `threshold` with `comparison` (">=" or "<=")."""
+
+    name: str  # e.g. "dpo.gold_win_rate_vs_sft"
+    value: float | None  # None when the metric is missing or null
+    threshold: float
+    comparison: str
+    fallback_from: str | None = None  # the metric this one stands in for, when it is a fallback
+
+    @property
+    def passed(self) -> bool:
+        """Whether the value is known and on the right side of the threshold."""
+        if self.value is None:
+            return False
+        if self.comparison == ">=":
+            return self.value >= self.threshold
+        return self.value <= self.threshold
+
+    def sentence(self) -> str:
+        """A human reason, e.g. "dpo: gold_win_rate_vs_sft 0.71 ≥ 0.60"."""
+        subject, _, metric = self.name.partition(".")
+        if self.value is None:
+            return f"{subject}: {metric} is missing, so the check fails"
+        symbol = {(">=", True): "≥", (">=", False): "<", ("<=", True): "≤", ("<=", False): ">"}[
+            (self.comparison, self.passed)
+        ]
+        text = f"{subject}: {metric} {self.value:.2f} {symbol} {self.threshold:.2f}"
+        if self.fallback_from is not None:
+            text += f" ({self.fallback_from} is null, so {metric} stands in)"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: value, threshold, comparison, passed, and fallback_from when used."""
+        record: dict[str, Any] = {
+            "value": self.value,
+            "threshold": self.threshold,
+            "comparison": self.comparison,
+            "passed": self.passed,
+        }
+        if self.fallback_from is not None:
+            record["fallback_from"] = self.fallback_from
+        return record
+
+
+@dataclass(frozen=True)
+class CandidateSelection:
+    """The best passing policy (or None), with every check made and a reason per policy."""
+
+    candidate: str | None
+    checks: list[Check] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GateDecision:
+    """What the gate decided and why.
+
+    Attributes:
+        promote: whether the candidate should become the champion.
+        candidate: the selected policy ("dpo", "ppo", ...) or None when none passed.
+        reasons: one human sentence per check or step, in the order they were made.
+        checks: every check by name, each `{"value", "threshold", "comparison", "passed"}`
+            (plus `"fallback_from"` when a fallback metric stood in).
+    """
+
+    promote: bool
+    candidate: str | None
+    reasons: list[str]
+    checks: dict[str, dict]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as logged to MLflow (`gate.json`)."""
+        return {
+            "promote": self.promote,
+            "candidate": self.candidate,
+            "reasons": list(self.reasons),
+            "checks": dict(self.checks),
+        }
+
+
+def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -> list[Check]:
+    """The absolute checks of one policy: its `policy_metric` (or fallback) and its KL to SFT."""
+    metrics = evaluation.get(policy) or {}
+    metric_name, value = settings.policy_metric, _number(metrics.get(settings.policy_metric))
+    fallback_from = None
+    if value is None and settings.fallback_metric is not None:
+        fallback_value = _number(metrics.get(settings.fallback_metric))
+        if fallback_value is not None:
+            metric_name, value = settings.fallback_metric, fallback_value
+            fallback_from = settings.policy_metric
+    return [
+        Check(f"{policy}.{metric_name}", value, settings.min_policy_metric, ">=", fallback_from),
+        Check(f"{policy}.{KL_METRIC}", _number(metrics.get(KL_METRIC)), settings.max_kl, "<="),
+    ]
+
+
+def select_candidate(evaluation: Evaluation, settings: GateSettings) -> CandidateSelection:
+    """The best of `settings.candidate_policies` by policy metric among those passing both
+    absolute checks; ties go to the policy listed first. Policies absent from the evaluation
+    are skipped with a reason."""
+    checks: list[Check] = []
+    reasons: list[str] = []
+    passing: list[tuple[float, int, str]] = []
+    for order, policy in enumerate(settings.candidate_policies):
+        if policy not in evaluation:
+            reasons.append(f"{policy}: not in the evaluation, so it cannot be the candidate")
+            continue
+        policy_ones = policy_checks(evaluation, policy, settings)
+        checks.extend(policy_ones)
+        reasons.extend(check.sentence() for check in policy_ones)
+        if all(check.passed for check in policy_ones):
+            metric_value = policy_ones[0].value
+            passing.append((metric_value, -order, policy))
+    if not passing:
+        reasons.append("no policy passes the absolute thresholds")
+        return CandidateSelection(None, checks, reasons)
+    _, _, best = max(passing)
+    if len(passing) > 1:
+        reasons.append(f"{best} has the best policy metric of the passing policies")
+    return CandidateSelection(best, checks, reasons)
+
+
+def reward_model_check(evaluation: Evaluation, settings: GateSettings) -> Check:
+    """The reward model's held-out accuracy against `settings.min_reward_accuracy`."""
+    metrics = evaluation.get(REWARD_MODEL_KEY) or {}
+    accuracy = _number(metrics.get(REWARD_ACCURACY_METRIC))
+    return Check(
+        f"{REWARD_MODEL_KEY}.{REWARD_ACCURACY_METRIC}",
+        accuracy,
+        settings.min_reward_accuracy,
+        ">=",
+    )
+
+
+def decide(
+    evaluation: Evaluation,
+    settings: GateSettings,
+    head_to_head_win_rate: float | None,
+    has_champion: bool,
+) -> GateDecision:
+    """Promote the candidate or not.
+
+    promote = reward-model accuracy passes ∧ a candidate passes its absolute checks
+              ∧ (no champion ∨ head-to-head win rate vs the champion ≥ min_win_rate_vs_champion).
+
+    `head_to_head_win_rate` is the candidate's win rate against the champion (ties half), as
+    measured by `rlhf_core.stages.head_to_head`; with a champion, None fails the gate.
+    """
+    reward_check = reward_model_check(evaluation, settings)
+    selection = select_candidate(evaluation, settings)
+    checks = [reward_check, *selection.checks]
+    reasons = [reward_check.sentence(), *selection.reasons]
+    promote = reward_check.passed and selection.candidate is not None
+    if selection.candidate is not None and has_champion:
+        versus = Check(
+            f"{selection.candidate}.win_rate_vs_champion",
+            _number(head_to_head_win_rate),
+            settings.min_win_rate_vs_champion,
+            ">=",
+        )
+        checks.append(versus)
+        if versus.value is None:
+            reasons.append(
+                f"{selection.candidate}: no head-to-head win rate against the champion was "
+                "measured, so it cannot replace the champion"
+            )
+        else:
+            reasons.append(versus.sentence())
+        promote = promote and versus.passed
+    reasons.append(_verdict(promote, selection.candidate, reward_check.passed, has_champion))
+    return GateDecision(
+        promote=promote,
+        candidate=selection.candidate,
+        reasons=reasons,
+        checks={check.name: check.as_dict() for check in checks},
+    )
+
+
+def _verdict(promote: bool, candidate: str | None, reward_ok: bool, has_champion: bool) -> str:
+    if promote:
+        how = "beats the champion" if has_champion else "becomes the first champion"
+        return f"promote {candidate}: it passes every threshold and {how}"
+    keep = "keep the champion" if has_champion else "no champion yet"
+    if candidate is None:
+        return f"do not promote ({keep}): no policy passes the absolute thresholds"
+    if not reward_ok:
+        return f"do not promote {candidate} ({keep}): the reward model is not accurate enough"
+    return f"do not promote {candidate} ({keep}): it does not beat the champion head to head"
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for null, NaN, infinities and non-numbers."""
+    return float(value) if _is_finite_number(value) else None
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

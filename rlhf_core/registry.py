@@ -1,0 +1,533 @@
+"""The model registry: candidate and champion versions of the policy and the reward model.
+
+After the evaluate stage, the retraining flow registers the new policy and reward model as
+versions of `rlhf-policy` and `rlhf-reward` with the alias `candidate`, asks the quality gate
+(`rlhf_core.gate`), and on success moves the alias `champion` to them:
+
+    client = registry_client(project_root)
+    candidate = register_candidate(project_root, "dpo", evaluation, decision)
+    log_decision(decision, candidate, client)  # inside the pipeline's MLflow run
+    if decision.promote:
+        promote(client, candidate)
+
+Each version is registered from the `model` artifacts of the stage run that produced it (found
+through the `run_info.json` in its output directory) and tagged with its lineage: the git
+commit, the md5 and producing run of each input, the md5 of every data set upstream
+(`lineage.data.<path under data/>.md5`), the upstream run ids (`lineage.runs`), its evaluation
+metrics (`metric.*`) and the producing run's params (`param.*`). `lineage_chain` is the walk
+behind those tags. MLflow is imported inside the functions: the CLI imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf_core.gate import REWARD_MODEL_KEY, GateDecision
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.tracking import RUN_INFO_FILE, UNKNOWN, read_producer_run_id, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+POLICY_MODEL = "rlhf-policy"
+REWARD_MODEL = "rlhf-reward"
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+MODEL_ARTIFACT = "model"  # the artifact path stages log their model directory under
+GATE_ARTIFACT = "gate.json"
+
+_INPUT_FIELDS = ("md5", "path", "run_id")
+_TAG_KEY_UNSAFE = re.compile(r"[^\w./\- ]")
+_MAX_TAG_VALUE = 5000  # well inside MLflow's limits for run tags and model version tags
+
+
+@dataclass(frozen=True)
+class RegisteredCandidate:
+    """The registered versions of one candidate: the policy and the reward model beside it."""
+
+    policy_version: str
+    reward_version: str
+    policy_name: str = ""  # the algorithm that trained the policy ("dpo", "ppo", ...)
+
+
+def registry_client(project_root: Path = Path(".")) -> MlflowClient:
+    """An MlflowClient on the project's store (`tracking.tracking_uri`), registry included."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(project_root))
+
+
+# --------------------------------------------------------------------------------------------
+# Lineage
+# --------------------------------------------------------------------------------------------
+
+
+def lineage_chain(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    """The stage runs behind `run_id`, nearest first, found by following `input.*.run_id` tags.
+
+    Breadth-first from `run_id` itself; a run reached twice (two inputs made by one run, or a
+    cycle in hand-edited tags) appears once. Each entry is
+    `{"run_id", "stage", "git_commit", "inputs": {name: {"md5", "path", "run_id"}}}` with the
+    fields a run's tags hold; a run id that is not in the store gives an entry with
+    `stage` None and no inputs.
+    """
+    from mlflow.exceptions import MlflowException
+
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    queue = deque([run_id])
+    while queue:
+        current = queue.popleft()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            run = client.get_run(current)
+        except MlflowException:
+            log.warning("Lineage stops at run %s: it is not in the tracking store.", current)
+            chain.append({"run_id": current, "stage": None, "git_commit": None, "inputs": {}})
+            continue
+        inputs = _inputs_from_tags(run.data.tags)
+        chain.append(
+            {
+                "run_id": current,
+                "stage": run.data.tags.get("stage", run.info.run_name),
+                "git_commit": run.data.tags.get("git_commit"),
+                "inputs": inputs,
+            }
+        )
+        for name in sorted(inputs):
+            upstream = inputs[name].get("run_id")
+            if upstream and upstream not in seen:
+                queue.append(upstream)
+    return chain
+
+
+def data_lineage_tags(chain: list[dict[str, Any]], project_root: Path) -> dict[str, str]:
+    """`lineage.data.<path under data/>.md5` for every data input anywhere in `chain`.
+
+    An input outside `data/` that no run produced (a user's base model, a file elsewhere) is
+    tagged `lineage.external.<input name>.md5`; inputs made by upstream runs are covered by
+    `lineage.runs`. When two runs read one path with different md5s, the nearest run wins
+    and a warning says the chain is inconsistent (e.g. a stage was not rerun on new data).
+    """
+    tags: dict[str, str] = {}
+    for entry in chain:
+        for name, fields in sorted(entry["inputs"].items()):
+            md5 = fields.get("md5")
+            if not md5:
+                continue
+            location = _data_location(fields.get("path"), project_root)
+            if location is None:
+                if fields.get("run_id"):
+                    continue
+                location = f"external.{name}"
+            key = _tag_key(f"lineage.{location}.md5")
+            if key in tags and tags[key] != md5:
+                log.warning(
+                    "Run %s read %s with md5 %s, but a later run read it with md5 %s.",
+                    entry["run_id"],
+                    fields.get("path", name),
+                    md5,
+                    tags[key],
+                )
+                continue
+            tags[key] = md5
+    return tags
+
+
+def _inputs_from_tags(tags: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """{name: {"md5", "path", "run_id"}} from a run's `input.<name>.<field>` tags."""
+    inputs: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        if not key.startswith("input."):
+            continue
+        name, _, field = key[len("input.") :].rpartition(".")
+        if name and field in _INPUT_FIELDS:
+            inputs.setdefault(name, {})[field] = value
+    return inputs
+
+
+def _data_location(path_text: str | None, project_root: Path) -> str | None:
+    """ "data.<rest>" for a path under the project's data/ folder, else None."""
+    if not path_text:
+        return None
+    path = Path(path_text)
+    if path.is_absolute():
+        try:
+            path = Path(os.path.realpath(path)).relative_to(os.path.realpath(project_root))
+        except ValueError:
+            return None
+    parts = path.parts
+    if not parts or parts[0] != "data" or ".." in parts:
+        return None
+    return ".".join(["data", "/".join(parts[1:])]) if len(parts) > 1 else "data"
+
+
+def _tag_key(key: str) -> str:
+    """MLflow accepts letters, digits, `_ . / - ` and space in tag keys; the rest become `_`."""
+    return _TAG_KEY_UNSAFE.sub("_", key)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+
+def register_candidate(
+    project_root: Path,
+    policy_name: str,
+    evaluation: Mapping[str, Mapping[str, Any]],
+    decision: GateDecision | None = None,
+    client: MlflowClient | None = None,
+) -> RegisteredCandidate:
+    """Register `artifacts/policy/<policy_name>` and `artifacts/reward` with alias `candidate`.
+
+    Each model is registered from the `model` artifacts of the run named in its directory's
+    `run_info.json`; a run already registered under that model name reuses its version. Both
+    versions get lineage tags (see the module docstring) and a description; with a
+    `decision`, also the tag `gate=passed|failed`.
+
+    Args:
+        project_root: the project whose `artifacts/` hold the models.
+        policy_name: the algorithm of the candidate policy ("dpo", "ppo", ...).
+        evaluation: the evaluate stage's metrics (`artifacts/metrics/evaluate.json`).
+        decision: the gate's decision about this candidate, when already made.
+        client: the registry to use; `registry_client(project_root)` by default.
+    """
+    root = Path(project_root)
+    paths = ProjectPaths(root)
+    if policy_name not in evaluation:
+        raise ValueError(
+            f"The evaluation has no metrics for policy '{policy_name}'; run the evaluate stage "
+            "after the policy stage before registering it."
+        )
+    _require_same_candidate(decision, policy_name)
+    client = client or registry_client(root)
+    policy_run = _producer_run(client, paths.policy_dir(policy_name))
+    reward_run = _producer_run(client, paths.reward_model_dir)
+    policy_metrics = evaluation[policy_name]
+    reward_metrics = evaluation.get(REWARD_MODEL_KEY) or {}
+    gate_text = "" if decision is None else f" Gate: {_gate_result(decision)}."
+    policy_version = _register_run_model(
+        client,
+        POLICY_MODEL,
+        policy_run,
+        root,
+        metrics=policy_metrics,
+        extra_tags={"policy_name": policy_name, "reward_run_id": reward_run.info.run_id},
+        description=_describe(f"{policy_name} policy", policy_run, policy_metrics) + gate_text,
+    )
+    reward_version = _register_run_model(
+        client,
+        REWARD_MODEL,
+        reward_run,
+        root,
+        metrics=reward_metrics,
+        extra_tags={"candidate_policy": policy_name},
+        description=_describe("Reward model", reward_run, reward_metrics) + gate_text,
+    )
+    candidate = RegisteredCandidate(policy_version, reward_version, policy_name)
+    for name, version in _versions_of(candidate):
+        client.set_registered_model_alias(name, CANDIDATE, version)
+    if decision is not None:
+        _tag_gate(client, candidate, decision)
+    log.info(
+        "Registered candidate %s: %s v%s, %s v%s.",
+        policy_name,
+        POLICY_MODEL,
+        policy_version,
+        REWARD_MODEL,
+        reward_version,
+    )
+    return candidate
+
+
+def version_tags(
+    run: Run,
+    chain: list[dict[str, Any]],
+    project_root: Path,
+    metrics: Mapping[str, Any],
+) -> dict[str, str]:
+    """The lineage tags of a version registered from `run` (whose upstream walk is `chain`).
+
+    git_commit, run_id, stage, model_md5; the run's own `input.*.md5` and `input.*.run_id`;
+    `data_lineage_tags(chain)`; `lineage.runs` (JSON list of upstream run ids, nearest
+    first); `metric.<key>` for each non-null metric; `param.<key>` for each run param.
+    """
+    run_tags = run.data.tags
+    tags = {
+        "run_id": run.info.run_id,
+        "stage": run_tags.get("stage", run.info.run_name or UNKNOWN),
+        "git_commit": run_tags.get("git_commit", UNKNOWN),
+    }
+    model_md5 = run_tags.get(f"model.{MODEL_ARTIFACT}.md5")
+    if model_md5:
+        tags["model_md5"] = model_md5
+    for key, value in run_tags.items():
+        if key.startswith("input.") and key.endswith((".md5", ".run_id")):
+            tags[key] = value
+    tags.update(data_lineage_tags(chain, project_root))
+    tags["lineage.runs"] = json.dumps([entry["run_id"] for entry in chain[1:]])
+    for key, value in metrics.items():
+        if value is not None:
+            tags[_tag_key(f"metric.{key}")] = _tag_value(value)
+    for key, value in run.data.params.items():
+        tags[_tag_key(f"param.{key}")] = _tag_value(value)
+    return tags
+
+
+def _producer_run(client: MlflowClient, directory: Path) -> Run:
+    """The run named in `directory/run_info.json`, which must be in the client's store."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = read_producer_run_id(directory)
+    if run_id is None:
+        raise ValueError(
+            f"{directory} has no {RUN_INFO_FILE}: its stage did not finish under MLflow "
+            "tracking; rerun it with `rlhf stage` (or `dvc repro`) before registering."
+        )
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        raise ValueError(
+            f"Run {run_id} from {directory / RUN_INFO_FILE} is not in the tracking store "
+            f"{client.tracking_uri}; point MLFLOW_TRACKING_URI at the store the stage used."
+        ) from error
+
+
+def _register_run_model(
+    client: MlflowClient,
+    name: str,
+    run: Run,
+    project_root: Path,
+    *,
+    metrics: Mapping[str, Any],
+    extra_tags: Mapping[str, str],
+    description: str,
+) -> str:
+    """Version (as a string) of `name` registered from the run's model artifacts, tagged."""
+    run_id = run.info.run_id
+    if not client.list_artifacts(run_id, MODEL_ARTIFACT):
+        raise ValueError(
+            f"Run {run_id} ({run.data.tags.get('stage', 'unknown stage')}) logged no "
+            f"'{MODEL_ARTIFACT}' artifacts; its stage must call log_model_dir(out_dir, "
+            f"'{MODEL_ARTIFACT}')."
+        )
+    _ensure_registered_model(client, name)
+    tags = {
+        **version_tags(run, lineage_chain(client, run_id), project_root, metrics),
+        **extra_tags,
+    }
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        # The same run registered again (nothing upstream changed): one version per run.
+        version = str(max(int(found.version) for found in existing))
+        client.update_model_version(name, version, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        return version
+    # `mlflow.register_model("runs:/...")` insists on an MLflow-flavoured model (an MLmodel
+    # file or a logged model); our save_pretrained directories are plain artifacts, which
+    # the client's create_model_version registers from their artifact location as is.
+    created = client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}",
+        run_id=run_id,
+        tags=tags,
+        description=description,
+    )
+    return str(created.version)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":  # made meanwhile by another flow
+            raise
+
+
+def _describe(what: str, run: Run, metrics: Mapping[str, Any]) -> str:
+    commit = run.data.tags.get("git_commit", UNKNOWN)
+    shown = ", ".join(
+        f"{key} {value:.3g}"
+        for key, value in metrics.items()
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and not key.endswith(("_ci_low", "_ci_high"))
+    )
+    text = f"{what} from stage run {run.info.run_id} at git commit {commit[:12]}."
+    return f"{text} Metrics: {shown}." if shown else text
+
+
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:_MAX_TAG_VALUE]
+
+
+# --------------------------------------------------------------------------------------------
+# Champion
+# --------------------------------------------------------------------------------------------
+
+
+def current_champion(client: MlflowClient, name: str = POLICY_MODEL) -> ModelVersion | None:
+    """The version of `name` with alias `champion`, or None when the model or alias is absent."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = (model.aliases or {}).get(CHAMPION)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def promote(client: MlflowClient, candidate: RegisteredCandidate) -> None:
+    """Move alias `champion` to the candidate's policy and reward versions.
+
+    Each promoted version is tagged `promoted_at` (UTC, ISO 8601) and, when it replaces
+    another version, `previous_champion` (that version, for a rollback).
+    """
+    promoted_at = datetime.now(UTC).isoformat(timespec="seconds")
+    for name, version in _versions_of(candidate):
+        previous = current_champion(client, name)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_model_version_tag(name, version, "promoted_at", promoted_at)
+        if previous is not None and str(previous.version) != version:
+            client.set_model_version_tag(name, version, "previous_champion", str(previous.version))
+        log.info("%s v%s is the champion now.", name, version)
+
+
+def download_model_dir(
+    client: MlflowClient, version: ModelVersion, destination: Path | None = None
+) -> Path:
+    """Download a model version's files and return the `save_pretrained` directory.
+
+    Into `destination` when given, else a new temporary directory the caller owns.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    target = Path(destination) if destination is not None else None
+    if target is None:
+        target = Path(tempfile.mkdtemp(prefix=f"{version.name}-v{version.version}-"))
+    target.mkdir(parents=True, exist_ok=True)
+    source = client.get_model_version_download_uri(version.name, version.version)
+    local = Path(
+        download_artifacts(
+            artifact_uri=source, dst_path=str(target), tracking_uri=client.tracking_uri
+        )
+    )
+    if not (local / "config.json").is_file():
+        raise ValueError(
+            f"{version.name} v{version.version} ({source}) is not a save_pretrained model "
+            "directory: it has no config.json."
+        )
+    return local
+
+
+# --------------------------------------------------------------------------------------------
+# Gate decision
+# --------------------------------------------------------------------------------------------
+
+
+def log_decision(
+    decision: GateDecision,
+    candidate: RegisteredCandidate | None,
+    client: MlflowClient | None = None,
+) -> None:
+    """Record the gate's decision in the active MLflow run and on the candidate's versions.
+
+    The run gets tags `gate.result` (passed|failed), `gate.promote`, `gate.candidate` and
+    `gate.reasons`, a param `gate.threshold.<check>` and a metric `gate.<check>` per check,
+    and the artifact `gate.json` (`GateDecision.as_dict()`). The candidate's versions, when
+    given, get tags `gate` (passed|failed) and `gate.run_id`. `client` defaults to one on
+    the active run's tracking URI.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    if candidate is not None:
+        _require_same_candidate(decision, candidate.policy_name)
+    if run is None:
+        raise ValueError(
+            "log_decision needs an active MLflow run (the pipeline run); call it inside "
+            "mlflow.start_run()."
+        )
+    mlflow.set_tags(
+        {
+            "gate.result": _gate_result(decision),
+            "gate.promote": str(decision.promote).lower(),
+            "gate.candidate": decision.candidate or "none",
+            "gate.reasons": "\n".join(decision.reasons)[:_MAX_TAG_VALUE],
+        }
+    )
+    checks = {_tag_key(name): check for name, check in decision.checks.items()}
+    mlflow.log_params({f"gate.threshold.{name}": c["threshold"] for name, c in checks.items()})
+    values = {f"gate.{name}": c["value"] for name, c in checks.items() if c["value"] is not None}
+    if values:
+        mlflow.log_metrics(values)
+    mlflow.log_dict(decision.as_dict(), GATE_ARTIFACT)
+    if candidate is not None:
+        client = client or _client_of_active_run()
+        _tag_gate(client, candidate, decision, run.info.run_id)
+
+
+def _client_of_active_run() -> MlflowClient:
+    import mlflow
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+
+
+def _tag_gate(
+    client: MlflowClient,
+    candidate: RegisteredCandidate,
+    decision: GateDecision,
+    run_id: str | None = None,
+) -> None:
+    for name, version in _versions_of(candidate):
+        client.set_model_version_tag(name, version, "gate", _gate_result(decision))
+        if run_id is not None:
+            client.set_model_version_tag(name, version, "gate.run_id", run_id)
+
+
+def _require_same_candidate(decision: GateDecision | None, policy_name: str) -> None:
+    if decision is None or not policy_name or decision.candidate in (None, policy_name):
+        return
+    raise ValueError(
+        f"The gate decided about candidate '{decision.candidate}', not '{policy_name}'; "
+        "register and log the policy the gate selected."
+    )
+
+
+def _gate_result(decision: GateDecision) -> str:
+    return "passed" if decision.promote else "failed"
+
+
+def _versions_of(candidate: RegisteredCandidate) -> tuple[tuple[str, str], ...]:
+    return ((POLICY_MODEL, candidate.policy_version), (REWARD_MODEL, candidate.reward_version))

@@ -1,0 +1,184 @@
+"""The quality gate (pure decisions) and the head-to-head win rate it uses against a champion."""
+
+import math
+
+import pytest
+
+from rlhf_core.data.gold import GoldJudge
+from rlhf_core.gate import GateSettings, decide, select_candidate
+from rlhf_core.generation import SamplingSettings
+from rlhf_core.models.loading import load_tokenizer, save_model
+from rlhf_core.models.tiny import build_tiny_llama
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.stages.common import load_validated
+from rlhf_core.stages.head_to_head import head_to_head_win_rate
+
+
+def evaluation(dpo=None, ppo=None, reward_accuracy=0.7):
+    """An evaluate.json-shaped dict; a policy given as None is left out."""
+    result = {"reward_model": {"eval_accuracy": reward_accuracy, "eval_margin_mean": 0.4}}
+    for name, metrics in (("dpo", dpo), ("ppo", ppo)):
+        if metrics is not None:
+            result[name] = metrics
+    return result
+
+
+def policy(gold, kl=3.0, rm=None):
+    return {"gold_win_rate_vs_sft": gold, "rm_win_rate_vs_sft": rm, "kl_to_sft": kl}
+
+
+SETTINGS = GateSettings()
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions
+# --------------------------------------------------------------------------------------------
+
+
+def test_first_champion_needs_only_the_absolute_thresholds():
+    decision = decide(evaluation(dpo=policy(0.71)), SETTINGS, None, has_champion=False)
+    assert decision.promote and decision.candidate == "dpo"
+    assert "dpo: gold_win_rate_vs_sft 0.71 ≥ 0.60" in decision.reasons
+    assert decision.checks["dpo.gold_win_rate_vs_sft"] == {
+        "value": 0.71,
+        "threshold": 0.6,
+        "comparison": ">=",
+        "passed": True,
+    }
+    assert decision.checks["dpo.kl_to_sft"]["passed"]
+    assert decision.checks["reward_model.eval_accuracy"]["passed"]
+    assert not any("champion" in name for name in decision.checks)
+
+
+def test_with_a_champion_the_head_to_head_win_rate_decides():
+    metrics = evaluation(dpo=policy(0.71))
+    unmeasured = decide(metrics, SETTINGS, None, has_champion=True)
+    loses = decide(metrics, SETTINGS, 0.5, has_champion=True)
+    wins = decide(metrics, SETTINGS, 0.6, has_champion=True)
+    assert not unmeasured.promote and unmeasured.candidate == "dpo"
+    assert any("no head-to-head win rate" in reason for reason in unmeasured.reasons)
+    assert not loses.promote
+    assert loses.checks["dpo.win_rate_vs_champion"] == {
+        "value": 0.5,
+        "threshold": SETTINGS.min_win_rate_vs_champion,
+        "comparison": ">=",
+        "passed": False,
+    }
+    assert "dpo: win_rate_vs_champion 0.50 < 0.55" in loses.reasons
+    assert wins.promote and wins.checks["dpo.win_rate_vs_champion"]["passed"]
+
+
+def test_a_null_gold_metric_falls_back_to_the_reward_model_metric_and_says_so():
+    metrics = evaluation(dpo=policy(None, rm=0.65), ppo=policy(None, rm=0.8))
+    decision = decide(metrics, SETTINGS, None, has_champion=False)
+    assert decision.promote and decision.candidate == "ppo"
+    check = decision.checks["ppo.rm_win_rate_vs_sft"]
+    assert check["value"] == 0.8 and check["passed"]
+    assert check["fallback_from"] == "gold_win_rate_vs_sft"
+    assert "ppo.gold_win_rate_vs_sft" not in decision.checks
+    assert any("ppo" in r and "rm_win_rate_vs_sft" in r and "null" in r for r in decision.reasons)
+
+
+def test_the_candidate_is_the_best_policy_that_passes_every_absolute_threshold():
+    far_from_sft = evaluation(dpo=policy(0.9, kl=40.0), ppo=policy(0.65))
+    assert select_candidate(far_from_sft, SETTINGS).candidate == "ppo"
+    both_pass = evaluation(dpo=policy(0.7), ppo=policy(0.8))
+    assert select_candidate(both_pass, SETTINGS).candidate == "ppo"
+    tied = evaluation(dpo=policy(0.7), ppo=policy(0.7))
+    assert select_candidate(tied, SETTINGS).candidate == "dpo"  # listed first
+    only_ppo = GateSettings(candidate_policies=("ppo",))
+    assert select_candidate(both_pass, only_ppo).candidate == "ppo"
+    assert (
+        select_candidate(evaluation(ppo=policy(0.7)), SETTINGS)
+        .reasons[0]
+        .startswith("dpo: not in the evaluation")
+    )
+
+
+def test_when_every_policy_fails_nothing_is_promoted_and_each_failure_has_a_reason():
+    metrics = evaluation(dpo=policy(0.4), ppo=policy(0.9, kl=31.2))
+    decision = decide(metrics, SETTINGS, 0.9, has_champion=True)
+    assert not decision.promote and decision.candidate is None
+    assert "dpo: gold_win_rate_vs_sft 0.40 < 0.60" in decision.reasons
+    assert "ppo: kl_to_sft 31.20 > 25.00" in decision.reasons
+    assert not decision.checks["dpo.gold_win_rate_vs_sft"]["passed"]
+    assert not decision.checks["ppo.kl_to_sft"]["passed"]
+    assert decision.checks["ppo.gold_win_rate_vs_sft"]["passed"]
+
+
+def test_an_inaccurate_reward_model_blocks_promotion():
+    metrics = evaluation(dpo=policy(0.8), reward_accuracy=0.55)
+    decision = decide(metrics, SETTINGS, None, has_champion=False)
+    assert not decision.promote and decision.candidate == "dpo"
+    assert "reward_model: eval_accuracy 0.55 < 0.60" in decision.reasons
+
+
+@pytest.mark.parametrize("missing", [None, math.nan, "0.9"])
+def test_a_missing_or_invalid_metric_fails_its_check(missing):
+    metrics = evaluation(dpo=policy(missing, rm=None))
+    decision = decide(metrics, SETTINGS, None, has_champion=False)
+    assert not decision.promote and decision.candidate is None
+    assert decision.checks["dpo.gold_win_rate_vs_sft"]["value"] is None
+    assert "dpo: gold_win_rate_vs_sft is missing, so the check fails" in decision.reasons
+
+
+def test_settings_reject_impossible_thresholds():
+    with pytest.raises(ValueError, match="max_kl"):
+        GateSettings(max_kl=-1.0)
+    with pytest.raises(ValueError, match="min_win_rate_vs_champion"):
+        GateSettings(min_win_rate_vs_champion=1.5)
+    with pytest.raises(ValueError, match="candidate_policies"):
+        GateSettings(candidate_policies=())
+
+
+def test_decision_serialises_to_plain_json_types():
+    import json
+
+    decision = decide(evaluation(dpo=policy(0.71)), SETTINGS, 0.6, has_champion=True)
+    again = json.loads(json.dumps(decision.as_dict()))
+    assert again["promote"] is True and again["candidate"] == "dpo"
+    assert again["checks"] == decision.checks
+
+
+# --------------------------------------------------------------------------------------------
+# Head to head
+# --------------------------------------------------------------------------------------------
+
+SAMPLING = SamplingSettings(max_new_tokens=6, batch_size=8)
+
+
+def held_out_prompts(root, count=4):
+    return list(load_validated(ProjectPaths(root), "eval_prompts")["prompt"][:count])
+
+
+def test_a_model_against_itself_with_the_same_seed_wins_half(tiny_project):
+    sft_dir = ProjectPaths(tiny_project).sft_model_dir
+    prompts = held_out_prompts(tiny_project)
+    result = head_to_head_win_rate(sft_dir, sft_dir, prompts, SAMPLING, seed=3, judge=GoldJudge())
+    assert result == {"win_rate": 0.5, "ci_low": 0.5, "ci_high": 0.5, "judge": "gold", "n": 4}
+
+
+def test_swapping_candidate_and_champion_gives_the_complementary_win_rate(tiny_project, tmp_path):
+    paths = ProjectPaths(tiny_project)
+    tokenizer = load_tokenizer(str(paths.sft_model_dir))
+    other_dir = save_model(build_tiny_llama("nano", tokenizer, seed=7), tokenizer, tmp_path / "o")
+    prompts = held_out_prompts(tiny_project)
+    reward_dir = paths.reward_model_dir
+    forward = head_to_head_win_rate(
+        paths.sft_model_dir, other_dir, prompts, SAMPLING, seed=1, reward_model_dir=reward_dir
+    )
+    backward = head_to_head_win_rate(
+        other_dir, paths.sft_model_dir, prompts, SAMPLING, seed=1, reward_model_dir=reward_dir
+    )
+    assert forward["judge"] == backward["judge"] == "reward_model"
+    assert forward["n"] == backward["n"] == len(prompts)
+    assert forward["win_rate"] + backward["win_rate"] == pytest.approx(1.0)
+    assert forward["ci_low"] <= forward["win_rate"] <= forward["ci_high"]
+
+
+def test_head_to_head_needs_prompts_and_a_judge(tiny_project):
+    sft_dir = ProjectPaths(tiny_project).sft_model_dir
+    with pytest.raises(ValueError, match="judge"):
+        head_to_head_win_rate(sft_dir, sft_dir, held_out_prompts(tiny_project), SAMPLING)
+    with pytest.raises(ValueError, match="prompt"):
+        head_to_head_win_rate(sft_dir, sft_dir, [], SAMPLING, judge=GoldJudge())

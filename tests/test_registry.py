@@ -1,0 +1,267 @@
+"""The model registry: candidate registration with lineage, champion promotion, downloads and
+the gate decision's record, on real stage runs in a throwaway sqlite store."""
+
+import json
+import shutil
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from rlhf_core.gate import GateSettings, decide
+from rlhf_core.models.loading import load_causal_lm
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.registry import (
+    CANDIDATE,
+    CHAMPION,
+    POLICY_MODEL,
+    REWARD_MODEL,
+    RegisteredCandidate,
+    current_champion,
+    download_model_dir,
+    lineage_chain,
+    log_decision,
+    promote,
+    register_candidate,
+)
+from rlhf_core.tracking import RUN_INFO_FILE, file_md5, path_md5, stage_run
+
+EVALUATION = {
+    "dpo": {
+        "gold_score_mean": 0.3,
+        "rm_score_mean": 0.2,
+        "gold_win_rate_vs_sft": 0.71,
+        "rm_win_rate_vs_sft": 0.66,
+        "kl_to_sft": 4.5,
+        "mean_length": 21.0,
+    },
+    "reward_model": {"eval_accuracy": 0.72, "eval_margin_mean": 0.5, "annotator_agreement": 0.8},
+}
+
+
+@pytest.fixture(scope="session")
+def empty_store_template(tmp_path_factory):
+    """An empty, migrated MLflow sqlite file: creating one costs seconds, copying it does not."""
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def project(tiny_project, empty_store_template, monkeypatch):
+    """The tiny project with its own tracking store and no producer markers from elsewhere."""
+    for marker in tiny_project.rglob(RUN_INFO_FILE):
+        marker.unlink()
+    database = tiny_project / "mlflow.db"
+    shutil.copy(empty_store_template, database)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    monkeypatch.setenv("RLHF_EXPERIMENT", "registry-test")
+    return tiny_project
+
+
+@pytest.fixture
+def client(project):
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def run_model_stage(root, stage, inputs, model_dir, params=None):
+    """A stage run that reads `inputs`, logs `model_dir` as its model and records it."""
+    with stage_run(stage, project_root=root, params=params or {}, inputs=inputs) as run:
+        run.log_model_dir(model_dir, "model")
+        run.record_output(model_dir)
+    return run.run_id
+
+
+def run_policy_stage(root, beta=0.1):
+    """A "dpo" stage whose policy is a copy of the SFT model, read with the preference data."""
+    paths = ProjectPaths(root)
+    policy_dir = paths.policy_dir("dpo")
+    shutil.rmtree(policy_dir, ignore_errors=True)
+    shutil.copytree(paths.sft_model_dir, policy_dir, ignore=shutil.ignore_patterns(RUN_INFO_FILE))
+    inputs = {"preferences": paths.validated_set("preference"), "reference": paths.sft_model_dir}
+    return run_model_stage(root, "dpo", inputs, policy_dir, params={"dpo": {"beta": beta}})
+
+
+@pytest.fixture
+def stage_runs(project):
+    """sft (SFT data + base model) -> reward (preferences + SFT) and dpo (preferences + SFT)."""
+    paths = ProjectPaths(project)
+    sft = run_model_stage(
+        project,
+        "sft",
+        {"train": paths.validated_set("sft"), "base": paths.base_model_dir},
+        paths.sft_model_dir,
+        params={"sft": {"lr": 0.001}},
+    )
+    reward = run_model_stage(
+        project,
+        "reward",
+        {"preferences": paths.validated_set("preference"), "sft": paths.sft_model_dir},
+        paths.reward_model_dir,
+    )
+    return {"sft": sft, "reward": reward, "dpo": run_policy_stage(project)}
+
+
+# --------------------------------------------------------------------------------------------
+# Registration and lineage
+# --------------------------------------------------------------------------------------------
+
+
+def test_register_candidate_creates_versions_with_the_candidate_alias_and_lineage(
+    project, client, stage_runs
+):
+    paths = ProjectPaths(project)
+    candidate = register_candidate(project, "dpo", EVALUATION)
+    policy = client.get_model_version_by_alias(POLICY_MODEL, CANDIDATE)
+    reward = client.get_model_version_by_alias(REWARD_MODEL, CANDIDATE)
+    assert (str(policy.version), str(reward.version)) == (
+        candidate.policy_version,
+        candidate.reward_version,
+    )
+    assert policy.run_id == stage_runs["dpo"] and reward.run_id == stage_runs["reward"]
+
+    dpo_run = client.get_run(stage_runs["dpo"])
+    tags = policy.tags
+    assert tags["git_commit"] == dpo_run.data.tags["git_commit"]
+    assert tags["input.preferences.md5"] == path_md5(paths.validated_set("preference"))
+    assert tags["input.reference.run_id"] == stage_runs["sft"]
+    # Data read only by the upstream sft run is found by walking the chain.
+    assert tags["lineage.data.validated/sft.md5"] == path_md5(paths.validated_set("sft"))
+    assert tags["lineage.data.validated/preference.md5"] == path_md5(
+        paths.validated_set("preference")
+    )
+    assert tags["lineage.external.base.md5"] == path_md5(paths.base_model_dir)
+    assert json.loads(tags["lineage.runs"]) == [stage_runs["sft"]]
+    assert float(tags["metric.gold_win_rate_vs_sft"]) == 0.71
+    assert tags["param.dpo.beta"] == "0.1"
+    assert tags["policy_name"] == "dpo"
+    assert "dpo policy" in policy.description
+
+    assert float(reward.tags["metric.eval_accuracy"]) == 0.72
+    assert reward.tags["input.sft.run_id"] == stage_runs["sft"]
+    assert json.loads(reward.tags["lineage.runs"]) == [stage_runs["sft"]]
+
+
+def test_lineage_chain_walks_the_policy_version_back_to_its_data(project, client, stage_runs):
+    paths = ProjectPaths(project)
+    register_candidate(project, "dpo", EVALUATION)
+    policy = client.get_model_version_by_alias(POLICY_MODEL, CANDIDATE)
+    chain = lineage_chain(client, policy.run_id)
+    assert [entry["stage"] for entry in chain] == ["dpo", "sft"]
+    assert [entry["run_id"] for entry in chain] == [stage_runs["dpo"], stage_runs["sft"]]
+    sft_inputs = chain[-1]["inputs"]
+    assert sft_inputs["train"]["md5"] == path_md5(paths.validated_set("sft"))
+    assert "run_id" not in sft_inputs["train"]  # data: the walk ends here
+
+
+def test_lineage_chain_survives_cycles_and_runs_missing_from_the_store(project, client):
+    experiment = client.create_experiment("hand-made", artifact_location=(project / "x").as_uri())
+    first = client.create_run(experiment).info.run_id
+    second = client.create_run(experiment).info.run_id
+    client.set_tag(first, "input.up.run_id", second)
+    client.set_tag(second, "input.down.run_id", first)
+    client.set_tag(second, "input.gone.run_id", "0" * 32)
+    chain = lineage_chain(client, first)
+    assert [entry["run_id"] for entry in chain] == [first, second, "0" * 32]
+    assert chain[-1]["stage"] is None and chain[-1]["inputs"] == {}
+
+
+def test_registering_the_same_run_again_reuses_its_version(project, client, stage_runs):
+    first = register_candidate(project, "dpo", EVALUATION)
+    again = register_candidate(project, "dpo", EVALUATION)
+    assert again == first
+    run_policy_stage(project, beta=0.2)
+    retrained = register_candidate(project, "dpo", EVALUATION)
+    assert int(retrained.policy_version) == int(first.policy_version) + 1
+    assert retrained.reward_version == first.reward_version
+    candidate_now = client.get_model_version_by_alias(POLICY_MODEL, CANDIDATE)
+    assert str(candidate_now.version) == retrained.policy_version
+
+
+def test_register_candidate_explains_what_is_missing(project, client, stage_runs):
+    with pytest.raises(ValueError, match="no metrics for policy 'ppo'"):
+        register_candidate(project, "ppo", EVALUATION)
+    policy_dir = ProjectPaths(project).policy_dir("dpo")
+    (policy_dir / RUN_INFO_FILE).unlink()
+    with pytest.raises(ValueError, match=r"run_info\.json"):
+        register_candidate(project, "dpo", EVALUATION)
+    with stage_run("dpo", project_root=project) as run:  # a run that logged no model
+        run.record_output(policy_dir)
+    with pytest.raises(ValueError, match="no 'model' artifacts"):
+        register_candidate(project, "dpo", EVALUATION)
+
+
+# --------------------------------------------------------------------------------------------
+# Champion
+# --------------------------------------------------------------------------------------------
+
+
+def test_current_champion_is_none_until_a_promotion(project, client, stage_runs):
+    assert current_champion(client) is None
+    candidate = register_candidate(project, "dpo", EVALUATION)
+    assert current_champion(client) is None  # registered, alias not set yet
+    promote(client, candidate)
+    champion = current_champion(client)
+    assert str(champion.version) == candidate.policy_version
+    assert str(current_champion(client, REWARD_MODEL).version) == candidate.reward_version
+
+
+def test_promote_moves_the_champion_from_the_old_version_to_the_new(project, client, stage_runs):
+    old = register_candidate(project, "dpo", EVALUATION)
+    promote(client, old)
+    run_policy_stage(project, beta=0.3)
+    new = register_candidate(project, "dpo", EVALUATION)
+    kept = client.get_model_version_by_alias(POLICY_MODEL, CHAMPION)
+    assert str(kept.version) == old.policy_version
+    promote(client, new)
+    champion = client.get_model_version_by_alias(POLICY_MODEL, CHAMPION)
+    assert str(champion.version) == new.policy_version != old.policy_version
+    assert champion.tags["previous_champion"] == old.policy_version
+    assert "promoted_at" in champion.tags
+    assert CHAMPION not in client.get_model_version(POLICY_MODEL, old.policy_version).aliases
+
+
+def test_download_model_dir_returns_the_registered_files_loadable(project, client, stage_runs):
+    policy_dir = ProjectPaths(project).policy_dir("dpo")
+    promote(client, register_candidate(project, "dpo", EVALUATION))
+    shutil.rmtree(policy_dir)  # the champion's files no longer in artifacts/
+    downloaded = download_model_dir(client, current_champion(client), project / "champion")
+    model, tokenizer = load_causal_lm(str(downloaded))
+    sft_weights = ProjectPaths(project).sft_model_dir / "model.safetensors"
+    assert file_md5(downloaded / "model.safetensors") == file_md5(sft_weights)
+    assert tokenizer.chat_template and model.config.vocab_size == len(tokenizer)
+
+
+# --------------------------------------------------------------------------------------------
+# Gate decision record
+# --------------------------------------------------------------------------------------------
+
+
+def test_log_decision_records_the_decision_on_the_run_and_the_versions(project, client, stage_runs):
+    decision = decide(EVALUATION, GateSettings(), 0.4, has_champion=True)
+    assert decision.candidate == "dpo" and not decision.promote
+    candidate = register_candidate(project, "dpo", EVALUATION, decision)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("registry-test")
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as pipeline_run:
+        log_decision(decision, candidate, client)
+    run = client.get_run(pipeline_run.info.run_id)
+    assert run.data.tags["gate.result"] == "failed"
+    assert run.data.tags["gate.candidate"] == "dpo"
+    assert run.data.metrics["gate.dpo.win_rate_vs_champion"] == 0.4
+    assert float(run.data.params["gate.threshold.dpo.win_rate_vs_champion"]) == 0.55
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="gate.json", dst_path=str(project / "gate")
+    )
+    with open(local) as handle:
+        assert json.load(handle) == decision.as_dict()
+    policy = client.get_model_version(POLICY_MODEL, candidate.policy_version)
+    assert policy.tags["gate"] == "failed" and policy.tags["gate.run_id"] == run.info.run_id
+
+
+def test_log_decision_needs_an_active_run_and_the_selected_candidate(project, client):
+    decision = decide(EVALUATION, GateSettings(), None, has_champion=False)
+    with pytest.raises(ValueError, match="active MLflow run"):
+        log_decision(decision, None, client)
+    with pytest.raises(ValueError, match="'dpo', not 'ppo'"):
+        log_decision(decision, RegisteredCandidate("1", "1", "ppo"), client)
