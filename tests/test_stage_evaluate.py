@@ -1,0 +1,271 @@
+"""The evaluation stage on the tiny project: metrics, consistency, reports, MLflow run, errors."""
+
+import copy
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from rlhf_core.config import DataParams
+from rlhf_core.data.gold import GoldJudge
+from rlhf_core.generation import Rollout, SamplingSettings, score
+from rlhf_core.models.heads import RewardModel
+from rlhf_core.models.loading import load_causal_lm, load_tokenizer, save_model
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.stages.common import load_validated, train_eval_split
+from rlhf_core.stages.evaluate import EvaluateSettings, run_evaluate, select_best_of_n
+
+REQUIRED_POLICY_KEYS = (
+    "gold_score_mean",
+    "rm_score_mean",
+    "gold_win_rate_vs_sft",
+    "rm_win_rate_vs_sft",
+    "kl_to_sft",
+    "mean_length",
+)
+REWARD_MODEL_KEYS = ("eval_accuracy", "eval_margin_mean", "annotator_agreement")
+BEST_OF_N = (2, 3)
+PROMPTS, SAMPLES_PER_PROMPT, SAMPLES_IN_REPORT = 4, 2, 3
+SETTINGS = EvaluateSettings(
+    sampling=SamplingSettings(max_new_tokens=8, batch_size=16),
+    best_of_n=BEST_OF_N,
+    samples_per_prompt=SAMPLES_PER_PROMPT,
+    max_prompts=PROMPTS,
+    samples_in_report=SAMPLES_IN_REPORT,
+    batch_size=16,
+)
+DATA = DataParams(eval_fraction=0.2)  # the demo task, so the gold judge is on
+POLICIES = ("sft", "dpo", "ppo", *(f"bon_{n}" for n in BEST_OF_N))
+
+
+def _perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """A copy of `model` with Gaussian noise of std `scale` added to every weight."""
+    generator = torch.Generator().manual_seed(seed)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in noisy.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return noisy
+
+
+@pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory):
+    """One MLflow store for the module's runs (creating a store takes seconds)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_project_template, tmp_path_factory, tracking_store):
+    """The stage run once on a copy of the tiny project: "dpo" is an exact copy of SFT, "ppo"
+    a noisy copy."""
+    root = shutil.copytree(tiny_project_template, tmp_path_factory.mktemp("evaluate") / "project")
+    paths = ProjectPaths(root)
+    sft_model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
+    save_model(sft_model, tokenizer, paths.policy_dir("dpo"))
+    save_model(_perturbed(sft_model, 0.1, seed=1), tokenizer, paths.policy_dir("ppo"))
+    results = run_evaluate(
+        SETTINGS, algorithms=["dpo", "ppo"], data=DATA, seed=0, root=root, show_progress=False
+    )
+    metrics = json.loads(paths.metrics_file("evaluate").read_text())
+    responses = [
+        json.loads(line)
+        for line in (paths.evaluation_dir / "responses.jsonl").read_text().splitlines()
+    ]
+    run_id = json.loads((paths.evaluation_dir / "run_info.json").read_text())["run_id"]
+    return SimpleNamespace(
+        paths=paths, results=results, metrics=metrics, responses=responses, run_id=run_id
+    )
+
+
+def _texts(responses: list[dict], policy: str) -> list[str]:
+    rows = sorted(
+        (row for row in responses if row["policy"] == policy),
+        key=lambda row: (row["prompt_index"], row["sample_index"]),
+    )
+    return [row["response"] for row in rows]
+
+
+def test_metrics_file_has_every_policy_and_the_reward_model_block(evaluated):
+    metrics = evaluated.metrics
+    assert set(metrics) == {*POLICIES, "reward_model"}
+    for policy in POLICIES:
+        for key in REQUIRED_POLICY_KEYS:
+            assert math.isfinite(metrics[policy][key]), (policy, key)
+        low, high = (metrics[policy][f"rm_win_rate_vs_sft_ci_{end}"] for end in ("low", "high"))
+        assert low <= metrics[policy]["rm_win_rate_vs_sft"] <= high
+    for key in REWARD_MODEL_KEYS:
+        assert 0.0 <= metrics["reward_model"][key] <= 1.0 or key == "eval_margin_mean"
+    assert metrics == json.loads(json.dumps(evaluated.results))  # the stage returns the file
+    for policy in POLICIES:
+        assert len(_texts(evaluated.responses, policy)) == PROMPTS * SAMPLES_PER_PROMPT
+
+
+def test_policy_identical_to_sft_ties_and_has_zero_kl(evaluated):
+    sft, same, noisy = (evaluated.metrics[name] for name in ("sft", "dpo", "ppo"))
+    assert _texts(evaluated.responses, "dpo") == _texts(evaluated.responses, "sft")
+    for policy in (sft, same):
+        assert policy["gold_win_rate_vs_sft"] == policy["rm_win_rate_vs_sft"] == 0.5
+        assert policy["kl_to_sft"] == 0.0
+    assert same["gold_score_mean"] == sft["gold_score_mean"]
+    assert same["rm_score_mean"] == sft["rm_score_mean"]
+    assert noisy["kl_to_sft"] > 0.0
+    assert noisy["kl_to_sft_stderr"] > 0.0
+    assert _texts(evaluated.responses, "ppo") != _texts(evaluated.responses, "sft")
+
+
+def test_best_of_n_kl_is_analytic_and_more_candidates_never_lower_the_reward(evaluated):
+    metrics = evaluated.metrics
+    for n in BEST_OF_N:
+        assert metrics[f"bon_{n}"]["kl_to_sft"] == pytest.approx(math.log(n) - (n - 1) / n)
+    # bon_3 chooses from a superset of bon_2's candidates, prompt by prompt.
+    smaller = [row for row in evaluated.responses if row["policy"] == "bon_2"]
+    larger = [row for row in evaluated.responses if row["policy"] == "bon_3"]
+    for small, large in zip(smaller, larger, strict=True):
+        assert large["rm_score"] >= small["rm_score"]
+    assert metrics["bon_3"]["rm_score_mean"] >= metrics["bon_2"]["rm_score_mean"]
+
+
+def test_select_best_of_n_picks_the_highest_reward_among_the_first_n():
+    items, n_max = 3, 4
+    texts = [f"candidate {j} of item {i}" for j in range(n_max) for i in range(items)]
+    candidates = Rollout(
+        prompt_ids=[[1]] * len(texts),
+        response_ids=[[2]] * len(texts),
+        ended=[True] * len(texts),
+        texts=texts,
+    )
+    rewards = np.array([[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.7, 0.9], [0.4, 0.4, 0.1, 0.0]])
+    rows, chosen = select_best_of_n(candidates, rewards, 3)
+    assert [texts[row] for row in rows] == [
+        "candidate 1 of item 0",
+        "candidate 2 of item 1",
+        "candidate 0 of item 2",  # a tie goes to the earlier candidate
+    ]
+    assert chosen.tolist() == [0.9, 0.7, 0.4]
+    _, chosen_of_all = select_best_of_n(candidates, rewards, n_max)
+    assert chosen_of_all.tolist() == [0.9, 0.9, 0.4]
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        select_best_of_n(candidates, rewards, 5)
+
+
+def test_reward_model_block_matches_a_direct_computation(evaluated):
+    paths = evaluated.paths
+    _, held_out = train_eval_split(
+        load_validated(paths, "preference"), DATA.eval_fraction, DATA.split_salt
+    )
+    assert len(held_out) > 0
+    reward_model = RewardModel.from_pretrained(paths.reward_model_dir)
+    tokenizer = load_tokenizer(str(paths.reward_model_dir))
+    prompts = list(held_out["prompt"])
+    chosen = score(reward_model, tokenizer, prompts, list(held_out["chosen"]), batch_size=16)
+    rejected = score(reward_model, tokenizer, prompts, list(held_out["rejected"]), batch_size=16)
+    judge = GoldJudge()
+    gold_outcomes = [
+        1.0 if judge.score(c) > judge.score(r) else 0.5 if judge.score(c) == judge.score(r) else 0.0
+        for c, r in zip(held_out["chosen"], held_out["rejected"], strict=True)
+    ]
+    block = evaluated.metrics["reward_model"]
+    assert block["eval_pairs"] == len(held_out)
+    assert block["eval_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert block["eval_margin_mean"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
+    assert block["annotator_agreement"] == pytest.approx(float(np.mean(gold_outcomes)))
+
+
+def test_reports_and_plots_are_written(evaluated):
+    paths = evaluated.paths
+    comparison = (paths.evaluation_dir / "comparison.md").read_text()
+    for policy in POLICIES:
+        assert f"| {policy} |" in comparison
+    assert "| eval_accuracy |" in comparison
+    samples = (paths.evaluation_dir / "samples.md").read_text().splitlines()
+    table_rows = [line for line in samples if line.startswith("|")]
+    assert len(table_rows) == 2 + SAMPLES_IN_REPORT  # header, alignment, one row per prompt
+    assert table_rows[0].startswith("| prompt | sft | sft_score | dpo |")
+    assert (paths.plots_dir / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((paths.plots_dir / "reward_vs_kl.json").read_text())
+    assert [row["policy"] for row in rows] == list(POLICIES)
+    for row in rows:
+        assert row["kl_to_sft"] == evaluated.metrics[row["policy"]]["kl_to_sft"]
+        assert row["gold_score_mean"] == evaluated.metrics[row["policy"]]["gold_score_mean"]
+    assert json.loads((paths.evaluation_dir / "run_info.json").read_text())["stage"] == "evaluate"
+
+
+def test_mlflow_run_has_metrics_figure_and_lineage(evaluated, tracking_store):
+    client = MlflowClient(tracking_uri=tracking_store)
+    run = client.get_run(evaluated.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "evaluate"
+    for policy in POLICIES:
+        for key in REQUIRED_POLICY_KEYS:
+            assert run.data.metrics[f"{policy}/{key}"] == pytest.approx(
+                evaluated.metrics[policy][key]
+            )
+    assert run.data.metrics["reward_model/eval_accuracy"] == pytest.approx(
+        evaluated.metrics["reward_model"]["eval_accuracy"]
+    )
+    plots = {item.path for item in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/reward_vs_kl.png" in plots
+    reports = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/comparison.md", "evaluation/samples.md"} <= reports
+    for name in ("sft", "reward", "policy.dpo", "policy.ppo", "eval_prompts"):
+        assert f"input.{name}.md5" in run.data.tags
+
+
+def test_missing_policy_dir_names_the_stage_to_run(tiny_project):
+    with pytest.raises(FileNotFoundError, match=r"dvc repro policy@ppo"):
+        run_evaluate(
+            SETTINGS, algorithms=["ppo"], data=DATA, seed=0, root=tiny_project, show_progress=False
+        )
+
+
+def test_without_a_gold_judge_gold_metrics_are_null(tiny_project, tracking_store):
+    settings = EvaluateSettings(
+        sampling=SamplingSettings(max_new_tokens=4), best_of_n=(), max_prompts=2, bootstrap=False
+    )
+    results = run_evaluate(
+        settings,
+        algorithms=[],
+        data=DataParams(source="files", eval_fraction=0.2),
+        seed=0,
+        root=tiny_project,
+        show_progress=False,
+    )
+    assert set(results) == {"sft", "reward_model"}
+    assert results["sft"]["gold_score_mean"] is None
+    assert results["sft"]["gold_win_rate_vs_sft"] is None
+    assert math.isfinite(results["sft"]["rm_score_mean"])
+    assert results["reward_model"]["annotator_agreement"] is None
+    assert 0.0 <= results["reward_model"]["eval_accuracy"] <= 1.0
+    samples = (ProjectPaths(tiny_project).evaluation_dir / "samples.md").read_text()
+    assert "scores from the reward model" in samples
+
+
+def test_settings_accept_params_yaml_shapes():
+    settings = EvaluateSettings(sampling={"max_new_tokens": 12, "temperature": 0.8}, best_of_n=[8])
+    assert settings.sampling == SamplingSettings(max_new_tokens=12, temperature=0.8)
+    assert settings.best_of_n == (8,)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"best_of_n": (1, 4)}, "at least 2"),
+        ({"best_of_n": (4, 4)}, "twice"),
+        ({"samples_per_prompt": 0}, "samples_per_prompt"),
+        ({"max_prompts": 0}, "max_prompts"),
+        ({"batch_size": 1.5}, "batch_size"),
+        ({"bootstrap": "yes"}, "bootstrap"),
+        ({"sampling": {"temperature": 0.0}}, "temperature"),
+    ],
+)
+def test_bad_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EvaluateSettings(**overrides)
