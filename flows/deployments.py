@@ -1,0 +1,52 @@
+"""Deployments of the retrain flow, served by `rlhf serve` (`rlhf_core.orchestration.serve`).
+
+One deployment, `rlhf-retrain/retrain`, runs
+- on a cron schedule (params.yaml `orchestration.schedule_cron`, default "0 3 * * *"), and
+- when `rlhf ingest` adds rows to this project's store (the event
+  `rlhf.preferences.ingested` with this store's resource id),
+one run at a time: a run that arrives while another is running waits its turn (ENQUEUE).
+Schedules and triggers need a Prefect server; `rlhf serve` starts one when none is configured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+
+from rlhf_core.orchestration import INGESTED_EVENT, ingested_resource_id, load_script
+from rlhf_core.paths import ProjectPaths
+
+retrain = load_script(Path(__file__).with_name("retrain.py")).retrain
+
+DEPLOYMENT_NAME = "retrain"
+
+
+def trigger_name(project_root: Path) -> str:
+    """Name of the automation that starts the retrain of `project_root` on new data."""
+    return f"rlhf retrain on new preference data in {project_root}"
+
+
+def retrain_deployments(project_root: str, cron: str) -> list[RunnerDeployment]:
+    """The retrain deployment for the project at `project_root` (absolute path)."""
+    root = Path(project_root).resolve()
+    store = ProjectPaths(root).preference_store
+    on_new_data = DeploymentEventTrigger(
+        name=trigger_name(root),
+        expect={INGESTED_EVENT},
+        match={"prefect.resource.id": ingested_resource_id(store)},
+    )
+    deployment = retrain.to_deployment(
+        name=DEPLOYMENT_NAME,
+        cron=cron,
+        triggers=[on_new_data],
+        parameters={"project_root": str(root)},
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        description=f"Retrain {root} on new preference data; promote only a better model.",
+        tags=["rlhf"],
+    )
+    return [deployment]

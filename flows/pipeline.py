@@ -1,0 +1,391 @@
+"""The pipeline flow: every DVC stage in DAG order under one MLflow parent run, then the gate.
+
+    stage order (dvc dag) -> parent MLflow run -> run_stage per stage (DVC skips what is up
+    to date; each stage's run nests under the parent) -> summary table -> quality gate
+    (register the candidate, head to head against the champion, promote or keep)
+
+Anything this flow produced can be rebuilt with `dvc repro` alone; it adds the order, retries,
+the parent run, the summary and the gate. Loaded by path (`flows/pipeline.py:pipeline`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from rlhf_core.orchestration import load_script
+from rlhf_core.tracking import (
+    _global_tracking_uri,
+    artifact_location,
+    ensure_experiment,
+    experiment_name,
+    git_state,
+    read_producer_run_id,
+    tracking_uri,
+)
+
+# tasks/ is not a package: load the task module by path, beside this flow's folder.
+dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_stage.py")
+run_stage = dvc_stage.run_stage
+
+SUMMARY_ARTIFACT_DIR = "pipeline"
+EVALUATION_METRICS = Path("artifacts") / "metrics" / "evaluate.json"
+KEY_METRICS_PER_STAGE = 4
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary: pure functions of the stage results and their metric files
+# --------------------------------------------------------------------------------------------
+
+
+def numeric_leaves(metrics: Any, prefix: str = "") -> dict[str, float]:
+    """{"dotted.key": value} for every number (not bool) in nested dicts, in file order."""
+    leaves: dict[str, float] = {}
+    if isinstance(metrics, Mapping):
+        for key, value in metrics.items():
+            leaves.update(numeric_leaves(value, f"{prefix}{key}."))
+    elif isinstance(metrics, int | float) and not isinstance(metrics, bool):
+        leaves[prefix.rstrip(".")] = float(metrics)
+    return leaves
+
+
+def key_metrics(
+    metric_files: Mapping[str, Any], limit: int = KEY_METRICS_PER_STAGE
+) -> dict[str, float]:
+    """The first `limit` numbers of a stage's metric files (durations left out: the table
+    has its own column); keys are prefixed with the file's name when it has several."""
+    chosen: dict[str, float] = {}
+    for path, content in metric_files.items():
+        prefix = f"{Path(path).stem}." if len(metric_files) > 1 else ""
+        for key, value in numeric_leaves(content).items():
+            if key.endswith(("seconds", "duration_s")):
+                continue
+            if len(chosen) == limit:
+                return chosen
+            chosen[prefix + key] = value
+    return chosen
+
+
+def summary_rows(
+    results: list[dict[str, Any]], metrics_by_file: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per stage: stage, status, seconds, version (short md5s), run id, key metrics."""
+    rows = []
+    for result in results:
+        files = {p: metrics_by_file[p] for p in result["outputs"] if p in metrics_by_file}
+        versions = [md5[:8] for path, md5 in result["outputs"].items() if path not in files]
+        rows.append(
+            {
+                "stage": result["stage"],
+                "status": result["status"],
+                "seconds": result["duration_s"],
+                "version": ",".join(versions) or "-",
+                "run_id": result["run_id"] or "-",
+                "metrics": key_metrics(files),
+            }
+        )
+    return rows
+
+
+def render_table(rows: list[dict[str, Any]], title: str) -> str:
+    """The summary rows as a plain-text table (rich), as printed and logged."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("stage", "status", "s", "version", "mlflow run", "key metrics"):
+        table.add_column(column)
+    for row in rows:
+        shown = ", ".join(f"{key}={value:.4g}" for key, value in row["metrics"].items())
+        table.add_row(
+            row["stage"],
+            row["status"],
+            f"{row['seconds']:.1f}",
+            row["version"],
+            row["run_id"][:12],
+            shown or "-",
+        )
+    console = Console(file=io.StringIO(), width=140, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def dvc_metrics(project_root: Path) -> dict[str, Any]:
+    """{metrics file: content} for every metrics file of dvc.yaml (`dvc metrics show --json`);
+    unreadable files are left out."""
+    done = subprocess.run(
+        dvc_stage.dvc_command("metrics", "show", "--json"),
+        cwd=project_root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        workspace = json.loads(done.stdout or "{}").get("", {})
+    except json.JSONDecodeError:
+        return {}
+    files = workspace.get("data", {})
+    return {path: entry["data"] for path, entry in files.items() if "data" in entry}
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow: the pipeline's parent run
+# --------------------------------------------------------------------------------------------
+
+
+def _mlflow_key(name: str) -> str:
+    # MLflow keys allow letters, digits and `_ - . / space`; foreach stages are `policy@dpo`.
+    return name.replace("@", ".")
+
+
+@contextmanager
+def parent_run(project_root: Path) -> Iterator[str]:
+    """The pipeline's MLflow run, active while the stages run; yields its id.
+
+    Tagged with the Prefect flow run and the git commit. It ends FINISHED, or FAILED when
+    the block raises (a stage failed).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from prefect.runtime import flow_run
+
+    uri = tracking_uri(project_root)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = ensure_experiment(
+        client, experiment_name(), artifact_location(project_root, uri)
+    )
+    commit, dirty = git_state(project_root)
+    tags = {
+        "stage": "pipeline",
+        "orchestrator": "prefect",
+        "prefect.flow_run_id": str(flow_run.id or "none"),
+        "prefect.flow_run_name": str(flow_run.name or "none"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+    with (
+        _global_tracking_uri(uri),
+        mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as run,
+    ):
+        yield run.info.run_id
+
+
+def log_summary(rows: list[dict[str, Any]], table: str, seconds: float) -> None:
+    """Summary table and rows as artifacts of the active (parent) run, plus per-stage tags."""
+    import mlflow
+
+    mlflow.log_text(table, f"{SUMMARY_ARTIFACT_DIR}/summary.txt")
+    mlflow.log_dict({"stages": rows}, f"{SUMMARY_ARTIFACT_DIR}/summary.json")
+    tags = {}
+    for row in rows:
+        key = _mlflow_key(row["stage"])
+        tags[f"stage.{key}.status"] = row["status"]
+        tags[f"stage.{key}.run_id"] = row["run_id"]
+    mlflow.set_tags(tags)
+    mlflow.log_metrics(
+        {
+            "pipeline.seconds": seconds,
+            "pipeline.stages_ran": sum(row["status"] == dvc_stage.RAN for row in rows),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Quality gate
+# --------------------------------------------------------------------------------------------
+
+
+def gate_settings(project_root: Path, override: Mapping[str, Any] | None = None) -> Any:
+    """GateSettings from `override`, else params.yaml's `gate:` section, else the defaults."""
+    from rlhf_core.gate import GateSettings
+
+    if override:
+        values = dict(override)
+        if "candidate_policies" in values:
+            values["candidate_policies"] = tuple(values["candidate_policies"])
+        return GateSettings(**values)
+    params_file = project_root / "params.yaml"
+    if not params_file.is_file():
+        return GateSettings()
+    from rlhf_core.config import load_params
+
+    section = getattr(load_params(params_file), "gate", None)
+    if section is None or isinstance(section, GateSettings):
+        return section or GateSettings()
+    return gate_settings(project_root, section.model_dump())
+
+
+def measure_head_to_head(project_root: Path, policy: str, client: Any, champion: Any) -> dict:
+    """Win rate of `artifacts/policy/<policy>` against the champion's files on the held-out
+    prompts; judged by the gold judge for demo data, else by the candidate's reward model."""
+    from rlhf_core.config import load_params
+    from rlhf_core.data.gold import GoldJudge
+    from rlhf_core.paths import ProjectPaths
+    from rlhf_core.registry import download_model_dir
+    from rlhf_core.stages.common import load_validated
+    from rlhf_core.stages.head_to_head import head_to_head_win_rate
+
+    params = load_params(project_root / "params.yaml")
+    paths = ProjectPaths(project_root)
+    # The evaluate stage's sampling and prompt budget, when params.yaml has that section.
+    evaluate = getattr(params, "evaluate", None)
+    max_prompts = getattr(evaluate, "max_prompts", None)
+    prompts = load_validated(paths, "eval_prompts")["prompt"].tolist()[:max_prompts]
+    judge = GoldJudge() if params.data.source == "demo" else None
+    with tempfile.TemporaryDirectory(prefix="champion-") as scratch:
+        champion_dir = download_model_dir(client, champion, Path(scratch))
+        return head_to_head_win_rate(
+            paths.policy_dir(policy),
+            champion_dir,
+            prompts,
+            sampling=getattr(evaluate, "sampling", None),
+            seed=params.seed,
+            judge=judge,
+            reward_model_dir=paths.reward_model_dir,
+        )
+
+
+@task(name="quality-gate", cache_policy=NO_CACHE)
+def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
+    """Register the best passing policy as the candidate and promote it if the gate passes.
+
+    With no champion, passing the absolute thresholds is enough (the first champion); with
+    one, the candidate must also win head to head. A candidate that already is the champion
+    (nothing upstream changed) is left alone. The decision goes to the active MLflow run
+    (`registry.log_decision`). Returns the decision as a dict, with "status" promoted |
+    kept | unchanged.
+    """
+    import mlflow
+
+    from rlhf_core import registry
+    from rlhf_core.gate import decide, select_candidate
+    from rlhf_core.paths import ProjectPaths
+
+    root = Path(project_root)
+    logger = get_run_logger()
+    evaluation = json.loads((root / EVALUATION_METRICS).read_text(encoding="utf-8"))
+    client = registry.registry_client(root)
+    champion = registry.current_champion(client)
+    selection = select_candidate(evaluation, settings)
+    head_to_head = None
+    if champion is not None and selection.candidate is not None:
+        policy_dir = ProjectPaths(root).policy_dir(selection.candidate)
+        if read_producer_run_id(policy_dir) == champion.run_id:
+            reason = (
+                f"{selection.candidate} (run {champion.run_id}) already is the champion "
+                f"({registry.POLICY_MODEL} v{champion.version}): nothing new to gate"
+            )
+            logger.info("gate: %s", reason)
+            mlflow.set_tags({"gate.result": "unchanged", "gate.reasons": reason})
+            return {
+                "status": "unchanged",
+                "promote": False,
+                "candidate": selection.candidate,
+                "reasons": [reason],
+                "champion_version": str(champion.version),
+            }
+        head_to_head = measure_head_to_head(root, selection.candidate, client, champion)
+    win_rate = None if head_to_head is None else head_to_head["win_rate"]
+    decision = decide(evaluation, settings, win_rate, has_champion=champion is not None)
+    candidate = None
+    if decision.candidate is not None:
+        candidate = registry.register_candidate(
+            root, decision.candidate, evaluation, decision, client
+        )
+    registry.log_decision(decision, candidate, client)
+    if decision.promote:
+        registry.promote(client, candidate)
+    for reason in decision.reasons:
+        logger.info("gate: %s", reason)
+    return {
+        "status": "promoted" if decision.promote else "kept",
+        **decision.as_dict(),
+        "head_to_head": head_to_head,
+        "champion_version": None if champion is None else str(champion.version),
+        "policy_version": None if candidate is None else candidate.policy_version,
+        "reward_version": None if candidate is None else candidate.reward_version,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The flow
+# --------------------------------------------------------------------------------------------
+
+
+def run_stages(stages: list[str], root: Path, mlflow_run_id: str) -> list[dict[str, Any]]:
+    """run_stage for each stage in order; the first failure stops the rest (and is tagged)."""
+    import mlflow
+
+    results = []
+    for position, stage in enumerate(stages):
+        try:
+            results.append(run_stage(stage, str(root), mlflow_run_id))
+        except Exception as error:
+            not_run = ", ".join(stages[position + 1 :]) or "none"
+            mlflow.set_tag("failed_stage", stage)
+            raise RuntimeError(
+                f"Stage '{stage}' failed, so the pipeline stopped (not run: {not_run}). {error}"
+            ) from error
+    return results
+
+
+def report(results: list[dict[str, Any]], root: Path, mlflow_run_id: str, seconds: float) -> str:
+    """Print the summary table and record it in MLflow and as a Prefect table artifact."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = summary_rows(results, dvc_metrics(root))
+    table = render_table(rows, title=f"Pipeline run {mlflow_run_id}")
+    print(table)
+    log_summary(rows, table, seconds)
+    create_table_artifact(
+        table=[{**row, "metrics": json.dumps(row["metrics"])} for row in rows],
+        key="rlhf-pipeline-summary",
+        description=f"Stages of MLflow run {mlflow_run_id}",
+    )
+    return table
+
+
+@flow(name="rlhf-pipeline", log_prints=True)
+def pipeline(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Reproduce every stale stage of dvc.yaml in DAG order, then run the quality gate.
+
+    `gate` overrides the gate settings (GateSettings fields); by default they come from
+    params.yaml. The gate is skipped, with a warning, when there are no evaluation metrics
+    (artifacts/metrics/evaluate.json). Returns {"mlflow_run_id", "stages" (each stage's
+    run_stage result), "ran" (stages DVC ran or restored), "table", "gate"}. A failing stage
+    stops the flow: the MLflow run ends FAILED and the error names the stage and those not run.
+    """
+    root = Path(project_root).resolve()
+    logger = get_run_logger()
+    started = time.perf_counter()
+    stages = dvc_stage.stage_order(root)
+    logger.info("stages in DAG order: %s", ", ".join(stages))
+    with parent_run(root) as mlflow_run_id:
+        results = run_stages(stages, root, mlflow_run_id)
+        table = report(results, root, mlflow_run_id, time.perf_counter() - started)
+        if (root / EVALUATION_METRICS).is_file():
+            decision = quality_gate(str(root), gate_settings(root, gate))
+        else:
+            reason = f"no {EVALUATION_METRICS} (no evaluate stage output) to gate"
+            logger.warning("gate skipped: %s", reason)
+            decision = {"status": "skipped", "promote": False, "reasons": [reason]}
+    return {
+        "mlflow_run_id": mlflow_run_id,
+        "stages": results,
+        "ran": [result["stage"] for result in results if result["status"] != dvc_stage.SKIPPED],
+        "table": table,
+        "gate": decision,
+    }

@@ -1,0 +1,232 @@
+"""The retrain flow: new preference data in, a better model out (or the champion kept).
+
+    files in data/incoming/ -> ingest (validate, quarantine, merge into data/preferences)
+    -> move them to data/incoming/processed/ -> nothing new? stop here and say so
+    -> the pipeline flow (DVC reruns only what the new data touches) -> gate -> promote or keep
+
+"Something new" means rows this run added to the store, or a store that changed since the
+last pipeline run consumed it (rows added by `rlhf ingest`, whose event triggers this flow).
+Two retrains never overlap: a Prefect global concurrency limit when a server is configured,
+and always a file lock on the project, so even ephemeral runs take turns.
+Loaded by path (`flows/retrain.py:retrain`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.exceptions import MissingContextError
+
+from rlhf_core.orchestration import load_script
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.tracking import path_md5
+
+pipeline = load_script(Path(__file__).with_name("pipeline.py")).pipeline
+
+CONCURRENCY_LIMIT = "rlhf-retrain"
+LOCK_FILE = Path(".dvc") / "tmp" / "rlhf-retrain.lock"  # DVC's own git-ignored scratch
+PROCESSED_DIR = "processed"  # files ingested (or rejected by validation, see the manifest)
+UNREADABLE_DIR = "unreadable"  # files that could not be read at all
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# One retrain at a time
+# --------------------------------------------------------------------------------------------
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # outside a flow run (the lock used on its own)
+        return log
+
+
+def prefect_server_configured() -> bool:
+    """Whether a Prefect API is configured (PREFECT_API_URL), as opposed to ephemeral mode."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+@contextmanager
+def global_limit(name: str) -> Iterator[None]:
+    """Hold the one slot of Prefect global concurrency limit `name` (created if missing)."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+    # A server hiccup while renewing the lease must not kill a long training run; the file
+    # lock still keeps runs apart.
+    with concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        yield
+
+
+@contextmanager
+def project_lock(project_root: Path) -> Iterator[None]:
+    """An exclusive lock on the project's retrain lock file, waiting as long as it takes."""
+    from filelock import FileLock, Timeout
+
+    path = project_root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _logger().info("Another retrain of %s is running; waiting for it.", project_root)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def retrain_lock(project_root: Path) -> Iterator[None]:
+    """The global limit (with a server) and the project's file lock, in that order."""
+    if prefect_server_configured():
+        with global_limit(CONCURRENCY_LIMIT), project_lock(project_root):
+            yield
+    else:
+        with project_lock(project_root):
+            yield
+
+
+# --------------------------------------------------------------------------------------------
+# Incoming data
+# --------------------------------------------------------------------------------------------
+
+
+def incoming_files(incoming_dir: Path) -> list[Path]:
+    """Files directly in `incoming_dir`, by name; hidden files and folders are ignored."""
+    if not incoming_dir.is_dir():
+        return []
+    return sorted(
+        path for path in incoming_dir.iterdir() if path.is_file() and not path.name.startswith(".")
+    )
+
+
+def move_to_processed(path: Path, folder: str = PROCESSED_DIR) -> Path:
+    """Move a handled file into `folder` beside it, never overwriting an earlier one."""
+    target_dir = path.parent / folder
+    target_dir.mkdir(exist_ok=True)
+    target = target_dir / path.name
+    if target.exists():
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = target_dir / f"{path.stem}.{stamp}.{time.time_ns() % 10**6}{path.suffix}"
+    return Path(shutil.move(str(path), str(target)))
+
+
+def locked_dep_md5(project_root: Path, dep: Path) -> str | None:
+    """The md5 dvc.lock records for dependency `dep` (a path under the root), if any stage
+    depends on it."""
+    lock_file = project_root / "dvc.lock"
+    if not lock_file.is_file():
+        return None
+    relative = dep.resolve().relative_to(project_root.resolve()).as_posix()
+    stages = (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    for locked in stages.values():
+        for entry in locked.get("deps") or []:
+            if entry.get("path") == relative:
+                return entry.get("md5")
+    return None
+
+
+def store_changed_since_last_run(project_root: Path, store: Path) -> bool:
+    """Whether the store's content differs from what the last pipeline run read (dvc.lock).
+
+    A store that no stage has read yet counts as changed once it holds anything.
+    """
+    if not store.is_dir() or not any(store.iterdir()):
+        return False
+    return path_md5(store) != locked_dep_md5(project_root, store)
+
+
+def ingest_incoming(files: list[Path], store: Path, settings: Any) -> list[dict[str, Any]]:
+    """Ingest each file into the store and move it out of the incoming folder.
+
+    One record per file: the store's IngestResult fields, or status "unreadable" with the
+    error for a file that cannot be read at all (moved to `unreadable/` so it is not retried).
+    """
+    from rlhf_core.data.store import ingest_files
+
+    logger = _logger()
+    records = []
+    for path in files:
+        try:
+            [result] = ingest_files([path], store, "preference", settings)
+        except ValueError as error:
+            logger.warning("%s cannot be read, moved to %s/: %s", path.name, UNREADABLE_DIR, error)
+            records.append(
+                {"file": path.name, "status": "unreadable", "added": 0, "error": str(error)}
+            )
+            move_to_processed(path, UNREADABLE_DIR)
+            continue
+        logger.info("%s: %s, %d row(s) added", path.name, result.status, result.added)
+        records.append(dataclasses.asdict(result))
+        move_to_processed(path)
+    return records
+
+
+def validation_settings(project_root: Path) -> Any:
+    """data.validation of params.yaml (the defaults when there is no params.yaml)."""
+    from rlhf_core.data.validation import ValidationSettings
+
+    params_file = project_root / "params.yaml"
+    if not params_file.is_file():
+        return ValidationSettings()
+    from rlhf_core.config import load_params
+
+    return load_params(params_file).data.validation
+
+
+# --------------------------------------------------------------------------------------------
+# The flow
+# --------------------------------------------------------------------------------------------
+
+
+@flow(name="rlhf-retrain", log_prints=True)
+def retrain(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ingest new preference files, retrain what they touch, and gate the result.
+
+    Returns {"status": "no_new_data" | "retrained", "message", "ingested" (one record per
+    file), "added", "pipeline" (the pipeline summary, when it ran), "decision" (the gate's),
+    "locked_at", "released_at" (time.time() of the locked section)}.
+    """
+    root = Path(project_root).resolve()
+    paths = ProjectPaths(root)
+    with retrain_lock(root):
+        locked_at = time.time()
+        store_was_stale = store_changed_since_last_run(root, paths.preference_store)
+        files = incoming_files(paths.incoming_dir)
+        ingested = ingest_incoming(files, paths.preference_store, validation_settings(root))
+        added = sum(record["added"] for record in ingested)
+        outcome: dict[str, Any] = {"ingested": ingested, "added": added, "locked_at": locked_at}
+        if added == 0 and not store_was_stale:
+            message = (
+                f"No new preference data ({len(files)} incoming file(s), 0 rows added, store "
+                "unchanged since the last pipeline run): nothing to retrain."
+            )
+            print(message)
+            outcome.update(status="no_new_data", message=message, pipeline=None, decision=None)
+        else:
+            why = f"{added} new row(s)" if added else "rows added to the store since the last run"
+            print(f"Retraining on {why}.")
+            summary = pipeline(project_root=str(root), gate=gate)
+            decision = summary["gate"]
+            message = f"Retrained on {why}; gate: {decision['status']}."
+            print(message)
+            outcome.update(status="retrained", message=message, pipeline=summary, decision=decision)
+        outcome["released_at"] = time.time()
+    return outcome

@@ -1,0 +1,357 @@
+"""What the `rlhf` CLI needs to start the Prefect flows: find them, configure Prefect, and
+start (or find) a Prefect server for schedules and event triggers.
+
+flows/ and tasks/ are not installed packages: they live in the project's repository and are
+loaded by path, the way Prefect itself loads a deployment's entrypoint (`load_entrypoint`,
+e.g. "flows/retrain.py:retrain"). A path is looked up in the project root first, then beside
+this package (an editable install of this repository), so a project that only holds data and
+params can still use the flows that came with the code. Prefect is imported inside functions:
+the CLI imports this module for every command.
+
+    rlhf run      -> run_pipeline(root)      the pipeline flow, ephemeral Prefect (no server)
+    rlhf serve    -> serve(root, params)     retrain deployments: cron + event trigger
+    rlhf ui       -> open_ui(root, port)     the MLflow UI on the project's store
+    rlhf ingest   -> emit_ingested_event()   tell a Prefect server that new data arrived
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from rlhf_core.tracking import tracking_uri
+
+log = logging.getLogger(__name__)
+
+PIPELINE_ENTRYPOINT = "flows/pipeline.py:pipeline"
+RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
+DEPLOYMENTS_ENTRYPOINT = "flows/deployments.py:retrain_deployments"
+PREFECT_HOME_DIR = ".prefect"  # git-ignored, inside the project
+INGESTED_EVENT = "rlhf.preferences.ingested"
+DEFAULT_SCHEDULE_CRON = "0 3 * * *"  # every night at 03:00
+SERVER_STARTUP_TIMEOUT_S = 180.0
+# Prefect's ephemeral server gets 20 s to start by default; a busy 2-core machine needs more.
+EPHEMERAL_STARTUP_TIMEOUT_S = "120"
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect configuration and flow loading
+# --------------------------------------------------------------------------------------------
+
+
+def prefect_defaults(project_root: str | Path) -> dict[str, str]:
+    """Environment defaults for Prefect in a project: PREFECT_HOME in `<root>/.prefect`,
+    telemetry off, a startup timeout the ephemeral server can meet on a small machine."""
+    return {
+        "PREFECT_HOME": str(Path(project_root).resolve() / PREFECT_HOME_DIR),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": EPHEMERAL_STARTUP_TIMEOUT_S,
+    }
+
+
+def configure_prefect(project_root: str | Path) -> None:
+    """Apply `prefect_defaults` to os.environ where the user has not set them.
+
+    Prefect reads its settings when first imported, so call this before importing it.
+    """
+    for key, value in prefect_defaults(project_root).items():
+        os.environ.setdefault(key, value)
+
+
+def code_root() -> Path:
+    """The repository this package was installed from (it holds flows/ and tasks/)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def resolve_script(path: str | Path, project_root: str | Path = ".") -> Path:
+    """An absolute script path as is; a relative one in the project root, else beside the
+    package (see the module docstring)."""
+    path = Path(path)
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [Path(project_root).resolve() / path, code_root() / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise ValueError(f"Cannot find {path} (looked at {tried}); run from the project repository.")
+
+
+def load_script(path: str | Path, project_root: str | Path = ".") -> ModuleType:
+    """The module of a Python file loaded by path (found with `resolve_script`).
+
+    Each file is loaded once per process under a name unique to its absolute path
+    (`_rlhf_<stem>_<hash>`), so loading it again returns the same objects, and generic file
+    names (tasks, flows) never shadow or collide with installed packages.
+    """
+    path = resolve_script(path, project_root)
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:10]
+    module_name = f"_rlhf_{path.stem}_{digest}"
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path} is not a loadable Python file.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before exec: dataclasses and pickling look it up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def load_entrypoint(entrypoint: str, project_root: str | Path = ".") -> Any:
+    """The object named by a Prefect-style entrypoint "path/to/file.py:name" (`load_script`)."""
+    script, separator, name = entrypoint.rpartition(":")
+    if not separator or not script.endswith(".py") or not name:
+        raise ValueError(f"Entrypoint {entrypoint!r} must look like 'path/to/file.py:name'.")
+    module = load_script(script, project_root)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ValueError(f"{module.__file__} defines no {name!r}.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf run
+# --------------------------------------------------------------------------------------------
+
+
+def run_pipeline(project_root: str | Path = ".") -> dict[str, Any]:
+    """Run the pipeline flow once and return its summary.
+
+    Prefect runs in ephemeral mode (a temporary local API, no server to start) unless
+    PREFECT_API_URL points at a server, which then records the run.
+    """
+    root = Path(project_root).resolve()
+    configure_prefect(root)
+    pipeline = load_entrypoint(PIPELINE_ENTRYPOINT, root)
+    return pipeline(project_root=str(root))
+
+
+def run_retrain(project_root: str | Path = ".") -> dict[str, Any]:
+    """Run the retrain flow once (ingest data/incoming, reproduce, gate) and return its result."""
+    root = Path(project_root).resolve()
+    configure_prefect(root)
+    retrain = load_entrypoint(RETRAIN_ENTRYPOINT, root)
+    return retrain(project_root=str(root))
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf serve
+# --------------------------------------------------------------------------------------------
+
+
+def schedule_cron(params: Any) -> str:
+    """`orchestration.schedule_cron` of the params, or DEFAULT_SCHEDULE_CRON."""
+    section = getattr(params, "orchestration", None)
+    cron = getattr(section, "schedule_cron", None)
+    return cron or DEFAULT_SCHEDULE_CRON
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def api_is_healthy(api_url: str, timeout_s: float = 5.0) -> bool:
+    """Whether `<api_url>/health` answers 200 (a Prefect API, e.g. http://host:4200/api)."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_for_api(
+    api_url: str, process: subprocess.Popen | None, timeout_s: float = SERVER_STARTUP_TIMEOUT_S
+) -> None:
+    """Poll the API's health until it answers; fail if `process` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if api_is_healthy(api_url):
+            return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"The Prefect server exited with code {process.returncode} before it was "
+                "ready; see .prefect/server.log."
+            )
+        time.sleep(1.0)
+    raise RuntimeError(f"The Prefect server at {api_url} was not ready after {timeout_s:.0f} s.")
+
+
+@contextmanager
+def prefect_server(project_root: str | Path) -> Iterator[str]:
+    """A Prefect API to use: PREFECT_API_URL when set, in the environment or the Prefect
+    profile (it must answer), else a server started here (`prefect server start` on
+    127.0.0.1, a free port, PREFECT_HOME in the project, log in .prefect/server.log) and
+    stopped on exit. Yields the API URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = Path(project_root).resolve()
+    configured = PREFECT_API_URL.value()
+    if configured:
+        if not api_is_healthy(configured):
+            raise ValueError(f"PREFECT_API_URL={configured} does not answer; start that server.")
+        print(f"Using the Prefect server at {configured}.", flush=True)
+        yield configured
+        return
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, **prefect_defaults(root)}
+    home = Path(env["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    print(f"Starting a Prefect server on 127.0.0.1:{port} (home {home}) ...", flush=True)
+    command = [sys.executable, "-m", "prefect", "server", "start"]
+    with open(home / "server.log", "ab") as server_log:
+        process = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop_process_group ends it all
+        )
+    try:
+        wait_for_api(api_url, process)
+        print(f"Prefect server ready: UI at http://127.0.0.1:{port}", flush=True)
+        yield api_url
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM a process started with `start_new_session=True` and everything it started
+    (servers fork workers), then SIGKILL whatever is left after `timeout_s`."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:  # it ended between the poll and the signal
+        process.wait()
+
+
+def serve(project_root: str | Path, params: Any) -> None:
+    """Serve the retrain deployments (cron schedule + event trigger, one run at a time) until
+    interrupted. Blocking; starts a local Prefect server when PREFECT_API_URL is not set."""
+    root = Path(project_root).resolve()
+    configure_prefect(root)
+    cron = schedule_cron(params)
+    with prefect_server(root) as api_url:
+        os.environ["PREFECT_API_URL"] = api_url  # for flow-run subprocesses the runner starts
+        from prefect import serve as serve_deployments
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            deployments = load_entrypoint(DEPLOYMENTS_ENTRYPOINT, root)(str(root), cron)
+            print(
+                f"Serving retrain: cron '{cron}', and on event '{INGESTED_EVENT}'. Ctrl-C stops.",
+                flush=True,
+            )
+            serve_deployments(*deployments)
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf ingest: the event that triggers a retrain
+# --------------------------------------------------------------------------------------------
+
+
+def ingested_resource_id(store_dir: str | Path) -> str:
+    """The Prefect resource id of a preference store: `rlhf.preferences.<absolute path>`."""
+    return f"rlhf.preferences.{Path(store_dir).resolve()}"
+
+
+def emit_ingested_event(store_dir: str | Path, results: Sequence[Any]) -> Any:
+    """Emit INGESTED_EVENT for a store that gained rows, so a served retrain deployment runs.
+
+    `results` are the store's IngestResults. Nothing is sent (None is returned) when no row
+    was added or no Prefect API is configured (PREFECT_API_URL); then there is no server whose
+    trigger could react, and starting an ephemeral one would be pointless.
+    """
+    added = sum(result.added for result in results)
+    if added == 0:
+        log.debug("No rows added to %s: no event.", store_dir)
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        log.debug("No Prefect API configured (PREFECT_API_URL): %s not emitted.", INGESTED_EVENT)
+        return None
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    event = emit_event(
+        event=INGESTED_EVENT,
+        resource={"prefect.resource.id": ingested_resource_id(store_dir)},
+        payload={
+            "store": str(Path(store_dir).resolve()),
+            "added": added,
+            "files": [result.file for result in results if result.added],
+            "sha256": [result.sha256 for result in results if result.added],
+        },
+    )
+    EventsWorker.drain_all(timeout=30)  # send now: the CLI process is about to exit
+    return event
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf ui
+# --------------------------------------------------------------------------------------------
+
+
+def mlflow_ui_command(project_root: str | Path, port: int) -> list[str]:
+    """`mlflow ui` on the project's tracking store, bound to 127.0.0.1:<port>."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri(Path(project_root)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # a local UI for one person; the default 4 workers crowd a small machine
+    ]
+
+
+def open_ui(project_root: str | Path = ".", port: int = 5000) -> None:
+    """Serve the MLflow UI on the project's store until Ctrl-C (blocking)."""
+    root = Path(project_root).resolve()
+    command = mlflow_ui_command(root, port)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    print(f"MLflow UI: http://127.0.0.1:{port} (store {command[5]}). Ctrl-C stops.", flush=True)
+    process = subprocess.Popen(command, cwd=root, env=env, start_new_session=True)
+    try:
+        process.wait()
+    except KeyboardInterrupt:  # Ctrl-C is how the user stops it: not an error
+        print("MLflow UI stopped.", flush=True)
+    finally:
+        stop_process_group(process)
