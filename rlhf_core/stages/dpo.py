@@ -1,0 +1,359 @@
+"""`rlhf stage dpo`: align the SFT model on preference pairs with DPO (or IPO, SLiC, SimPO).
+
+Inputs: the validated `preference` set and the SFT model (artifacts/sft), which is both the
+policy's initialisation and the frozen reference. The reference log-probabilities of every
+pair are computed once, with the SFT weights, before the first optimizer step; then the same
+model object trains. Output: the aligned policy at artifacts/policy/dpo (a plain causal LM +
+tokenizer; with LoRA the adapter is merged into the weights and also kept in `adapter/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhf_core.models.loading import atomic_directory, load_causal_lm, save_model
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.stages.common import load_validated, train_eval_split, write_json
+from rlhf_core.training.checkpoint import CheckpointManager
+from rlhf_core.training.dpo_task import (
+    PreferenceObjective,
+    PreferenceTask,
+    TokenizedPair,
+    default_average_logprobs,
+    reference_logps,
+    tokenize_pairs,
+)
+from rlhf_core.training.loop import TrainSettings, seed_everything, train
+
+if TYPE_CHECKING:  # rlhf_core.config imports this module for DPOSettings
+    from rlhf_core.config import DataParams
+
+log = logging.getLogger(__name__)
+
+STAGE = "dpo"
+LORA_INSTALL_HINT = "install peft (pip install 'rlhf-pipeline[lora]')"
+
+# Chosen on the demo (0.9M-parameter Llama, 1350 training pairs, 2 CPU cores): one epoch of
+# 43 steps (~50 s) with rpo_alpha 0.5 wins ~75-85% of sampled comparisons against the SFT model
+# on the gold judge at a KL of ~3 nats; plain DPO (rpo_alpha 0) needs 2 epochs for a similar
+# win rate, at a KL of 20-40 nats and less fluent text.
+DEMO_TRAIN = TrainSettings(
+    learning_rate=1e-3,
+    warmup_steps=5,
+    schedule="cosine",
+    min_lr_ratio=0.1,
+    max_grad_norm=1.0,
+    epochs=1.0,
+    batch_size=32,
+    eval_every=20,
+    checkpoint_every=20,
+)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters (Hu et al. 2021, LoRA, arXiv:2106.09685) through peft.
+
+    Attributes:
+        enabled: train adapters instead of all weights (default False).
+        r: adapter rank (default 8).
+        alpha: scaling numerator; the update is (alpha / r) · B A (default 16).
+        dropout: dropout on the adapter input (default 0.0).
+        target_modules: names of the linear layers that get adapters (default Llama's
+            attention projections q_proj, k_proj, v_proj, o_proj).
+    """
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.r < 1:
+            raise ValueError(f"lora.r must be at least 1, got {self.r}.")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module.")
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """Every knob of the DPO stage.
+
+    Attributes:
+        train: optimisation settings (defaults chosen on the demo: lr 1e-3, 1 epoch of
+            batch 32, 5 warmup steps, cosine decay; held-out eval and a checkpoint every 20
+            steps). Its `seed` is replaced by the stage's global seed.
+        loss_type: sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023) | hinge
+            (SLiC-HF, Zhao et al. 2023) | simpo (Meng et al. 2024; reference-free, no
+            reference pass). Default sigmoid.
+        beta: β, the implicit KL strength (default 0.1; for simpo the paper uses 2.0–2.5).
+        label_smoothing: ε, conservative DPO's assumed label-flip rate (sigmoid or simpo;
+            default 0).
+        average_logprobs: score responses by mean token log-prob instead of the sum. None
+            (default) = the paper's choice per loss type: False for sigmoid and hinge, True
+            for ipo and simpo (simpo requires True).
+        rpo_alpha: α of the RPO term α · token-mean NLL(chosen) (Pang et al. 2024,
+            arXiv:2404.19733), against the drop of the chosen likelihood. Default 0.5: on
+            the demo it keeps the policy within ~3 nats of the SFT model (plain DPO drifts
+            20-40 nats into less fluent text) at a higher gold win rate. 0 = plain DPO.
+        simpo_gamma_beta_ratio: SimPO's target margin γ / β (default 0.5).
+        max_length: most tokens of prompt + response (+ EOS); longer pairs are truncated
+            (prompt start first). Default 512.
+        inference_batch_size: pairs per forward pass in the reference pass and held-out
+            evaluation (default 64).
+        lora: LoRA settings (off by default).
+    """
+
+    train: TrainSettings = DEMO_TRAIN
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    average_logprobs: bool | None = None
+    rpo_alpha: float = 0.5
+    simpo_gamma_beta_ratio: float = 0.5
+    max_length: int = 512
+    inference_batch_size: int = 64
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        self.objective()  # validates the loss knobs
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
+        if self.inference_batch_size < 1:
+            raise ValueError(
+                f"inference_batch_size must be at least 1, got {self.inference_batch_size}."
+            )
+
+    def objective(self) -> PreferenceObjective:
+        """The loss of this run, with `average_logprobs` resolved per loss type."""
+        average = self.average_logprobs
+        if average is None:
+            average = default_average_logprobs(self.loss_type)
+        return PreferenceObjective(
+            loss_type=self.loss_type,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            average_logprobs=average,
+            rpo_alpha=self.rpo_alpha,
+            simpo_gamma_beta_ratio=self.simpo_gamma_beta_ratio,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    """Wrap `model` in a peft LoRA model; only the adapters stay trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ValueError(f"LoRA needs peft: {LORA_INSTALL_HINT}.") from error
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ValueError(
+            f"lora.target_modules {list(lora.target_modules)} do not fit this model: {error}"
+        ) from error
+
+
+def save_policy(model: torch.nn.Module, tokenizer: Any, out_dir: Path, lora: bool) -> None:
+    """Save a plain causal LM + tokenizer (safetensors), atomically.
+
+    A LoRA model is saved twice: its adapter in `out_dir/adapter/`, and the weights with the
+    adapter merged in, so that downstream stages load a plain model.
+    """
+    if not lora:
+        save_model(model, tokenizer, out_dir)
+        return
+    with atomic_directory(out_dir) as staging:
+        model.save_pretrained(staging / "adapter")
+        merged = model.merge_and_unload()
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def run_fingerprint(settings: DPOSettings, data: DataParams, seed: int, inputs: Mapping) -> str:
+    """sha256 of the settings, seed, split and input md5s: a changed run never resumes."""
+    from rlhf_core.tracking import path_md5
+
+    payload = {
+        "settings": dataclasses.asdict(settings),
+        "seed": seed,
+        "split": [data.eval_fraction, data.split_salt],
+        "inputs": {name: path_md5(Path(path)) for name, path in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _pairs(tokenizer: Any, frame: Any, max_length: int) -> list[TokenizedPair]:
+    return tokenize_pairs(
+        tokenizer, list(frame["prompt"]), list(frame["chosen"]), list(frame["rejected"]), max_length
+    )
+
+
+def _curves(history: Sequence[dict], eval_history: Sequence[dict]) -> dict[str, list]:
+    curves: dict[str, list] = {}
+    for prefix, rows in (("", history), ("eval/", eval_history)):
+        for row in rows:
+            for name, value in row.items():
+                if name not in ("step", "tokens"):
+                    curves.setdefault(prefix + name, []).append((row["step"], value))
+    return curves
+
+
+def _write_plots(run: Any, curves: dict[str, list], paths: ProjectPaths, title: str) -> None:
+    from rlhf_core.evaluation.report import curves_figure, write_curves_json
+
+    write_curves_json(curves, paths.plots_dir / f"{STAGE}_curves.json")
+    shown = ("loss", "eval/loss", "rewards/margins", "rewards/accuracies")
+    figure = curves_figure({k: v for k, v in curves.items() if k in shown}, title)
+    figure.savefig(paths.plots_dir / f"{STAGE}_curves.png", dpi=100)
+    run.log_figure(figure, f"plots/{STAGE}_curves.png")
+
+
+def run_dpo(
+    settings: DPOSettings,
+    *,
+    data: DataParams,
+    seed: int,
+    root: Path = Path("."),
+    show_progress: bool = True,
+) -> dict:
+    """Train the DPO policy from the SFT model; write the model, metrics and curves.
+
+    Returns the final metrics (also written to artifacts/metrics/dpo.json).
+    """
+    from rlhf_core.tracking import stage_run
+
+    paths = ProjectPaths(root)
+    frame = load_validated(paths, "preference")
+    train_frame, eval_frame = train_eval_split(frame, data.eval_fraction, data.split_salt)
+    if len(train_frame) == 0:
+        raise ValueError(
+            "the preference set has no training pairs; add data or lower eval_fraction"
+        )
+    inputs = {"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir}
+    if not paths.sft_model_dir.is_dir():
+        raise FileNotFoundError(f"{paths.sft_model_dir}: not found; run `rlhf stage sft` first")
+    train_settings = dataclasses.replace(settings.train, seed=seed)
+    objective = settings.objective()
+    params = {
+        STAGE: dataclasses.asdict(settings),
+        "data.eval_fraction": data.eval_fraction,
+        "data.split_salt": data.split_salt,
+        "seed": seed,
+    }
+    with stage_run(STAGE, project_root=root, params=params, inputs=inputs) as run:
+        source = paths.validated_set("preference") / "valid.parquet"
+        run.log_dataset(train_frame, "preference_train", context="training", source=source)
+        if len(eval_frame):
+            run.log_dataset(eval_frame, "preference_eval", context="evaluation", source=source)
+        seed_everything(seed)
+        model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
+        train_pairs = _pairs(tokenizer, train_frame, settings.max_length)
+        eval_pairs = _pairs(tokenizer, eval_frame, settings.max_length)
+        train_reference = eval_reference = None
+        reference_started = time.perf_counter()
+        if objective.needs_reference:
+            # The untrained model IS the reference: score every pair with it once, now.
+            cached = reference_logps(
+                model,
+                train_pairs + eval_pairs,
+                tokenizer.pad_token_id,
+                settings.inference_batch_size,
+                show_progress,
+            )
+            train_reference, eval_reference = cached[: len(train_pairs)], cached[len(train_pairs) :]
+        reference_seconds = time.perf_counter() - reference_started
+        if objective.needs_reference:
+            log.info("reference log-probs of %d pairs in %.1f s", len(cached), reference_seconds)
+        if settings.lora.enabled:
+            model = apply_lora(model, settings.lora)
+        task = PreferenceTask(
+            objective,
+            train_pairs,
+            tokenizer.pad_token_id,
+            train_reference=train_reference,
+            eval_pairs=eval_pairs,
+            eval_reference=eval_reference,
+            eval_batch_size=settings.inference_batch_size,
+        )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        checkpoints = CheckpointManager(
+            paths.checkpoints_dir(STAGE),
+            keep=train_settings.keep_checkpoints,
+            fingerprint=run_fingerprint(settings, data, seed, inputs),
+        )
+
+        def on_log(step: int, metrics: dict[str, float]) -> None:
+            run.log_metrics({k: v for k, v in metrics.items() if k != "tokens"}, step)
+
+        def on_eval(step: int, metrics: dict[str, float]) -> None:
+            run.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+
+        result = train(
+            model,
+            task,
+            train_settings,
+            checkpoints=checkpoints,
+            on_log=on_log,
+            on_eval=on_eval,
+            description=f"dpo ({settings.loss_type})",
+            show_progress=show_progress,
+        )
+        out_dir = paths.policy_dir(STAGE)
+        save_policy(model, tokenizer, out_dir, lora=settings.lora.enabled)
+        metrics = {
+            "train_pairs": len(train_pairs),
+            "eval_pairs": len(eval_pairs),
+            "steps": result.global_step,
+            "resumed_from": result.resumed_from,
+            "trainable_parameters": trainable,
+            "reference_seconds": round(reference_seconds, 3),
+            "train_seconds": round(result.train_seconds, 3),
+            "tokens_per_s": result.tokens / result.train_seconds if result.train_seconds else 0.0,
+            "train/loss": result.history[-1]["loss"] if result.history else None,
+            **{f"eval/{k}": v for k, v in result.final_eval.items() if k != "step"},
+        }
+        write_json(paths.metrics_file(STAGE), metrics)
+        _write_plots(
+            run,
+            _curves(result.history, result.eval_history),
+            paths,
+            f"DPO ({settings.loss_type}, beta={settings.beta})",
+        )
+        run.log_artifact(paths.metrics_file(STAGE), "metrics")
+        run.log_model_dir(out_dir, "model")
+        run.record_output(out_dir)
+    checkpoints.clear()
+    return metrics

@@ -1,0 +1,407 @@
+"""Direct preference optimisation as a `TrainingTask`: pairs, one forward pass, cached reference.
+
+A preference pair (prompt x, chosen y⁺, rejected y⁻) becomes two token sequences that share
+the prompt, tokenised once. A micro-batch of b pairs is ONE forward pass over 2b rows,
+`[chosen_0 … chosen_{b-1}, rejected_0 … rejected_{b-1}]`, right-padded. The reference
+model's sequence log-probabilities are computed once before training (`reference_logps`) and
+looked up by pair index, so a training step never runs a second model.
+
+The loss of each pair composes `rlhf_core.losses` (`dpo_loss` for sigmoid / IPO / hinge,
+`simpo_loss` for SimPO) plus an optional RPO term (`rpo_alpha` · token-mean NLL of y⁺).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlhf_core.losses import (
+    DPO_LOSS_TYPES,
+    dpo_loss,
+    shift_for_causal_lm,
+    simpo_loss,
+    token_logprobs,
+)
+from rlhf_core.training.tokenize import (
+    TokenizedCompletion,
+    completion_token_ids,
+    join_truncated,
+    pad_sequences,
+    prompt_token_ids,
+)
+
+LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo")
+# Loss types whose paper scores sequences by their per-token mean log-probability.
+LENGTH_NORMALISED_LOSS_TYPES = ("ipo", "simpo")
+METRIC_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "nll/chosen",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------
+
+
+def default_average_logprobs(loss_type: str) -> bool:
+    """Whether `loss_type` scores sequences by mean (not summed) token log-probability.
+
+    IPO (Azar et al. 2023, arXiv:2310.12036) and SimPO (Meng et al. 2024, arXiv:2405.14734)
+    use length-normalised log-probabilities; DPO (sigmoid) and SLiC (hinge) use sums.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {loss_type!r}.")
+    return loss_type in LENGTH_NORMALISED_LOSS_TYPES
+
+
+@dataclass(frozen=True)
+class PreferenceObjective:
+    """The per-pair loss of a preference-optimisation run.
+
+    Attributes:
+        loss_type: sigmoid (DPO) | ipo | hinge (SLiC) | simpo (reference-free).
+        beta: β of `dpo_loss` / `simpo_loss` (DPO ~0.1; SimPO's paper uses ~2).
+        label_smoothing: ε, the assumed label-flip rate (conservative DPO); sigmoid or simpo.
+        average_logprobs: score sequences by mean token log-prob instead of the sum. SimPO
+            always length-normalises (inside `simpo_loss`), so it must be True there.
+        rpo_alpha: weight α of the RPO term α · NLL(y⁺), NLL = mean over y⁺'s tokens of
+            −log π (Pang et al. 2024, arXiv:2404.19733); 0 disables it.
+        simpo_gamma_beta_ratio: SimPO's target margin γ as a fraction of β.
+    """
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    average_logprobs: bool = False
+    rpo_alpha: float = 0.0
+    simpo_gamma_beta_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        default_average_logprobs(self.loss_type)  # validates loss_type
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}.")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ValueError(
+                f"label_smoothing applies to loss_type sigmoid or simpo, not {self.loss_type!r}."
+            )
+        if self.loss_type == "simpo" and not self.average_logprobs:
+            raise ValueError("simpo always uses length-normalised log-probs; set average_logprobs.")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}.")
+        if self.simpo_gamma_beta_ratio < 0:
+            raise ValueError(
+                f"simpo_gamma_beta_ratio must be >= 0, got {self.simpo_gamma_beta_ratio}."
+            )
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares with a reference model (every type but SimPO)."""
+        return self.loss_type != "simpo"
+
+
+@dataclass(frozen=True)
+class PairOutputs:
+    """Per-pair results of the objective, each (pairs,); everything but `losses` detached."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    chosen_logps: Tensor  # the log-probs that enter the loss (sums, or means if averaged)
+    rejected_logps: Tensor
+    chosen_nll: Tensor  # token-mean NLL of y⁺
+
+    def metric_sums(self) -> dict[str, float]:
+        """Sums over pairs of each metric in `METRIC_NAMES` (the loop divides by pairs)."""
+        margins = self.chosen_rewards - self.rejected_rewards
+        values = (
+            self.chosen_rewards,
+            self.rejected_rewards,
+            margins,
+            (margins > 0).float(),  # ties count as wrong, as in `losses.reward_accuracy`
+            self.chosen_logps,
+            self.rejected_logps,
+            self.chosen_nll,
+        )
+        return {name: float(value.sum()) for name, value in zip(METRIC_NAMES, values, strict=True)}
+
+
+def preference_outputs(
+    objective: PreferenceObjective,
+    logp_sums: Tensor,
+    token_counts: Tensor,
+    reference_sums: Tensor | None,
+) -> PairOutputs:
+    """Per-pair loss and metrics from summed sequence log-probabilities.
+
+    With s = Σₜ log π(yₜ | x, y<ₜ) and n = |y| for chosen (+) and rejected (−) responses, the
+    sequence score is ℓ = s or s / n (`average_logprobs`), and the loss is
+
+        L = dpo_loss(ℓ⁺, ℓ⁻, ℓ_ref⁺, ℓ_ref⁻)       (sigmoid, ipo, hinge)
+        L = simpo_loss(s⁺, s⁻, n⁺, n⁻)              (simpo; no reference)
+        L += α · (−s⁺ / n⁺)                          (RPO, Pang et al. 2024, arXiv:2404.19733)
+
+    Args:
+        objective: the loss settings.
+        logp_sums: (2, pairs) summed completion log-probs under the policy, row 0 chosen.
+        token_counts: (2, pairs) completion token counts, same layout.
+        reference_sums: (2, pairs) summed reference log-probs, or None for SimPO.
+    """
+    chosen_sums, rejected_sums = logp_sums
+    chosen_counts, rejected_counts = token_counts.to(logp_sums.dtype)
+    scale = token_counts.to(logp_sums.dtype) if objective.average_logprobs else 1.0
+    chosen_scores, rejected_scores = logp_sums / scale
+    if objective.loss_type == "simpo":
+        losses, chosen_rewards, rejected_rewards = simpo_loss(
+            chosen_sums,
+            rejected_sums,
+            chosen_counts,
+            rejected_counts,
+            beta=objective.beta,
+            gamma_beta_ratio=objective.simpo_gamma_beta_ratio,
+            label_smoothing=objective.label_smoothing,
+        )
+    else:
+        if reference_sums is None:
+            raise ValueError(f"loss_type {objective.loss_type!r} needs reference log-probs.")
+        reference_chosen, reference_rejected = reference_sums.to(logp_sums) / scale
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_scores,
+            rejected_scores,
+            reference_chosen,
+            reference_rejected,
+            beta=objective.beta,
+            loss_type=objective.loss_type,
+            label_smoothing=objective.label_smoothing,
+        )
+    chosen_nll = -chosen_sums / chosen_counts  # (pairs,)
+    if objective.rpo_alpha:
+        losses = losses + objective.rpo_alpha * chosen_nll
+    return PairOutputs(
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        chosen_logps=chosen_scores.detach(),
+        rejected_logps=rejected_scores.detach(),
+        chosen_nll=chosen_nll.detach(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs: tokenise, collate, score
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Prompt + chosen and prompt + rejected token sequences of one preference pair."""
+
+    chosen: TokenizedCompletion
+    rejected: TokenizedCompletion
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens the pair puts through a forward pass."""
+        return len(self.chosen) + len(self.rejected)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens of the pair's two rows padded to the longer one (its share of a batch)."""
+        return 2 * max(len(self.chosen), len(self.rejected))
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    max_length: int,
+) -> list[TokenizedPair]:
+    """Chat-template each prompt once and join it with both responses (+ EOS), truncated.
+
+    Truncation follows `join_truncated` (prompt start first, then the response end), for each
+    response separately.
+    """
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError("prompts, chosen and rejected must have one entry per pair.")
+    pairs = []
+    for prompt, good, bad in zip(prompts, chosen, rejected, strict=True):
+        prompt_ids = prompt_token_ids(tokenizer, prompt)
+        pairs.append(
+            TokenizedPair(
+                chosen=join_truncated(
+                    prompt_ids, completion_token_ids(tokenizer, good), max_length
+                ),
+                rejected=join_truncated(
+                    prompt_ids, completion_token_ids(tokenizer, bad), max_length
+                ),
+            )
+        )
+    return pairs
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tensor]:
+    """One right-padded batch of 2b rows: chosen rows first, then rejected rows in pair order.
+
+    Returns `input_ids`, `attention_mask`, `completion_mask`, each (2b, width).
+    """
+    if not pairs:
+        raise ValueError("cannot collate an empty list of pairs.")
+    rows = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+    return pad_sequences(rows, pad_id, side="right")
+
+
+def completion_logp_sums(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """One forward pass: summed completion log-probs and token counts, each (2, pairs).
+
+    s_i = Σₜ m_{i,t} log π(x_{i,t+1} | x_{i,≤t}) with m the completion mask (EOS included).
+    """
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits, labels, mask = shift_for_causal_lm(
+        logits, input_ids, batch["completion_mask"].to(device)
+    )  # (2b, seq-1, vocab), (2b, seq-1), (2b, seq-1)
+    sums = token_logprobs(logits, labels, mask=mask).sum(-1)  # (2b,)
+    counts = mask.sum(-1)  # (2b,)
+    return sums.view(2, -1), counts.view(2, -1)
+
+
+def length_sorted_batches(sizes: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices sorted by size (longest first) in chunks of `batch_size`: little padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def reference_logps(
+    reference_model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> Tensor:
+    """Summed completion log-probs of every pair under the frozen reference, (pairs, 2) float32.
+
+    Column 0 is the chosen response, column 1 the rejected one, in the order of `pairs`. Runs
+    once before training: in inference mode, eval mode (restored afterwards), in length-sorted
+    batches of `batch_size` pairs.
+    """
+    from rich.progress import track
+
+    result = torch.empty(len(pairs), 2, dtype=torch.float32)
+    was_training = reference_model.training
+    reference_model.eval()
+    batches = list(length_sorted_batches([p.padded_tokens for p in pairs], batch_size))
+    try:
+        with torch.inference_mode():
+            for indices in track(
+                batches, description="reference log-probs", disable=not show_progress
+            ):
+                sums, _ = completion_logp_sums(
+                    reference_model, collate_pairs([pairs[i] for i in indices], pad_id)
+                )
+                result[indices] = sums.T.float().cpu()
+    finally:
+        reference_model.train(was_training)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The training task
+# --------------------------------------------------------------------------------------------
+
+
+class PreferenceTask:
+    """`TrainingTask` for DPO-family losses: units are pairs, one forward per micro-batch.
+
+    `lengths` are each pair's padded tokens (2 × its longer row), so the loop's
+    `max_tokens_per_micro_batch` budget counts the real width of the 2b-row forward pass.
+    """
+
+    def __init__(
+        self,
+        objective: PreferenceObjective,
+        train_pairs: Sequence[TokenizedPair],
+        pad_id: int,
+        *,
+        train_reference: Tensor | None = None,
+        eval_pairs: Sequence[TokenizedPair] = (),
+        eval_reference: Tensor | None = None,
+        eval_batch_size: int = 64,
+    ) -> None:
+        """`train_reference` / `eval_reference`: (pairs, 2) from `reference_logps` (not SimPO)."""
+        if objective.needs_reference:
+            for name, pairs, cached in (
+                ("train", train_pairs, train_reference),
+                ("eval", eval_pairs, eval_reference),
+            ):
+                if len(pairs) and (cached is None or tuple(cached.shape) != (len(pairs), 2)):
+                    raise ValueError(
+                        f"loss_type {objective.loss_type!r} needs {name}_reference of shape "
+                        f"({len(pairs)}, 2) from reference_logps."
+                    )
+        self.objective = objective
+        self.pairs = list(train_pairs)
+        self.pad_id = pad_id
+        self.reference = train_reference
+        self.eval_pairs = list(eval_pairs)
+        self.eval_reference = eval_reference
+        self.eval_batch_size = eval_batch_size
+        self.lengths = [pair.padded_tokens for pair in self.pairs]
+
+    def collate(self, indices: list[int]) -> dict[str, Any]:
+        """Padded 2b-row batch of the pairs at `indices`, plus their cached reference sums."""
+        return self._collate(self.pairs, self.reference, indices)
+
+    def _collate(self, pairs, reference, indices: list[int]) -> dict[str, Any]:
+        batch: dict[str, Any] = collate_pairs([pairs[i] for i in indices], self.pad_id)
+        # (2, b) like the policy's sums: row 0 chosen, row 1 rejected
+        batch["reference_sums"] = None if reference is None else reference[indices].T
+        return batch
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """Pairs in the batch."""
+        return batch["input_ids"].shape[0] // 2
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Real tokens of the batch's one forward pass."""
+        return int(batch["attention_mask"].sum())
+
+    def outputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> PairOutputs:
+        """Per-pair loss and metrics of a collated batch (one forward pass of `model`)."""
+        sums, counts = completion_logp_sums(model, batch)
+        return preference_outputs(self.objective, sums, counts, batch["reference_sums"])
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
+        """Sum of per-pair losses and metric sums over the batch's pairs."""
+        outputs = self.outputs(model, batch)
+        return outputs.losses.sum(), outputs.metric_sums()
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean loss and metrics over the held-out pairs (empty when there are none)."""
+        if not self.eval_pairs:
+            return {}
+        totals: dict[str, float] = {}
+        sizes = [pair.padded_tokens for pair in self.eval_pairs]
+        for indices in length_sorted_batches(sizes, self.eval_batch_size):
+            batch = self._collate(self.eval_pairs, self.eval_reference, indices)
+            outputs = self.outputs(model, batch)
+            sums = {"loss": float(outputs.losses.sum()), **outputs.metric_sums()}
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + value
+        return {name: value / len(self.eval_pairs) for name, value in totals.items()}
