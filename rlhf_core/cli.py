@@ -174,8 +174,17 @@ def ingest(
                 f"{result.quarantined} quarantined, {result.added} added, "
                 f"{result.duplicates} duplicates (report: {result.report_dir})"
             )
+    _announce_ingest(store, results)
     if any(result.status == "rejected" for result in results):
         raise typer.Exit(code=1)
+
+
+def _announce_ingest(store: Path, results) -> None:
+    """Tell a served retrain deployment that new rows arrived (no-op without a Prefect API)."""
+    from rlhf_core.orchestration import emit_ingested_event
+
+    if emit_ingested_event(store, results) is not None:
+        typer.echo("sent event rlhf.preferences.ingested: the served retrain deployment will run")
 
 
 @model_app.command("build")
@@ -241,6 +250,56 @@ def stage_validate(params_path: ParamsOption = Path("params.yaml")) -> None:
         raise typer.Exit(code=1)
 
 
+@stage_app.command("sft")
+def stage_sft(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Supervised fine-tuning of the base model on the SFT set (completion-only loss)."""
+    from rlhf_core.stages.sft import run_sft
+
+    _run_training_stage(params_path, lambda p: run_sft(p.sft, data=p.data, seed=p.seed))
+
+
+@stage_app.command("reward")
+def stage_reward(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Reward model from the SFT model: Bradley–Terry on pairs, Plackett–Luce on rankings."""
+    from rlhf_core.stages.reward import run_reward
+
+    _run_training_stage(params_path, lambda p: run_reward(p.reward, data=p.data, seed=p.seed))
+
+
+@stage_app.command("dpo")
+def stage_dpo(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """DPO (or IPO, hinge, conservative DPO, SimPO) from the SFT model on preference pairs."""
+    from rlhf_core.stages.dpo import run_dpo
+
+    _run_training_stage(params_path, lambda p: run_dpo(p.policy.dpo, data=p.data, seed=p.seed))
+
+
+@stage_app.command("ppo")
+def stage_ppo(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """PPO (or GRPO/RLOO) against the reward model with a KL penalty to the SFT model."""
+    from rlhf_core.stages.ppo import run_ppo
+
+    _run_training_stage(params_path, lambda p: run_ppo(p.policy.ppo, data=p.data, seed=p.seed))
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Compare SFT, each aligned policy and best-of-n on held-out prompts."""
+    from rlhf_core.stages.evaluate import run_evaluate
+
+    _run_training_stage(
+        params_path,
+        lambda p: run_evaluate(
+            p.evaluate, algorithms=p.policy.algorithms, data=p.data, seed=p.seed
+        ),
+    )
+
+
+def _run_training_stage(params_path: Path, stage_function) -> None:
+    metrics = _run_stage(stage_function, params_path)
+    typer.echo(json.dumps(metrics, indent=2, default=str))
+
+
 def _run_stage(stage_function, params_path: Path):
     params_obj = _load_params(params_path)
     try:
@@ -250,13 +309,82 @@ def _run_stage(stage_function, params_path: Path):
 
 
 @app.command()
-def demo(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Run the pipeline on the embedded offline demo and print where to look."""
-    from rlhf_core.stages.demo import run_demo
+def run(
+    project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
+        "."
+    ),
+) -> None:
+    """Run the whole pipeline as a Prefect flow: every DVC stage in order (up-to-date ones are
+    skipped), one MLflow parent run, a summary, then the quality gate and promotion."""
+    from rlhf_core.orchestration import run_pipeline
 
-    summary = _run_stage(run_demo, params_path)
-    if not summary["passed"]:
-        raise typer.Exit(code=1)
+    _load_params(project / "params.yaml")
+    try:
+        summary = run_pipeline(project)
+    except RuntimeError as error:
+        _fail(str(error))
+    _print_where_to_look(summary)
+
+
+@app.command()
+def retrain(
+    project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
+        "."
+    ),
+) -> None:
+    """Ingest new files from data/incoming, rerun what they touch, promote only if better."""
+    from rlhf_core.orchestration import run_retrain
+
+    _load_params(project / "params.yaml")
+    try:
+        result = run_retrain(project)
+    except RuntimeError as error:
+        _fail(str(error))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def serve(
+    project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
+        "."
+    ),
+) -> None:
+    """Serve the retrain deployment: on the cron schedule of params.yaml and whenever `rlhf
+    ingest` adds rows, one run at a time. Uses PREFECT_API_URL, or starts a local server."""
+    from rlhf_core.orchestration import serve as serve_deployments
+
+    params_obj = _load_params(project / "params.yaml")
+    try:
+        serve_deployments(project, params_obj)
+    except (RuntimeError, ValueError) as error:
+        _fail(str(error))
+
+
+@app.command()
+def ui(
+    project: Annotated[Path, typer.Option(help="Project root.")] = Path("."),
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the project's tracking store (runs, curves, registry)."""
+    from rlhf_core.orchestration import open_ui
+
+    open_ui(project, port)
+
+
+@app.command()
+def demo(
+    project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
+        "."
+    ),
+) -> None:
+    """The main job on the embedded offline demo: `rlhf run` with a summary and where to look."""
+    run(project)
+
+
+def _print_where_to_look(summary: dict) -> None:
+    from rlhf_core.stages.summary import print_summary
+
+    print_summary(summary)
 
 
 def main() -> None:  # pragma: no cover - console entry point

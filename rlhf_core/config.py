@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rlhf_core.data.demo import DemoSettings
 from rlhf_core.data.validation import ValidationSettings
+from rlhf_core.gate import GateSettings
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -69,6 +70,47 @@ class DataParams(_Section):
         return value
 
 
+POLICY_ALGORITHMS = ("dpo", "ppo")
+
+
+def _stage_settings():
+    """The stages' own settings classes (imported here, late: the stage modules are heavy)."""
+    from rlhf_core.stages.dpo import DPOSettings
+    from rlhf_core.stages.evaluate import EvaluateSettings
+    from rlhf_core.stages.ppo import PPOSettings
+    from rlhf_core.stages.reward import RewardSettings
+    from rlhf_core.stages.sft import SFTSettings
+
+    return SFTSettings, RewardSettings, DPOSettings, PPOSettings, EvaluateSettings
+
+
+SFTSettings, RewardSettings, DPOSettings, PPOSettings, EvaluateSettings = _stage_settings()
+
+
+class PolicyParams(_Section):
+    """The aligned policies: which algorithms run (one DVC stage each) and their settings."""
+
+    algorithms: list[str] = Field(default_factory=lambda: list(POLICY_ALGORITHMS))
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    ppo: PPOSettings = Field(default_factory=PPOSettings)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(POLICY_ALGORITHMS))
+        if unknown or not value or len(set(value)) != len(value):
+            raise ValueError(
+                f"must be a non-empty list of distinct names from {list(POLICY_ALGORITHMS)}"
+            )
+        return value
+
+
+class OrchestrationParams(_Section):
+    """Scheduling of the retrain deployment served by `rlhf serve`."""
+
+    schedule_cron: str = Field("0 3 * * *", description="Cron schedule of the retrain flow.")
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -76,6 +118,12 @@ class Params(_Section):
     model: ModelParams = Field(default_factory=ModelParams)
     data: DataParams = Field(default_factory=DataParams)
     demo: DemoSettings = Field(default_factory=DemoSettings)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    policy: PolicyParams = Field(default_factory=PolicyParams)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rlhf_core.config import DataParams
 from rlhf_core.evaluation.metrics import (
     POLICY_SUMMARY_KEYS,
     best_of_n_kl,
@@ -40,10 +39,11 @@ from rlhf_core.generation import SamplingSettings
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split, write_json
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # rlhf_core.config imports this module for its settings class
     import pandas as pd
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from rlhf_core.config import DataParams
     from rlhf_core.data.gold import GoldJudge
     from rlhf_core.generation import Messages, Rollout
     from rlhf_core.models.heads import RewardModel
