@@ -71,3 +71,67 @@ def test_validate_rejects_an_unknown_kind(tmp_path, kind):
     result = runner.invoke(app, ["validate", str(data), "--kind", kind, "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "--kind must be one of" in result.output
+
+
+def _pairs_file(path, good, bad_lines):
+    import json
+
+    rows = [
+        json.dumps(
+            {
+                "prompt": f"Review film {i}.",
+                "chosen": f"Film {i} was great.",
+                "rejected": f"Film {i} was dull.",
+            }
+        )
+        for i in range(good)
+    ]
+    path.write_text("\n".join(rows + ["{broken"] * bad_lines) + "\n")
+    return path
+
+
+def test_validate_command_writes_the_report_and_exits_zero_above_the_threshold(tmp_path):
+    import json
+
+    data = _pairs_file(tmp_path / "pairs.jsonl", good=19, bad_lines=1)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            str(data),
+            "--kind",
+            "preference",
+            "--out",
+            str(out),
+            "--params",
+            str(tmp_path / "absent.yaml"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert (report["total"], report["valid"], report["quarantined"]) == (20, 19, 1)
+    assert report["reasons"] == {"malformed_json": 1}
+    assert (out / "quarantine.jsonl").read_text().count("\n") == 1
+    assert (out / "data_docs" / "index.html").is_file()
+
+
+def test_validate_command_exits_one_with_a_one_line_summary_below_the_threshold(tmp_path):
+    data = _pairs_file(tmp_path / "pairs.jsonl", good=5, bad_lines=5)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  validation:\n    min_valid_fraction: 0.8\n")
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            str(data),
+            "--kind",
+            "preference",
+            "--out",
+            str(tmp_path / "o"),
+            "--params",
+            str(params),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "5/10 rows valid (50.0% < 80%)" in result.output
