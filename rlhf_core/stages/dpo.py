@@ -10,11 +10,8 @@ tokenizer; with LoRA the adapter is merged into the weights and also kept in `ad
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +20,14 @@ import torch
 
 from rlhf_core.models.loading import atomic_directory, load_causal_lm, save_model
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split, write_json
+from rlhf_core.stages.common import (
+    load_validated,
+    run_fingerprint,
+    train_eval_split,
+    training_curves,
+    write_curve_plots,
+    write_json,
+)
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.dpo_task import (
     PreferenceObjective,
@@ -202,43 +206,10 @@ def save_policy(model: torch.nn.Module, tokenizer: Any, out_dir: Path, lora: boo
 # --------------------------------------------------------------------------------------------
 
 
-def run_fingerprint(settings: DPOSettings, data: DataParams, seed: int, inputs: Mapping) -> str:
-    """sha256 of the settings, seed, split and input md5s: a changed run never resumes."""
-    from rlhf_core.tracking import path_md5
-
-    payload = {
-        "settings": dataclasses.asdict(settings),
-        "seed": seed,
-        "split": [data.eval_fraction, data.split_salt],
-        "inputs": {name: path_md5(Path(path)) for name, path in sorted(inputs.items())},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _pairs(tokenizer: Any, frame: Any, max_length: int) -> list[TokenizedPair]:
     return tokenize_pairs(
         tokenizer, list(frame["prompt"]), list(frame["chosen"]), list(frame["rejected"]), max_length
     )
-
-
-def _curves(history: Sequence[dict], eval_history: Sequence[dict]) -> dict[str, list]:
-    curves: dict[str, list] = {}
-    for prefix, rows in (("", history), ("eval/", eval_history)):
-        for row in rows:
-            for name, value in row.items():
-                if name not in ("step", "tokens"):
-                    curves.setdefault(prefix + name, []).append((row["step"], value))
-    return curves
-
-
-def _write_plots(run: Any, curves: dict[str, list], paths: ProjectPaths, title: str) -> None:
-    from rlhf_core.evaluation.report import curves_figure, write_curves_json
-
-    write_curves_json(curves, paths.plots_dir / f"{STAGE}_curves.json")
-    shown = ("loss", "eval/loss", "rewards/margins", "rewards/accuracies")
-    figure = curves_figure({k: v for k, v in curves.items() if k in shown}, title)
-    figure.savefig(paths.plots_dir / f"{STAGE}_curves.png", dpi=100)
-    run.log_figure(figure, f"plots/{STAGE}_curves.png")
 
 
 def run_dpo(
@@ -346,10 +317,12 @@ def run_dpo(
             **{f"eval/{k}": v for k, v in result.final_eval.items() if k != "step"},
         }
         write_json(paths.metrics_file(STAGE), metrics)
-        _write_plots(
+        write_curve_plots(
             run,
-            _curves(result.history, result.eval_history),
+            training_curves(result.history, result.eval_history),
             paths,
+            STAGE,
+            ("loss", "eval/loss", "rewards/margins", "rewards/accuracies"),
             f"DPO ({settings.loss_type}, beta={settings.beta})",
         )
         run.log_artifact(paths.metrics_file(STAGE), "metrics")

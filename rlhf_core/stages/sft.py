@@ -11,16 +11,21 @@ and sft_curves.png, and an MLflow run with params, curves, data sets, samples an
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split, write_json
+from rlhf_core.stages.common import (
+    eval_metric_name,
+    load_validated,
+    run_fingerprint,
+    train_eval_split,
+    training_curves,
+    write_curve_plots,
+    write_json,
+)
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import TrainSettings, seed_everything, train
 from rlhf_core.training.sft_task import SFTTask, tokenize_sft_rows
@@ -86,48 +91,6 @@ class SFTSettings:
             raise ValueError(
                 f"sft.sample_max_new_tokens must be at least 1, got {self.sample_max_new_tokens}."
             )
-
-
-def run_fingerprint(
-    settings: SFTSettings, data: DataParams, seed: int, inputs: Mapping[str, Path]
-) -> str:
-    """sha256 of the settings, seed, split and input md5s: a changed run never resumes."""
-    from rlhf_core.tracking import path_md5
-
-    payload = {
-        "settings": dataclasses.asdict(settings),
-        "seed": seed,
-        "split": [data.eval_fraction, data.split_salt],
-        "inputs": {name: path_md5(Path(path)) for name, path in sorted(inputs.items())},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def eval_metric_name(name: str) -> str:
-    """MLflow key of a held-out metric: eval_loss -> eval/loss."""
-    return f"eval/{name.removeprefix('eval_')}"
-
-
-def training_curves(
-    history: Sequence[Mapping[str, float]], eval_history: Sequence[Mapping[str, float]]
-) -> dict[str, list[tuple[int, float]]]:
-    """{series: [(step, value)]} of the per-step and held-out metrics (held-out as eval/…)."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for rows, rename in ((history, str), (eval_history, eval_metric_name)):
-        for row in rows:
-            for name, value in row.items():
-                if name not in ("step", "tokens"):
-                    curves.setdefault(rename(name), []).append((int(row["step"]), float(value)))
-    return curves
-
-
-def _write_plots(run: Any, curves: dict, paths: ProjectPaths, shown: Sequence[str]) -> None:
-    from rlhf_core.evaluation.report import curves_figure, write_curves_json
-
-    write_curves_json(curves, paths.plots_dir / f"{STAGE}_curves.json")
-    figure = curves_figure({k: v for k, v in curves.items() if k in shown}, "SFT training")
-    figure.savefig(paths.plots_dir / f"{STAGE}_curves.png", dpi=100)
-    run.log_figure(figure, f"plots/{STAGE}_curves.png")
 
 
 def _samples(model: Any, tokenizer: Any, prompts: list, settings: SFTSettings, seed: int) -> list:
@@ -257,11 +220,13 @@ def run_sft(
         run.log_metrics(
             {k: v for k, v in metrics.items() if isinstance(v, int | float)}, result.global_step
         )
-        _write_plots(
+        write_curve_plots(
             run,
             training_curves(result.history, result.eval_history),
             paths,
+            STAGE,
             ("loss", "eval/loss", "eval/token_accuracy"),
+            "Supervised fine-tuning",
         )
         run.log_artifact(paths.metrics_file(STAGE), "metrics")
         run.log_model_dir(out_dir, "model")
