@@ -388,8 +388,10 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_uri)  # None also unsets the env var ...
-        if previous_env is not None:  # ... which we put back as it was
+        mlflow.set_tracking_uri(previous_uri)  # this also writes (or unsets) the env var ...
+        if previous_env is None:  # ... which we put back exactly as it was
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
             os.environ[TRACKING_URI_ENV] = previous_env
 
 

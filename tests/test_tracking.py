@@ -320,3 +320,17 @@ def test_default_store_lives_in_project_whatever_the_cwd(store, tmp_path, monkey
     assert not any(elsewhere.iterdir())  # nothing written into the CWD
     assert mlflow.get_tracking_uri() == uri_before  # the process-wide URI is restored
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_a_stage_run_leaves_no_tracking_uri_in_the_environment(store, tmp_path, monkeypatch):
+    """MLflow's set_tracking_uri also writes the env var; a leftover global URI must not leak."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(store[0] / "mlflow.db", project / "mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setattr(
+        "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{tmp_path}/other.db"
+    )
+    with stage_run("prepare", project_root=project):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ
