@@ -68,3 +68,16 @@ def test_values_override_defaults():
     assert params.demo.seed == 7
     assert params.data.validation.max_chars == 99
     assert params.model == Params().model
+
+
+def test_params_survive_dvcs_yaml_rewrite(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml with a YAML 1.2 writer (ruamel) that leaves
+    strings such as `no` unquoted; PyYAML (YAML 1.1) must still read back the same values."""
+    from ruamel.yaml import YAML
+
+    writer = YAML()
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    rewritten = tmp_path / "params.yaml"
+    with open(rewritten, "w") as handle:
+        writer.dump(raw, handle)
+    assert load_params(rewritten) == load_params(REPO_PARAMS)

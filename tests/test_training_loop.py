@@ -208,6 +208,7 @@ def test_eval_every_and_callbacks():
         dict(learning_rate=0),
         dict(schedule="step"),
         dict(mixed_precision="fp8"),
+        dict(mixed_precision="no"),  # accelerate's name; ours is fp32 (YAML 1.1 reads no as False)
         dict(batch_size=0),
         dict(epochs=0),
     ],

@@ -29,7 +29,9 @@ from rlhf_core.training.schedule import SCHEDULES, build_scheduler
 
 log = logging.getLogger(__name__)
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+# Our names -> accelerate's. "fp32" rather than accelerate's "no": YAML 1.1 readers (PyYAML)
+# turn an unquoted `no` into False, and DVC's params writer leaves it unquoted.
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class TrainSettings:
         eval_every: evaluate every N steps (0 = only at the end).
         checkpoint_every: checkpoint every N steps (0 = never).
         keep_checkpoints: how many checkpoints to keep.
-        mixed_precision: no | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
+        mixed_precision: fp32 | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
         seed: seeds initial RNG state and the data order.
     """
 
@@ -74,7 +76,7 @@ class TrainSettings:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
-    mixed_precision: str = "no"
+    mixed_precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -189,7 +191,9 @@ def train(
     from accelerate import Accelerator
 
     seed_everything(settings.seed)
-    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
+    accelerator = accelerator or Accelerator(
+        mixed_precision=MIXED_PRECISION[settings.mixed_precision]
+    )
     lengths = list(task.lengths)
     if not lengths:
         raise ValueError("no training examples")
