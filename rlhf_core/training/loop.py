@@ -154,7 +154,8 @@ def total_steps(settings: TrainSettings, num_examples: int) -> int:
     return max(1, math.ceil(settings.epochs * math.ceil(num_examples / settings.batch_size)))
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """The training progress bar (rich): steps, elapsed, remaining and a status field."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -221,7 +222,7 @@ def train(
     plans: dict[int, list[list[int]]] = {}
     started = time.perf_counter()
     model.train()
-    with _progress(show_progress and accelerator.is_main_process) as bar:
+    with progress_bar(show_progress and accelerator.is_main_process) as bar:
         bar_task = bar.add_task(description, total=steps, completed=start, status="")
         for step in range(start, steps):
             epoch, position = divmod(step, steps_per_epoch)

@@ -55,7 +55,7 @@ from rlhf_core.ppo import (
     whiten,
 )
 from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.loop import param_groups, seed_everything
+from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
 from rlhf_core.training.schedule import SCHEDULES, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -738,7 +738,7 @@ def train_ppo(
 
     if result.iterations == 0:
         run_eval(0)
-    with _progress(show_progress) as bar:
+    with progress_bar(show_progress) as bar:
         task = bar.add_task(
             "ppo", total=settings.iterations, completed=result.iterations, status=""
         )
@@ -840,27 +840,6 @@ def _iteration(
 
 def _status(metrics: dict[str, float]) -> str:
     return f"score {metrics['reward/score_mean']:+.3f} kl {metrics['kl/mean']:.2f}"
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        disable=not enabled,
-    )
 
 
 def _is_int(value: Any) -> bool:
