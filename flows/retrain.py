@@ -1,7 +1,8 @@
 """The retrain flow: new preference data in, a better model out (or the champion kept).
 
     files in data/incoming/ -> ingest (validate, quarantine, merge into data/preferences)
-    -> move them to data/incoming/processed/ -> nothing new? stop here and say so
+    -> move them to data/incoming/processed/ -> `dvc add data/preferences` (version the store)
+    -> nothing new? stop here and say so
     -> the pipeline flow (DVC reruns only what the new data touches) -> gate -> promote or keep
 
 "Something new" means rows this run added to the store, or a store that changed since the
@@ -179,6 +180,23 @@ def ingest_incoming(files: list[Path], store: Path, settings: Any) -> list[dict[
     return records
 
 
+def track_preference_store(store: Path) -> str:
+    """Version the store with `dvc add` (`track_store`) and log what happened.
+
+    A DVC failure is logged as an error, not raised: the rows are merged either way, the
+    pipeline still reads them, and the next tracked ingest versions them too.
+    """
+    from rlhf_core.orchestration import StoreTrackingError, track_store
+
+    try:
+        message = track_store(store).message
+    except StoreTrackingError as error:
+        _logger().error("%s", error)
+        return str(error)
+    _logger().info("%s", message)
+    return message
+
+
 def validation_settings(project_root: Path) -> Any:
     """data.validation of params.yaml (the defaults when there is no params.yaml)."""
     from rlhf_core.data.validation import ValidationSettings
@@ -201,8 +219,9 @@ def retrain(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict
     """Ingest new preference files, retrain what they touch, and gate the result.
 
     Returns {"status": "no_new_data" | "retrained", "message", "ingested" (one record per
-    file), "added", "pipeline" (the pipeline summary, when it ran), "decision" (the gate's),
-    "locked_at", "released_at" (time.time() of the locked section)}.
+    file), "added", "store_tracking" (what `dvc add` of the store did, when files came in or
+    the store changed), "pipeline" (the pipeline summary, when it ran), "decision" (the
+    gate's), "locked_at", "released_at" (time.time() of the locked section)}.
     """
     root = Path(project_root).resolve()
     paths = ProjectPaths(root)
@@ -213,6 +232,10 @@ def retrain(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict
         ingested = ingest_incoming(files, paths.preference_store, validation_settings(root))
         added = sum(record["added"] for record in ingested)
         outcome: dict[str, Any] = {"ingested": ingested, "added": added, "locked_at": locked_at}
+        # Every version of the store a retrain reads is cached by DVC, as `dvc repro` does
+        # with a changed data source; an unchanged store leaves its .dvc file as it was.
+        if ingested or store_was_stale:
+            outcome["store_tracking"] = track_preference_store(paths.preference_store)
         if added == 0 and not store_was_stale:
             message = (
                 f"No new preference data ({len(files)} incoming file(s), 0 rows added, store "

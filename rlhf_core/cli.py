@@ -147,16 +147,29 @@ def _run_validation(paths, kind, out, settings, tokenizer_path):
 def ingest(
     files: Annotated[list[Path], typer.Argument(help="New preference files to ingest.")],
     store: Annotated[
-        Path, typer.Option(help="The versioned preference store (a DVC-tracked folder).")
+        Path,
+        typer.Option(
+            help="The preference store folder; tracked with `dvc add` after each ingest when it "
+            "is inside a DVC project."
+        ),
     ] = Path("data/preferences"),
     kind: Annotated[str, typer.Option(help="preference | ranked")] = "preference",
+    dvc_add: Annotated[
+        bool,
+        typer.Option(
+            "--dvc-add/--no-dvc-add",
+            help="Version the store with `dvc add` after ingesting (writes <store>.dvc).",
+        ),
+    ] = True,
     params_path: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Validate new preference files and merge their valid rows into the store.
 
     Rows are deduplicated by content hash and carry provenance (source file and line,
     ingestion time, file hash). Files are archived in the store, never deleted; re-ingesting
-    a file adds nothing. Exits 1 if any file was rejected by the valid-fraction threshold.
+    a file adds nothing. Then `dvc add` versions the store (skipped outside a DVC project).
+    Exits 1 if any file was rejected by the valid-fraction threshold, 2 if `dvc add` failed
+    (the ingested rows stay in the store).
     """
     from rlhf_core.data.store import ingest_files
 
@@ -174,9 +187,23 @@ def ingest(
                 f"{result.quarantined} quarantined, {result.added} added, "
                 f"{result.duplicates} duplicates (report: {result.report_dir})"
             )
+    tracking_error = _track_store(store) if dvc_add else None
     _announce_ingest(store, results)
+    if tracking_error is not None:
+        _fail(tracking_error)
     if any(result.status == "rejected" for result in results):
         raise typer.Exit(code=1)
+
+
+def _track_store(store: Path) -> str | None:
+    """Version the store with `dvc add` and say what happened; DVC's error, if it failed."""
+    from rlhf_core.orchestration import StoreTrackingError, track_store
+
+    try:
+        typer.echo(track_store(store).message)
+    except StoreTrackingError as error:
+        return str(error)
+    return None
 
 
 def _announce_ingest(store: Path, results) -> None:

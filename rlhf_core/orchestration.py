@@ -1,5 +1,6 @@
 """What the `rlhf` CLI needs to start the Prefect flows: find them, configure Prefect, and
-start (or find) a Prefect server for schedules and event triggers.
+start (or find) a Prefect server for schedules and event triggers; and what ingestion needs
+around them: version the preference store with `dvc add`, announce new rows.
 
 flows/ and tasks/ are not installed packages: they live in the project's repository and are
 loaded by path, the way Prefect itself loads a deployment's entrypoint (`load_entrypoint`,
@@ -11,7 +12,9 @@ the CLI imports this module for every command.
     rlhf run      -> run_pipeline(root)      the pipeline flow, ephemeral Prefect (no server)
     rlhf serve    -> serve(root, params)     retrain deployments: cron + event trigger
     rlhf ui       -> open_ui(root, port)     the MLflow UI on the project's store
-    rlhf ingest   -> emit_ingested_event()   tell a Prefect server that new data arrived
+    rlhf ingest   -> track_store(store)      version the store with `dvc add` (the retrain
+                                             flow calls it too)
+                  -> emit_ingested_event()   tell a Prefect server that new data arrived
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -274,6 +278,97 @@ def serve(project_root: str | Path, params: Any) -> None:
                 flush=True,
             )
             serve_deployments(*deployments)
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf ingest and the retrain flow: version the preference store with `dvc add`
+# --------------------------------------------------------------------------------------------
+
+
+class StoreTrackingError(RuntimeError):
+    """`dvc add` of the store failed; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class StoreTracking:
+    """What `track_store` did: `dvc_file` is None when the store is not in a DVC project."""
+
+    dvc_file: Path | None
+    changed: bool
+    message: str
+
+
+def dvc_project_root(path: str | Path) -> Path | None:
+    """The nearest folder above `path` that holds a `.dvc/` folder (a DVC project), or None."""
+    for folder in Path(path).resolve().parents:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def track_store(store_dir: str | Path) -> StoreTracking:
+    """Version the preference store with `dvc add` in the DVC project that holds it.
+
+    `dvc add` caches the store's content and writes `<store>.dvc` beside it (its md5), so
+    `git add` of that file and `dvc push` share the version and `dvc pull` restores it. It is
+    idempotent: an unchanged store leaves the .dvc file as it was. A store outside any DVC
+    project is skipped (the returned message says so). DVC runs as a subprocess of this
+    interpreter, like the pipeline's stages; a failure raises StoreTrackingError.
+    """
+    store = Path(store_dir).resolve()
+    root = dvc_project_root(store)
+    if root is None:
+        return StoreTracking(
+            None,
+            False,
+            f"{store_dir} is not inside a DVC project (no .dvc/ folder above it): "
+            "not tracked with dvc add",
+        )
+    target = store.relative_to(root).as_posix()
+    dvc_file = store.with_name(store.name + ".dvc")
+    before = dvc_file.read_text(encoding="utf-8") if dvc_file.is_file() else None
+    # --no-relink: the store's files stay plain files. Ingestion appends to manifest.jsonl in
+    # place, which would write into the cache through a hardlink or symlink (cache.type).
+    # No --quiet: it hides DVC's errors too.
+    command = [sys.executable, "-m", "dvc", "add", "--no-relink", target]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    try:
+        done = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, check=False
+        )
+    except OSError as error:
+        raise StoreTrackingError(f"Cannot run `dvc add {target}`: {error}.") from None
+    if done.returncode != 0:
+        raise StoreTrackingError(_dvc_add_failure(target, root, done.stdout + done.stderr))
+    shown = target if root == Path.cwd().resolve() else f"{target} (in {root})"
+    dvc_name = f"{target}.dvc"
+    if dvc_file.read_text(encoding="utf-8") == before:
+        return StoreTracking(dvc_file, False, f"{shown} is tracked as it is ({dvc_name} unchanged)")
+    return StoreTracking(
+        dvc_file,
+        True,
+        f"tracked {shown} with dvc add ({dvc_name}); `git add {dvc_name}` and `dvc push` to "
+        "share it",
+    )
+
+
+def _dvc_add_failure(target: str, root: Path, output: str) -> str:
+    """One line: DVC's last error, a hint when it is one a user can fix, and the way back."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")]
+    reason = (errors or lines or ["no output"])[-1].rstrip(".")
+    hint = ""
+    if "is git-ignored" in reason:
+        # git cannot re-include a file whose folder is ignored, so `/data/` must become `/data/?*`
+        folder = target.rpartition("/")[0]
+        ignore_contents = f"`/{folder}/?*` (not `/{folder}/`) then " if folder else ""
+        hint = f" (let git see it: {ignore_contents}`!/{target}.dvc` in .gitignore)"
+    elif "Unable to acquire lock" in reason:
+        hint = " (another DVC command, a pipeline run perhaps, holds the project)"
+    return (
+        f"`dvc add {target}` failed in {root}: {reason}{hint}. The store keeps what was "
+        f"ingested; run `dvc add {target}` there once that is fixed."
+    )
 
 
 # --------------------------------------------------------------------------------------------
