@@ -262,7 +262,7 @@ def stage_prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Write the raw data sets (demo task or user files) and the base model to fixed paths."""
     from rlhf_core.stages.prepare import run_prepare
 
-    summary = _run_stage(run_prepare, params_path)
+    summary = _run_stage(run_prepare, params_path, "prepare")
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -271,7 +271,7 @@ def stage_validate(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Validate every raw data set into data/validated/<set> (report, rows, quarantine, docs)."""
     from rlhf_core.stages.validate import run_validate
 
-    summary = _run_stage(run_validate, params_path)
+    summary = _run_stage(run_validate, params_path, "validate")
     typer.echo(json.dumps(summary, indent=2))
     if not summary["passed"]:
         raise typer.Exit(code=1)
@@ -282,7 +282,7 @@ def stage_sft(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Supervised fine-tuning of the base model on the SFT set (completion-only loss)."""
     from rlhf_core.stages.sft import run_sft
 
-    _run_training_stage(params_path, lambda p: run_sft(p.sft, data=p.data, seed=p.seed))
+    _run_training_stage(params_path, lambda p: run_sft(p.sft, data=p.data, seed=p.seed), "sft")
 
 
 @stage_app.command("reward")
@@ -290,7 +290,9 @@ def stage_reward(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Reward model from the SFT model: Bradley–Terry on pairs, Plackett–Luce on rankings."""
     from rlhf_core.stages.reward import run_reward
 
-    _run_training_stage(params_path, lambda p: run_reward(p.reward, data=p.data, seed=p.seed))
+    _run_training_stage(
+        params_path, lambda p: run_reward(p.reward, data=p.data, seed=p.seed), "reward"
+    )
 
 
 @stage_app.command("dpo")
@@ -298,7 +300,9 @@ def stage_dpo(params_path: ParamsOption = Path("params.yaml")) -> None:
     """DPO (or IPO, hinge, conservative DPO, SimPO) from the SFT model on preference pairs."""
     from rlhf_core.stages.dpo import run_dpo
 
-    _run_training_stage(params_path, lambda p: run_dpo(p.policy.dpo, data=p.data, seed=p.seed))
+    _run_training_stage(
+        params_path, lambda p: run_dpo(p.policy.dpo, data=p.data, seed=p.seed), "dpo"
+    )
 
 
 @stage_app.command("ppo")
@@ -306,7 +310,9 @@ def stage_ppo(params_path: ParamsOption = Path("params.yaml")) -> None:
     """PPO (or GRPO/RLOO) against the reward model with a KL penalty to the SFT model."""
     from rlhf_core.stages.ppo import run_ppo
 
-    _run_training_stage(params_path, lambda p: run_ppo(p.policy.ppo, data=p.data, seed=p.seed))
+    _run_training_stage(
+        params_path, lambda p: run_ppo(p.policy.ppo, data=p.data, seed=p.seed), "ppo"
+    )
 
 
 @stage_app.command("evaluate")
@@ -319,20 +325,27 @@ def stage_evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
         lambda p: run_evaluate(
             p.evaluate, algorithms=p.policy.algorithms, data=p.data, seed=p.seed
         ),
+        "evaluate",
     )
 
 
-def _run_training_stage(params_path: Path, stage_function) -> None:
-    metrics = _run_stage(stage_function, params_path)
+def _run_training_stage(params_path: Path, stage_function, stage: str) -> None:
+    metrics = _run_stage(stage_function, params_path, stage)
     typer.echo(json.dumps(metrics, indent=2, default=str))
 
 
-def _run_stage(stage_function, params_path: Path):
+def _run_stage(stage_function, params_path: Path, stage: str):
+    """Run a stage function; its timing split goes to artifacts/timings/<stage>.json."""
+    from rlhf_core.paths import ProjectPaths
+    from rlhf_core.timing import record_stage_timing
+
     params_obj = _load_params(params_path)
+    timings_dir = ProjectPaths(params_path.parent).timings_dir
     try:
-        return stage_function(params_obj)
+        result, _ = record_stage_timing(stage, timings_dir, lambda: stage_function(params_obj))
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
+    return result
 
 
 @app.command()
@@ -414,5 +427,13 @@ def _print_where_to_look(summary: dict) -> None:
     print_summary(summary)
 
 
-def main() -> None:  # pragma: no cover - console entry point
+def main() -> None:
+    """The `rlhf` console script: `rlhf stage ...` goes to a warm stage server when the
+    pipeline flow runs one (`rlhf_core.warm_stages`), everything else runs here."""
+    import sys
+
+    from rlhf_core.warm_stages import delegate
+
+    if sys.argv[1:2] == ["stage"] and (code := delegate(sys.argv[1:])) is not None:
+        raise SystemExit(code)
     app()

@@ -46,6 +46,11 @@ class ProjectPaths:
         return self.root / "artifacts" / "base"
 
     @property
+    def timings_dir(self) -> Path:
+        """Per-stage timing splits (`rlhf_core.timing`); git-ignored, not a DVC output."""
+        return self.root / "artifacts" / "timings"
+
+    @property
     def metrics_dir(self) -> Path:
         return self.root / "artifacts" / "metrics"
 

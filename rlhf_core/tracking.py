@@ -26,9 +26,11 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rlhf_core.timing import counts_as_tracking, tracking_time
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -198,6 +200,7 @@ class StageRun:
         """The MLflow run id."""
         return self._run_id
 
+    @counts_as_tracking
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer one step's metrics; written every FLUSH_EVERY_CALLS calls or seconds."""
         from mlflow.entities import Metric
@@ -214,6 +217,7 @@ class StageRun:
         ):
             self.flush()
 
+    @counts_as_tracking
     def flush(self) -> None:
         """Write buffered metrics now (the client splits them into batches of <= 1000)."""
         if self._pending:
@@ -222,6 +226,7 @@ class StageRun:
         self._calls_since_flush = 0
         self._last_flush = time.monotonic()
 
+    @counts_as_tracking
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a nested mapping of params under dotted keys (<= 100 per store call)."""
         from mlflow.entities import Param
@@ -229,16 +234,19 @@ class StageRun:
         flat = flatten_params(params)
         self._client.log_batch(self._run_id, params=[Param(k, v) for k, v in flat.items()])
 
+    @counts_as_tracking
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags, values as strings (<= 100 per store call)."""
         from mlflow.entities import RunTag
 
         self._client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @counts_as_tracking
     def log_figure(self, figure: Any, artifact_path: str) -> None:
         """Save a matplotlib or plotly figure as the artifact file `artifact_path`."""
         self._client.log_figure(self._run_id, figure, artifact_path)
 
+    @counts_as_tracking
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy one local file into the run's artifacts (under `artifact_path` if given)."""
         path = Path(path)
@@ -246,6 +254,7 @@ class StageRun:
             raise ValueError(f"Cannot log artifact {path}: no such file.")
         self._client.log_artifact(self._run_id, str(path), artifact_path)
 
+    @counts_as_tracking
     def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
         """Copy a local directory's contents into the run's artifacts under `artifact_path`."""
         directory = Path(directory)
@@ -253,10 +262,12 @@ class StageRun:
             raise ValueError(f"Cannot log artifacts from {directory}: no such directory.")
         self._client.log_artifacts(self._run_id, str(directory), artifact_path)
 
+    @counts_as_tracking
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Write a JSON/YAML-serialisable object as `artifact_file` (format from its suffix)."""
         self._client.log_dict(self._run_id, obj, artifact_file)
 
+    @counts_as_tracking
     def log_model_dir(self, model_dir: Path, artifact_path: str) -> None:
         """Log a `save_pretrained` directory as plain artifacts, with its md5 as a tag."""
         model_dir = Path(model_dir)
@@ -265,6 +276,7 @@ class StageRun:
         self.log_artifacts(model_dir, artifact_path)
         self.set_tags({f"model.{artifact_path}.md5": path_md5(model_dir)})
 
+    @counts_as_tracking
     def log_dataset(
         self,
         frame_or_path: pd.DataFrame | Path,
@@ -305,6 +317,7 @@ class StageRun:
         self._client.log_inputs(self._run_id, datasets=[DatasetInput(entity, input_tags)])
         self.set_tags({f"dataset.{name}.md5": md5})
 
+    @counts_as_tracking
     def record_output(self, path: Path, name: str | None = None) -> None:
         """Declare an output: at a successful exit its md5 becomes tag `output.<name>.md5`
         and, for a directory, `run_info.json` is written into it for the next stage to read.
@@ -434,45 +447,51 @@ def stage_run(
     buffered metrics are flushed, outputs are marked and hashed, and the run ends FINISHED;
     on an exception it ends FAILED (KILLED for Ctrl-C) and the exception propagates.
     """
-    _quiet_mlflow()
-    import mlflow
-    from mlflow import MlflowClient
+    with ExitStack() as stack:
+        with tracking_time():  # MLflow set-up is tracking time, not the stage's compute
+            _quiet_mlflow()
+            import mlflow
+            from mlflow import MlflowClient
 
-    root = Path(project_root)
-    uri = tracking_uri(root)
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = ensure_experiment(client, experiment_name(), artifact_location(root, uri))
-    input_tags = lineage_tags(inputs or {})
-    commit, dirty = git_state(root)
-    with _global_tracking_uri(uri):
-        active = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=stage_name,
-            nested=True,
-            parent_run_id=_parent_run_id(client, uri),
-            tags={"stage": stage_name},
-        )
-        run = StageRun(client, active.info.run_id, root)
+            root = Path(project_root)
+            uri = tracking_uri(root)
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = ensure_experiment(
+                client, experiment_name(), artifact_location(root, uri)
+            )
+            input_tags = lineage_tags(inputs or {})
+            commit, dirty = git_state(root)
+            stack.enter_context(_global_tracking_uri(uri))
+            active = mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=stage_name,
+                nested=True,
+                parent_run_id=_parent_run_id(client, uri),
+                tags={"stage": stage_name},
+            )
+            run = StageRun(client, active.info.run_id, root)
         try:
             run.set_tags({"git_commit": commit, "git_dirty": dirty, **input_tags, **(tags or {})})
             run.log_params(params or {})
             yield run
-            run.flush()
-            run._finish_outputs(
-                {
-                    "run_id": run.run_id,
-                    "experiment_id": experiment_id,
-                    "stage": stage_name,
-                    "tracking_uri": uri,
-                    "git_commit": commit,
-                }
-            )
+            with tracking_time():
+                run.flush()
+                run._finish_outputs(
+                    {
+                        "run_id": run.run_id,
+                        "experiment_id": experiment_id,
+                        "stage": stage_name,
+                        "tracking_uri": uri,
+                        "git_commit": commit,
+                    }
+                )
         except BaseException as error:
             _flush_quietly(run)
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             _end_run(client, run.run_id, status)
             raise
-        _end_run(client, run.run_id, "FINISHED")
+        with tracking_time():
+            _end_run(client, run.run_id, "FINISHED")
 
 
 def _flush_quietly(run: StageRun) -> None:
