@@ -34,6 +34,7 @@ from rlhf_core.tracking import (
     read_producer_run_id,
     tracking_uri,
 )
+from rlhf_core.warm_stages import warm_stages
 
 # tasks/ is not a package: load the task module by path, beside this flow's folder.
 dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_stage.py")
@@ -374,7 +375,9 @@ def pipeline(project_root: str = ".", gate: dict[str, Any] | None = None) -> dic
     stages = dvc_stage.stage_order(root)
     logger.info("stages in DAG order: %s", ", ".join(stages))
     with parent_run(root) as mlflow_run_id:
-        results = run_stages(stages, root, mlflow_run_id)
+        # Stale stages run in processes forked from one warm server (imports paid once).
+        with warm_stages(root):
+            results = run_stages(stages, root, mlflow_run_id)
         table = report(results, root, mlflow_run_id, time.perf_counter() - started)
         if (root / EVALUATION_METRICS).is_file():
             decision = quality_gate(str(root), gate_settings(root, gate))

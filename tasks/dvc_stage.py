@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from rlhf_core.tracking import PARENT_RUN_ENV, read_producer_run_id
+from rlhf_core.warm_stages import stage_server_environment
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,13 @@ def stage_environment(parent_run_id: str | None) -> dict[str, str]:
 
     The interpreter's bin folder goes first on PATH (stage commands call `rlhf` and
     `python`, which must be the project's even when its venv is not activated), output is
-    unbuffered so it streams, and MLFLOW_PARENT_RUN_ID is the pipeline's run (or unset).
+    unbuffered so it streams, MLFLOW_PARENT_RUN_ID is the pipeline's run (or unset), and
+    RLHF_STAGE_SERVER names the flow's warm stage server when one is active.
     """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(stage_server_environment())  # a warm stage server, when the flow runs one
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
     else:
