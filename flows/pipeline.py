@@ -1,8 +1,9 @@
 """The pipeline flow: every DVC stage in DAG order under one MLflow parent run, then the gate.
 
-    stage order (dvc dag) -> parent MLflow run -> run_stage per stage (DVC skips what is up
-    to date; each stage's run nests under the parent) -> summary table -> quality gate
-    (register the candidate, head to head against the champion, promote or keep)
+    stage order (dvc dag) + what is stale (one dvc status) -> parent MLflow run -> run_stage
+    per stage (up-to-date stages are skipped; each stage's run nests under the parent) ->
+    summary table -> quality gate (register the candidate, head to head against the
+    champion, promote or keep)
 
 Anything this flow produced can be rebuilt with `dvc repro` alone; it adds the order, retries,
 the parent run, the summary and the gate. Loaded by path (`flows/pipeline.py:pipeline`).
@@ -326,14 +327,30 @@ def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_stages(stages: list[str], root: Path, mlflow_run_id: str) -> list[dict[str, Any]]:
-    """run_stage for each stage in order; the first failure stops the rest (and is tagged)."""
+def stage_reasons(stage: str, stale: dict[str, list[str]], upstream_ran: list[str]) -> list[str]:
+    """Why to reproduce `stage`: DVC's reasons from the start of the run, or the stages that
+    ran since (their new outputs may change its inputs; DVC skips it if they did not)."""
+    if stage in stale:
+        return stale[stage]
+    return [f"upstream stage ran: {', '.join(upstream_ran)}"] if upstream_ran else []
+
+
+def run_stages(
+    stages: list[str], root: Path, mlflow_run_id: str, stale: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """run_stage for each stage in order; the first failure stops the rest (and is tagged).
+
+    `stale` is `stale_stages` from before the first stage: an up-to-date stage with nothing
+    upstream rerun is skipped without starting DVC.
+    """
     import mlflow
 
-    results = []
+    results: list[dict[str, Any]] = []
     for position, stage in enumerate(stages):
+        upstream_ran = [r["stage"] for r in results if r["status"] != dvc_stage.SKIPPED]
+        reasons = stage_reasons(stage, stale, upstream_ran)
         try:
-            results.append(run_stage(stage, str(root), mlflow_run_id))
+            results.append(run_stage(stage, str(root), mlflow_run_id, reasons))
         except Exception as error:
             not_run = ", ".join(stages[position + 1 :]) or "none"
             mlflow.set_tag("failed_stage", stage)
@@ -373,18 +390,24 @@ def pipeline(project_root: str = ".", gate: dict[str, Any] | None = None) -> dic
     logger = get_run_logger()
     started = time.perf_counter()
     stages = dvc_stage.stage_order(root)
+    stale = dvc_stage.stale_stages(root)
     logger.info("stages in DAG order: %s", ", ".join(stages))
-    with parent_run(root) as mlflow_run_id:
-        # Stale stages run in processes forked from one warm server (imports paid once).
-        with warm_stages(root):
-            results = run_stages(stages, root, mlflow_run_id)
-        table = report(results, root, mlflow_run_id, time.perf_counter() - started)
-        if (root / EVALUATION_METRICS).is_file():
-            decision = quality_gate(str(root), gate_settings(root, gate))
-        else:
-            reason = f"no {EVALUATION_METRICS} (no evaluate stage output) to gate"
-            logger.warning("gate skipped: %s", reason)
-            decision = {"status": "skipped", "promote": False, "reasons": [reason]}
+    logger.info("stale: %s", ", ".join(stale) or "none")
+    # Stale stages run in processes forked from one warm server (imports paid once); it
+    # imports while the parent run is created, and stops before the gate.
+    with warm_stages(root) as server:
+        if stale:
+            server.start()
+        with parent_run(root) as mlflow_run_id:
+            results = run_stages(stages, root, mlflow_run_id, stale)
+            server.stop()
+            table = report(results, root, mlflow_run_id, time.perf_counter() - started)
+            if (root / EVALUATION_METRICS).is_file():
+                decision = quality_gate(str(root), gate_settings(root, gate))
+            else:
+                reason = f"no {EVALUATION_METRICS} (no evaluate stage output) to gate"
+                logger.warning("gate skipped: %s", reason)
+                decision = {"status": "skipped", "promote": False, "reasons": [reason]}
     return {
         "mlflow_run_id": mlflow_run_id,
         "stages": results,

@@ -203,8 +203,25 @@ def stale_reasons(project_root: str | Path, stage: str) -> list[str]:
     Each reason reads like "changed deps: data/preferences (modified)".
     """
     status = json.loads(_run_dvc(Path(project_root), "status", stage, "--json") or "{}")
+    return _reasons(status.get(stage, []))
+
+
+def stale_stages(project_root: str | Path) -> dict[str, list[str]]:
+    """Every stale stage with its reasons, from ONE `dvc status --json` (no targets).
+
+    Stages missing from the result are up to date; entries of `.dvc` files are left out.
+    """
+    status = json.loads(_run_dvc(Path(project_root), "status", "--json") or "{}")
+    return {
+        name: _reasons(entries)
+        for name, entries in status.items()
+        if not name.endswith(".dvc") and entries
+    }
+
+
+def _reasons(entries: Iterable[Any]) -> list[str]:
     reasons = []
-    for entry in status.get(stage, []):
+    for entry in entries:
         if isinstance(entry, str):  # e.g. "changed command", "always changed"
             reasons.append(entry)
             continue
@@ -327,9 +344,16 @@ def _stream_repro(root: Path, stage: str, env: dict[str, str], logger: Any) -> l
     retry_condition_fn=retry_on_transient,
 )
 def run_stage(
-    stage: str, project_root: str = ".", parent_run_id: str | None = None
+    stage: str,
+    project_root: str = ".",
+    parent_run_id: str | None = None,
+    reasons: list[str] | None = None,
 ) -> dict[str, Any]:
     """Reproduce one DVC stage if it is stale and report it.
+
+    `reasons` is what the caller already knows (from `stale_stages`): [] = up to date, so no
+    DVC process at all; a non-empty list = reproduce (DVC still skips the stage if nothing
+    it depends on changed); None = ask `dvc status` first.
 
     Returns {"stage", "status": "ran" | "skipped" | "restored", "reasons" (why it was stale),
     "duration_s", "outputs": {path: md5 from dvc.lock}, "run_id" (MLflow run that produced
@@ -338,7 +362,8 @@ def run_stage(
     root = Path(project_root).resolve()
     logger = _logger()
     started = time.perf_counter()
-    reasons = stale_reasons(root, stage)
+    if reasons is None:
+        reasons = stale_reasons(root, stage)
     if not reasons:
         status = SKIPPED
         logger.info("%s: up to date, skipped", stage)

@@ -461,3 +461,23 @@ def test_no_event_without_a_configured_api(tmp_path):
     added = IngestResult(file="a.jsonl", sha256="ab" * 32, status="ingested", added=3)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert orchestration.emit_ingested_event(tmp_path, [added]) is None
+
+
+def test_stage_reasons_skip_up_to_date_stages_unless_something_upstream_ran():
+    reasons = pipeline_module.stage_reasons
+    stale = {"sft": ["changed deps: data/validated/sft (modified)"]}
+    assert reasons("sft", stale, []) == stale["sft"]
+    assert reasons("reward", stale, []) == []  # up to date, nothing reran: no DVC process
+    assert reasons("reward", stale, ["sft"]) == ["upstream stage ran: sft"]
+    assert reasons("sft", stale, ["prepare"]) == stale["sft"]  # DVC's own reasons first
+
+
+def test_stale_stages_is_one_status_for_the_whole_dag(toy):
+    root = toy
+    first = dvc_stage.stale_stages(root)
+    assert set(first) == set(TOY_ORDER)  # nothing ran yet
+    assert all(first[name] for name in first)
+    dvc_stage.run_stage.fn("first", str(root))
+    after = dvc_stage.stale_stages(root)
+    assert "first" not in after
+    assert not any(name.endswith(".dvc") for name in after)
