@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rlhf_core.data.demo import DemoSettings
 from rlhf_core.data.validation import ValidationSettings
 from rlhf_core.gate import GateSettings
+from rlhf_core.stages.settings import (
+    DPOSettings,
+    EvaluateSettings,
+    PPOSettings,
+    RewardSettings,
+    SFTSettings,
+)
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -71,20 +78,6 @@ class DataParams(_Section):
 
 
 POLICY_ALGORITHMS = ("dpo", "ppo")
-
-
-def _stage_settings():
-    """The stages' own settings classes (imported here, late: the stage modules are heavy)."""
-    from rlhf_core.stages.dpo import DPOSettings
-    from rlhf_core.stages.evaluate import EvaluateSettings
-    from rlhf_core.stages.ppo import PPOSettings
-    from rlhf_core.stages.reward import RewardSettings
-    from rlhf_core.stages.sft import SFTSettings
-
-    return SFTSettings, RewardSettings, DPOSettings, PPOSettings, EvaluateSettings
-
-
-SFTSettings, RewardSettings, DPOSettings, PPOSettings, EvaluateSettings = _stage_settings()
 
 
 class PolicyParams(_Section):

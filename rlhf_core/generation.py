@@ -25,6 +25,12 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from rlhf_core.losses import sequence_logprobs, shift_for_causal_lm
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
+from rlhf_core.training.settings import (
+    SamplingSettings,
+    _is_int,  # noqa: F401 (moved there; re-exported)
+    _is_number,  # noqa: F401 (moved there; re-exported)
+    _require_batch_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,52 +62,6 @@ def render_prompts(
         for prompt in prompts
     ]
     return _encode(tokenizer, texts)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How `generate` samples.
-
-    Attributes:
-        max_new_tokens: most tokens per response (default 48); a response that reaches it
-            without an EOS is marked `ended=False`.
-        temperature: softmax temperature T > 0 for sampling (default 1.0). PPO's log-probs are
-            computed at T = 1, so other values sample from a different policy than the one
-            trained (the same holds for `top_k` and `top_p`).
-        top_k: keep only the k most likely tokens; 0 (default) keeps all.
-        top_p: nucleus sampling, keep the smallest set of tokens with mass ≥ top_p; 1.0
-            (default) keeps all.
-        batch_size: prompts per `model.generate` call (default 64).
-        do_sample: sample (default True); False decodes greedily and ignores temperature,
-            top_k and top_p.
-    """
-
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    batch_size: int = 64
-    do_sample: bool = True
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"max_new_tokens must be a positive integer but is {self.max_new_tokens!r}."
-            )
-        if not _is_number(self.temperature) or not 0.0 < self.temperature < float("inf"):
-            raise ValueError(
-                f"temperature must be a positive finite number but is {self.temperature!r}; "
-                "use do_sample=False for greedy decoding."
-            )
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(
-                f"top_k must be a non-negative integer (0 keeps all tokens) but is {self.top_k!r}."
-            )
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1] but is {self.top_p!r}.")
-        _require_batch_size(self.batch_size)
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be true or false but is {self.do_sample!r}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,16 +480,3 @@ def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
             "The tokenizer has no chat template; call "
             "rlhf_core.models.ensure_chat_template(tokenizer) to give it the default one."
         )
-
-
-def _require_batch_size(batch_size: int) -> None:
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer but is {batch_size!r}.")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

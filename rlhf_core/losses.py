@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from rlhf_core.training.settings import DPO_LOSS_TYPES
 
 # A chunk of logits holds about this many elements (128 MiB in float32), whatever the vocab.
 _CHUNK_ELEMENTS = 2**25

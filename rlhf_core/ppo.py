@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-GROUP_ADVANTAGE_KINDS = ("grpo", "rloo")
+from rlhf_core.training.settings import (
+    GROUP_ADVANTAGE_KINDS,
+    KL_ESTIMATORS,
+)
 
 
 def _require_same_shape(**tensors: torch.Tensor) -> None:

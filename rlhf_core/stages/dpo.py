@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,16 +27,19 @@ from rlhf_core.stages.common import (
     write_curve_plots,
     write_json,
 )
+from rlhf_core.stages.settings import DPO_DEMO_TRAIN as DEMO_TRAIN  # noqa: F401 (moved there; re-exported)
+from rlhf_core.stages.settings import (
+    DPOSettings,
+    LoraSettings,
+)
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.dpo_task import (
-    PreferenceObjective,
     PreferenceTask,
     TokenizedPair,
-    default_average_logprobs,
     reference_logps,
     tokenize_pairs,
 )
-from rlhf_core.training.loop import TrainSettings, seed_everything, train
+from rlhf_core.training.loop import seed_everything, train
 
 if TYPE_CHECKING:  # rlhf_core.config imports this module for DPOSettings
     from rlhf_core.config import DataParams
@@ -46,117 +48,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "dpo"
 LORA_INSTALL_HINT = "install peft (pip install 'rlhf-pipeline[lora]')"
-
-# Chosen on the demo (0.9M-parameter Llama, 1350 training pairs, 2 CPU cores): one epoch of
-# 43 steps (~50 s) with rpo_alpha 0.5 wins ~75-85% of sampled comparisons against the SFT model
-# on the gold judge at a KL of ~3 nats; plain DPO (rpo_alpha 0) needs 2 epochs for a similar
-# win rate, at a KL of 20-40 nats and less fluent text.
-DEMO_TRAIN = TrainSettings(
-    learning_rate=1e-3,
-    warmup_steps=5,
-    schedule="cosine",
-    min_lr_ratio=0.1,
-    max_grad_norm=1.0,
-    epochs=1.0,
-    batch_size=32,
-    eval_every=20,
-    checkpoint_every=20,
-)
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """Low-rank adapters (Hu et al. 2021, LoRA, arXiv:2106.09685) through peft.
-
-    Attributes:
-        enabled: train adapters instead of all weights (default False).
-        r: adapter rank (default 8).
-        alpha: scaling numerator; the update is (alpha / r) · B A (default 16).
-        dropout: dropout on the adapter input (default 0.0).
-        target_modules: names of the linear layers that get adapters (default Llama's
-            attention projections q_proj, k_proj, v_proj, o_proj).
-    """
-
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if self.r < 1:
-            raise ValueError(f"lora.r must be at least 1, got {self.r}.")
-        if not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be positive, got {self.alpha}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout}.")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module.")
-
-
-@dataclass(frozen=True)
-class DPOSettings:
-    """Every knob of the DPO stage.
-
-    Attributes:
-        train: optimisation settings (defaults chosen on the demo: lr 1e-3, 1 epoch of
-            batch 32, 5 warmup steps, cosine decay; held-out eval and a checkpoint every 20
-            steps). Its `seed` is replaced by the stage's global seed.
-        loss_type: sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023) | hinge
-            (SLiC-HF, Zhao et al. 2023) | simpo (Meng et al. 2024; reference-free, no
-            reference pass). Default sigmoid.
-        beta: β, the implicit KL strength (default 0.1; for simpo the paper uses 2.0–2.5).
-        label_smoothing: ε, conservative DPO's assumed label-flip rate (sigmoid or simpo;
-            default 0).
-        average_logprobs: score responses by mean token log-prob instead of the sum. None
-            (default) = the paper's choice per loss type: False for sigmoid and hinge, True
-            for ipo and simpo (simpo requires True).
-        rpo_alpha: α of the RPO term α · token-mean NLL(chosen) (Pang et al. 2024,
-            arXiv:2404.19733), against the drop of the chosen likelihood. Default 0.5: on
-            the demo it keeps the policy within ~3 nats of the SFT model (plain DPO drifts
-            20-40 nats into less fluent text) at a higher gold win rate. 0 = plain DPO.
-        simpo_gamma_beta_ratio: SimPO's target margin γ / β (default 0.5).
-        max_length: most tokens of prompt + response (+ EOS); longer pairs are truncated
-            (prompt start first). Default 512.
-        inference_batch_size: pairs per forward pass in the reference pass and held-out
-            evaluation (default 64).
-        lora: LoRA settings (off by default).
-    """
-
-    train: TrainSettings = DEMO_TRAIN
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    average_logprobs: bool | None = None
-    rpo_alpha: float = 0.5
-    simpo_gamma_beta_ratio: float = 0.5
-    max_length: int = 512
-    inference_batch_size: int = 64
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-    def __post_init__(self) -> None:
-        self.objective()  # validates the loss knobs
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
-        if self.inference_batch_size < 1:
-            raise ValueError(
-                f"inference_batch_size must be at least 1, got {self.inference_batch_size}."
-            )
-
-    def objective(self) -> PreferenceObjective:
-        """The loss of this run, with `average_logprobs` resolved per loss type."""
-        average = self.average_logprobs
-        if average is None:
-            average = default_average_logprobs(self.loss_type)
-        return PreferenceObjective(
-            loss_type=self.loss_type,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            average_logprobs=average,
-            rpo_alpha=self.rpo_alpha,
-            simpo_gamma_beta_ratio=self.simpo_gamma_beta_ratio,
-        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from rlhf_core.evaluation.metrics import (
 from rlhf_core.generation import SamplingSettings
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split, write_json
+from rlhf_core.stages.settings import EvaluateSettings
 
 if TYPE_CHECKING:  # rlhf_core.config imports this module for its settings class
     import pandas as pd
@@ -63,70 +64,6 @@ CI_KEYS = tuple(
     for key in ("gold_win_rate_vs_sft", "rm_win_rate_vs_sft")
     for end in ("low", "high")
 )
-
-
-def _default_sampling() -> SamplingSettings:
-    # T = 1 with no top-k/top-p samples from the policies exactly as trained, which keeps the
-    # Monte-Carlo KL a true KL. 64 tokens end the longest demo review (≤ 49 tokens with EOS).
-    # Larger batches than generation's default: fewer, longer steps use a CPU's threads better.
-    return SamplingSettings(max_new_tokens=64, temperature=1.0, batch_size=128)
-
-
-@dataclass(frozen=True)
-class EvaluateSettings:
-    """Knobs of the evaluation stage (the `evaluate:` section of params.yaml).
-
-    Attributes:
-        sampling: how every policy samples (a `SamplingSettings` or a mapping of its fields);
-            the same settings and seed for all, so a policy equal to SFT gives SFT's samples.
-            KL to SFT is exact only at temperature 1 with top_k 0 and top_p 1 (the default).
-        best_of_n: the n of each best-of-n baseline (each ≥ 2, distinct); () for none. Costs
-            max(n) extra SFT samples per evaluated response.
-        samples_per_prompt: responses per prompt and policy (more samples, tighter estimates).
-        max_prompts: evaluate only the first N held-out prompts; None uses all of them.
-        samples_in_report: prompts shown side by side in samples.md (first sample of each).
-        batch_size: sequences per forward pass when scoring with the reward model and when
-            computing log-probabilities (generation uses `sampling.batch_size`).
-        bootstrap: add 95% percentile-bootstrap intervals of the win rates
-            (`<metric>_ci_low` / `_ci_high`).
-    """
-
-    sampling: SamplingSettings = field(default_factory=_default_sampling)
-    best_of_n: tuple[int, ...] = (4, 16)
-    samples_per_prompt: int = 1
-    max_prompts: int | None = None
-    samples_in_report: int = 20
-    batch_size: int = 64
-    bootstrap: bool = True
-
-    def __post_init__(self) -> None:
-        # params.yaml gives plain mappings and lists; keep the typed forms.
-        if isinstance(self.sampling, Mapping):
-            object.__setattr__(self, "sampling", SamplingSettings(**self.sampling))
-        if not isinstance(self.sampling, SamplingSettings):
-            raise ValueError(f"sampling must be sampling settings but is {self.sampling!r}.")
-        if isinstance(self.best_of_n, list):
-            object.__setattr__(self, "best_of_n", tuple(self.best_of_n))
-        if not isinstance(self.best_of_n, tuple) or not all(
-            _is_int(n) and n >= 2 for n in self.best_of_n
-        ):
-            raise ValueError(
-                f"best_of_n must be a list of integers of at least 2 but is {self.best_of_n!r}; "
-                "best-of-1 is the SFT policy itself."
-            )
-        if len(set(self.best_of_n)) != len(self.best_of_n):
-            raise ValueError(f"best_of_n lists an n twice: {self.best_of_n!r}.")
-        for name in ("samples_per_prompt", "samples_in_report", "batch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer but is {value!r}.")
-        if self.max_prompts is not None and (not _is_int(self.max_prompts) or self.max_prompts < 1):
-            raise ValueError(
-                f"max_prompts must be a positive integer or null (all prompts) but is "
-                f"{self.max_prompts!r}."
-            )
-        if not isinstance(self.bootstrap, bool):
-            raise ValueError(f"bootstrap must be true or false but is {self.bootstrap!r}.")
 
 
 def _is_int(value: object) -> bool:

@@ -16,13 +16,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split, write_json
-from rlhf_core.training.ppo_trainer import PPOTrainResult, PPOTrainSettings
+from rlhf_core.stages.settings import PPOSettings
+from rlhf_core.training.ppo_trainer import PPOTrainResult
 
 if TYPE_CHECKING:  # rlhf_core.config imports this module for its settings class
     from rlhf_core.config import DataParams
@@ -32,33 +32,6 @@ log = logging.getLogger(__name__)
 STAGE = "ppo"
 # Curves drawn in the PNG (all logged metrics are in the curves JSON and in MLflow).
 PLOTTED_CURVES = ("reward/score_mean", "kl/mean", "eval/score_mean")
-
-
-@dataclass(frozen=True)
-class PPOSettings:
-    """Every knob of the PPO stage.
-
-    Attributes:
-        train: the PPO loop's knobs (rollouts, KL, advantages, losses, optimiser, schedule,
-            evaluation and checkpoint cadence); see `PPOTrainSettings`.
-        max_eval_prompts: most held-out prompts in the periodic evaluation (64); the first ones
-            of the held-out split, so every evaluation uses the same prompts.
-        scorer_batch_size: sequences per reward-model forward pass (64).
-    """
-
-    train: PPOTrainSettings = field(default_factory=PPOTrainSettings)
-    max_eval_prompts: int = 64
-    scorer_batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.train, PPOTrainSettings):
-            raise ValueError("ppo train must be a PPOTrainSettings (the ppo.train section).")
-        for name in ("max_eval_prompts", "scorer_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ppo {name} must be a non-negative integer but is {value!r}.")
-        if self.scorer_batch_size < 1:
-            raise ValueError("ppo scorer_batch_size must be at least 1.")
 
 
 def run_ppo(

@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +36,10 @@ from rlhf_core.stages.common import (
     write_curve_plots,
     write_json,
 )
+from rlhf_core.stages.settings import REWARD_DEMO_TRAIN as DEMO_TRAIN  # noqa: F401 (moved there; re-exported)
+from rlhf_core.stages.settings import RewardSettings
 from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.loop import TrainSettings, seed_everything, train
+from rlhf_core.training.loop import seed_everything, train
 from rlhf_core.training.reward_task import ComparisonGroup, RewardTask, tokenize_group
 
 if TYPE_CHECKING:  # config imports this module for its settings class
@@ -47,59 +48,6 @@ if TYPE_CHECKING:  # config imports this module for its settings class
 log = logging.getLogger(__name__)
 
 STAGE = "reward"
-
-# Measured on the demo (the 0.9M-parameter SFT model, 1356 training pairs, 2 CPU cores): held-out
-# accuracy plateaus after 3-4 epochs whatever the learning rate (3e-4 … 1e-3); the low rate
-# gives the best-calibrated rewards (lowest held-out loss). 4 epochs are 172 steps, ~45 s of
-# single-core compute. More epochs overfit (train accuracy above the annotators' agreement).
-DEMO_TRAIN = TrainSettings(
-    learning_rate=3e-4,
-    weight_decay=0.0,
-    warmup_steps=10,
-    schedule="cosine",
-    min_lr_ratio=0.1,
-    max_grad_norm=1.0,
-    epochs=4.0,
-    batch_size=32,
-    eval_every=43,
-    checkpoint_every=50,
-)
-
-
-@dataclass(frozen=True)
-class RewardSettings:
-    """Every knob of the reward stage.
-
-    Attributes:
-        train: optimisation settings (defaults measured on the demo: lr 3e-4, 4 epochs of
-            batch 32, cosine decay). `batch_size` counts comparisons (a pair or a ranking).
-            Its `seed` is replaced by the stage's global seed, which also seeds the new score
-            head.
-        max_length: most tokens of chat prompt + response + EOS; longer sequences lose the
-            start of the prompt first, then the end of the response (default 256).
-        use_margin: subtract the data's per-pair `margin` inside Bradley–Terry,
-            −log σ(r⁺ − r⁻ − m) (Llama 2); needs a `margin` column (default False).
-        use_rankings: also train on the validated `ranked` set with Plackett–Luce when it
-            exists (default True).
-        center_rewards: shift the score head so the mean reward over the training responses
-            is 0 (default True).
-        eval_batch_size: sequences per forward pass when scoring (default 64).
-    """
-
-    train: TrainSettings = DEMO_TRAIN
-    max_length: int = 256
-    use_margin: bool = False
-    use_rankings: bool = True
-    center_rewards: bool = True
-    eval_batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"reward.max_length must be at least 2, got {self.max_length}.")
-        if self.eval_batch_size < 2:
-            raise ValueError(
-                f"reward.eval_batch_size must be at least 2, got {self.eval_batch_size}."
-            )
 
 
 def pair_groups(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +25,10 @@ from rlhf_core.stages.common import (
     write_curve_plots,
     write_json,
 )
+from rlhf_core.stages.settings import SFT_DEMO_TRAIN as DEMO_TRAIN  # noqa: F401 (moved there; re-exported)
+from rlhf_core.stages.settings import SFTSettings
 from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.loop import TrainSettings, seed_everything, train
+from rlhf_core.training.loop import seed_everything, train
 from rlhf_core.training.sft_task import SFTTask, tokenize_sft_rows
 
 if TYPE_CHECKING:  # config imports this module for its settings class
@@ -36,61 +37,6 @@ if TYPE_CHECKING:  # config imports this module for its settings class
 log = logging.getLogger(__name__)
 
 STAGE = "sft"
-
-# Measured on the demo (0.9M-parameter Llama from scratch, 1805 training examples of ~48
-# tokens, 2 CPU cores): eval loss falls until about epoch 7 and samples are fluent, well-formed
-# reviews that end with EOS; 8 epochs are 456 steps, about 75 s of single-core compute.
-DEMO_TRAIN = TrainSettings(
-    learning_rate=5e-3,
-    weight_decay=0.0,
-    warmup_steps=20,
-    schedule="cosine",
-    min_lr_ratio=0.1,
-    max_grad_norm=1.0,
-    epochs=8.0,
-    batch_size=32,
-    eval_every=57,
-    checkpoint_every=100,
-)
-
-
-@dataclass(frozen=True)
-class SFTSettings:
-    """Every knob of the SFT stage.
-
-    Attributes:
-        train: optimisation settings (defaults measured on the demo: lr 5e-3, 8 epochs of
-            batch 32, 20 warmup steps (~4%), cosine decay to 10%). Its `seed` is replaced by
-            the stage's global seed.
-        max_length: most tokens of chat prompt + completion + EOS; longer examples lose the
-            start of the prompt first, then the end of the completion (default 256). With
-            packing, also the length of a packed row.
-        packing: concatenate examples into rows of up to `max_length` tokens, each example
-            attending only to itself (default False). `train.batch_size` then counts rows.
-        eval_batch_size: examples per forward pass in held-out evaluation (default 64).
-        num_samples: held-out prompts answered by the trained model and logged to MLflow as
-            `samples.json`, a quick look at fluency (default 8; 0 = none).
-        sample_max_new_tokens: most tokens per sample (default 64).
-    """
-
-    train: TrainSettings = DEMO_TRAIN
-    max_length: int = 256
-    packing: bool = False
-    eval_batch_size: int = 64
-    num_samples: int = 8
-    sample_max_new_tokens: int = 64
-
-    def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"sft.max_length must be at least 2, got {self.max_length}.")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"sft.eval_batch_size must be at least 1, got {self.eval_batch_size}.")
-        if self.num_samples < 0:
-            raise ValueError(f"sft.num_samples must be 0 or more, got {self.num_samples}.")
-        if self.sample_max_new_tokens < 1:
-            raise ValueError(
-                f"sft.sample_max_new_tokens must be at least 1, got {self.sample_max_new_tokens}."
-            )
 
 
 def _samples(model: Any, tokenizer: Any, prompts: list, settings: SFTSettings, seed: int) -> list:

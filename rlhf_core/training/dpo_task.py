@@ -20,11 +20,16 @@ import torch
 from torch import Tensor
 
 from rlhf_core.losses import (
-    DPO_LOSS_TYPES,
     dpo_loss,
     shift_for_causal_lm,
     simpo_loss,
     token_logprobs,
+)
+from rlhf_core.training.settings import (
+    LENGTH_NORMALISED_LOSS_TYPES,  # noqa: F401 (moved there; re-exported)
+    LOSS_TYPES,  # noqa: F401 (moved there; re-exported)
+    PreferenceObjective,
+    default_average_logprobs,  # noqa: F401 (moved there; re-exported)
 )
 from rlhf_core.training.tokenize import (
     TokenizedCompletion,
@@ -34,9 +39,6 @@ from rlhf_core.training.tokenize import (
     prompt_token_ids,
 )
 
-LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo")
-# Loss types whose paper scores sequences by their per-token mean log-probability.
-LENGTH_NORMALISED_LOSS_TYPES = ("ipo", "simpo")
 METRIC_NAMES = (
     "rewards/chosen",
     "rewards/rejected",
@@ -51,64 +53,6 @@ METRIC_NAMES = (
 # --------------------------------------------------------------------------------------------
 # The objective
 # --------------------------------------------------------------------------------------------
-
-
-def default_average_logprobs(loss_type: str) -> bool:
-    """Whether `loss_type` scores sequences by mean (not summed) token log-probability.
-
-    IPO (Azar et al. 2023, arXiv:2310.12036) and SimPO (Meng et al. 2024, arXiv:2405.14734)
-    use length-normalised log-probabilities; DPO (sigmoid) and SLiC (hinge) use sums.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {loss_type!r}.")
-    return loss_type in LENGTH_NORMALISED_LOSS_TYPES
-
-
-@dataclass(frozen=True)
-class PreferenceObjective:
-    """The per-pair loss of a preference-optimisation run.
-
-    Attributes:
-        loss_type: sigmoid (DPO) | ipo | hinge (SLiC) | simpo (reference-free).
-        beta: β of `dpo_loss` / `simpo_loss` (DPO ~0.1; SimPO's paper uses ~2).
-        label_smoothing: ε, the assumed label-flip rate (conservative DPO); sigmoid or simpo.
-        average_logprobs: score sequences by mean token log-prob instead of the sum. SimPO
-            always length-normalises (inside `simpo_loss`), so it must be True there.
-        rpo_alpha: weight α of the RPO term α · NLL(y⁺), NLL = mean over y⁺'s tokens of
-            −log π (Pang et al. 2024, arXiv:2404.19733); 0 disables it.
-        simpo_gamma_beta_ratio: SimPO's target margin γ as a fraction of β.
-    """
-
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    average_logprobs: bool = False
-    rpo_alpha: float = 0.0
-    simpo_gamma_beta_ratio: float = 0.5
-
-    def __post_init__(self) -> None:
-        default_average_logprobs(self.loss_type)  # validates loss_type
-        if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta}.")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}.")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
-            raise ValueError(
-                f"label_smoothing applies to loss_type sigmoid or simpo, not {self.loss_type!r}."
-            )
-        if self.loss_type == "simpo" and not self.average_logprobs:
-            raise ValueError("simpo always uses length-normalised log-probs; set average_logprobs.")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}.")
-        if self.simpo_gamma_beta_ratio < 0:
-            raise ValueError(
-                f"simpo_gamma_beta_ratio must be >= 0, got {self.simpo_gamma_beta_ratio}."
-            )
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether the loss compares with a reference model (every type but SimPO)."""
-        return self.loss_type != "simpo"
 
 
 @dataclass(frozen=True)

@@ -25,73 +25,13 @@ import torch
 
 from rlhf_core.training.batching import plan_epoch, split_micro_batches
 from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.schedule import SCHEDULES, build_scheduler
+from rlhf_core.training.schedule import build_scheduler
+from rlhf_core.training.settings import (
+    MIXED_PRECISION,
+    TrainSettings,
+)
 
 log = logging.getLogger(__name__)
-
-# Our names -> accelerate's. "fp32" rather than accelerate's "no": YAML 1.1 readers (PyYAML)
-# turn an unquoted `no` into False, and DVC's params writer leaves it unquoted.
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation knobs shared by the stages (each stage has its own copy in params.yaml).
-
-    Attributes:
-        learning_rate: peak learning rate of AdamW.
-        weight_decay: decoupled weight decay on matrices (not on norms and biases).
-        adam_beta1, adam_beta2: AdamW's moment decay rates.
-        warmup_steps: linear warmup length in optimizer steps.
-        schedule: decay after warmup: cosine | linear | constant.
-        min_lr_ratio: the decay's floor as a fraction of the peak.
-        max_grad_norm: global gradient-norm clip (0 disables).
-        epochs: passes over the training examples (fractional allowed).
-        max_steps: optimizer steps; overrides epochs when set.
-        batch_size: examples per optimizer step.
-        micro_batch_size: examples per forward pass (gradient accumulation); None = batch_size.
-        max_tokens_per_micro_batch: dynamic batching cap on examples × padded length.
-        group_by_length: batch similar lengths together (less padding).
-        eval_every: evaluate every N steps (0 = only at the end).
-        checkpoint_every: checkpoint every N steps (0 = never).
-        keep_checkpoints: how many checkpoints to keep.
-        mixed_precision: fp32 | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
-        seed: seeds initial RNG state and the data order.
-    """
-
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    micro_batch_size: int | None = None
-    max_tokens_per_micro_batch: int | None = None
-    group_by_length: bool = True
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    mixed_precision: str = "fp32"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
-        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
-            raise ValueError("batch_size and micro_batch_size must be at least 1")
-        if self.epochs <= 0 and not self.max_steps:
-            raise ValueError("set epochs > 0 or max_steps")
-        if min(self.warmup_steps, self.eval_every, self.checkpoint_every) < 0:
-            raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0")
 
 
 class TrainingTask(Protocol):

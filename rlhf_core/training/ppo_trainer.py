@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ from rlhf_core.generation import Rollout, SamplingSettings, generate, score_toke
 from rlhf_core.losses import shift_for_causal_lm, token_entropy, token_logprobs
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
 from rlhf_core.ppo import (
-    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
@@ -56,199 +54,16 @@ from rlhf_core.ppo import (
 )
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
-from rlhf_core.training.schedule import SCHEDULES, build_scheduler
+from rlhf_core.training.schedule import build_scheduler
+from rlhf_core.training.settings import (
+    ADVANTAGE_ESTIMATORS,  # noqa: F401 (moved there; re-exported)
+    PPOTrainSettings,
+)
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 Scorer = Callable[[Rollout], torch.Tensor]  # rollout -> one score per response, (n,)
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
-
-
-@dataclass(frozen=True)
-class PPOTrainSettings:
-    """Every knob of the PPO loop, with defaults sized for the embedded demo.
-
-    Rollouts:
-        iterations: rollout-then-update rounds (default 50).
-        rollout_batch_size: responses sampled per iteration (64). With a group estimator
-            this is `rollout_batch_size / group_size` prompts, each sampled `group_size` times.
-        max_new_tokens: most tokens per response (48); a response that reaches it without an
-            EOS counts as not ended.
-        temperature: sampling temperature (1.0). Log-probs, entropy and KL are computed from
-            logits divided by the same temperature, so PPO trains the policy it samples from.
-        missing_eos_penalty: subtracted from the score of a response that never emitted EOS
-            (1.0; 0 disables). Subtracted, not substituted for the score, so the reward model
-            still ranks unfinished responses among themselves.
-
-    Rewards and KL:
-        init_kl_coef: β at the start (0.2); the per-token reward is −β·KL_t plus the score at
-            the last response token. On the demo, β = 0.05 let the policy drift to 6+ nats and
-            exploit the reward model (gold win rate vs SFT ≈ 0.5); 0.2 holds it near 3 nats.
-        adaptive_kl: steer β towards `target_kl` (Ziegler et al. 2019) (True); False keeps
-            β = init_kl_coef.
-        target_kl: target per-sequence KL to the reference, in nats (3.0).
-        kl_horizon: horizon of the adaptive controller in samples (500): β moves by at most
-            20% · rollout_batch_size / kl_horizon per iteration (2.6% with the defaults; the
-            10000 of Ziegler et al. would barely move β in a run of a few thousand samples).
-        kl_estimator: per-token KL estimator in the reward: k1 | k2 | k3 | abs (k1). The logged
-            `kl/mean` is always k1, Σ_t (log π − log π_ref), the quantity the controller steers.
-
-    Advantages:
-        advantage_estimator: gae | grpo | rloo (gae). grpo and rloo need no value head.
-        group_size: samples per prompt for grpo/rloo (4); ignored by gae.
-        kl_in_reward: grpo/rloo only: subtract β·Σ_t KL_t from each response's score before the
-            group baseline (True); False optimises the score alone (KL only logged).
-        gamma, lam: GAE discount and λ (1.0, 0.95).
-        whiten_advantages: normalise advantages to zero mean, unit variance over the batch's
-            response tokens (True), for every estimator.
-
-    Losses:
-        ppo_epochs: passes over each rollout batch (2).
-        minibatch_size: responses per optimizer step (16); must divide rollout_batch_size.
-        micro_batch_size: responses per forward pass (None = minibatch_size); must divide
-            minibatch_size. Accumulation is exact: the losses are token means over the minibatch.
-        clip_range: PPO ratio clip ε (0.2).
-        clip_range_value: value clip around the rollout's values (0.2); inf disables it.
-        vf_coef: weight of the value loss (0.1); the value head shares the policy's trunk.
-        entropy_coef: weight of the entropy bonus (0.0).
-
-    Optimisation (AdamW + warmup and decay, as in `TrainSettings`):
-        learning_rate (1e-4), weight_decay (0.0), adam_beta1 (0.9), adam_beta2 (0.95),
-        warmup_steps (10, optimizer steps), schedule (constant | cosine | linear, default
-        constant), min_lr_ratio (0.1), max_grad_norm (1.0; 0 disables clipping).
-
-    Loop:
-        eval_every: evaluate on the held-out prompts every N iterations (10); 0 = only before
-            the first and after the last iteration.
-        checkpoint_every: checkpoint every N iterations (10; 0 = never).
-        keep_checkpoints: how many checkpoints to keep (2).
-    """
-
-    iterations: int = 50
-    rollout_batch_size: int = 64
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    missing_eos_penalty: float = 1.0
-    init_kl_coef: float = 0.2
-    adaptive_kl: bool = True
-    target_kl: float = 3.0
-    kl_horizon: float = 500.0
-    kl_estimator: str = "k1"
-    advantage_estimator: str = "gae"
-    group_size: int = 4
-    kl_in_reward: bool = True
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    ppo_epochs: int = 2
-    minibatch_size: int = 16
-    micro_batch_size: int | None = None
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    warmup_steps: int = 10
-    schedule: str = "constant"
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    eval_every: int = 10
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-
-    def __post_init__(self) -> None:
-        positive_ints = {
-            "iterations": self.iterations,
-            "rollout_batch_size": self.rollout_batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "ppo_epochs": self.ppo_epochs,
-            "minibatch_size": self.minibatch_size,
-            "keep_checkpoints": self.keep_checkpoints,
-        }
-        for name, value in positive_ints.items():
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"ppo {name} must be a positive integer but is {value!r}.")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"ppo {name} must be a non-negative integer but is {value!r}.")
-        micro = self.micro_batch_size
-        if micro is not None and (not _is_int(micro) or micro < 1):
-            raise ValueError(
-                f"ppo micro_batch_size must be a positive integer or null, not {micro!r}."
-            )
-        if self.rollout_batch_size % self.minibatch_size:
-            raise ValueError(
-                f"ppo minibatch_size {self.minibatch_size} must divide rollout_batch_size "
-                f"{self.rollout_batch_size}."
-            )
-        if self.minibatch_size % self.micro_batch_size_or_minibatch:
-            raise ValueError(
-                f"ppo micro_batch_size {micro} must divide minibatch_size {self.minibatch_size}."
-            )
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(
-                f"ppo advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, "
-                f"not {self.advantage_estimator!r}."
-            )
-        if self.uses_groups:
-            if not _is_int(self.group_size) or self.group_size < 2:
-                raise ValueError(f"ppo group_size must be at least 2 but is {self.group_size!r}.")
-            if self.rollout_batch_size % self.group_size:
-                raise ValueError(
-                    f"ppo group_size {self.group_size} must divide rollout_batch_size "
-                    f"{self.rollout_batch_size}."
-                )
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
-                f"ppo kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, "
-                f"not {self.kl_estimator!r}."
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"ppo schedule must be one of {', '.join(SCHEDULES)}.")
-        if not 0.0 < self.temperature < math.inf:
-            raise ValueError(f"ppo temperature must be positive but is {self.temperature}.")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"ppo gamma and lam must lie in [0, 1], not {self.gamma}, {self.lam}.")
-        for name in ("learning_rate", "clip_range", "clip_range_value", "target_kl", "kl_horizon"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ppo {name} must be positive but is {getattr(self, name)}.")
-        for name in (
-            "missing_eos_penalty",
-            "init_kl_coef",
-            "vf_coef",
-            "entropy_coef",
-            "weight_decay",
-            "max_grad_norm",
-        ):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"ppo {name} must be non-negative but is {getattr(self, name)}.")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"ppo min_lr_ratio must lie in [0, 1] but is {self.min_lr_ratio}.")
-
-    @property
-    def uses_groups(self) -> bool:
-        """Whether advantages come from a group baseline (grpo, rloo) instead of a critic."""
-        return self.advantage_estimator != "gae"
-
-    @property
-    def micro_batch_size_or_minibatch(self) -> int:
-        """Responses per forward pass."""
-        return self.micro_batch_size or self.minibatch_size
-
-    @property
-    def prompts_per_iteration(self) -> int:
-        """Distinct prompts per iteration (rollout_batch_size / group_size for grpo, rloo)."""
-        return self.rollout_batch_size // (self.group_size if self.uses_groups else 1)
-
-    @property
-    def optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run (the scheduler's length)."""
-        return self.iterations * self.ppo_epochs * (self.rollout_batch_size // self.minibatch_size)
 
 
 @dataclass

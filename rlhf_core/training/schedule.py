@@ -6,7 +6,7 @@ import math
 
 import torch
 
-SCHEDULES = ("cosine", "linear", "constant")
+from rlhf_core.training.settings import SCHEDULES
 
 
 def lr_multiplier(
