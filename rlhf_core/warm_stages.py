@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SOCKET_ENV = "RLHF_STAGE_SERVER"
-# What every training stage imports; great_expectations (validate only) is left to validate.
+# What the stages import, before the first stage is served.
 PRELOAD = (
     "torch",
     "transformers",
@@ -48,13 +48,26 @@ PRELOAD = (
     "pandas",
     "pyarrow.parquet",
     "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.data.pandas_dataset",
+    "matplotlib.pyplot",
     "rlhf_core.cli",
     "rlhf_core.config",
     "rlhf_core.tracking",
     "rlhf_core.models.loading",
     "rlhf_core.training.loop",
+    "rlhf_core.training.ppo_trainer",
     "rlhf_core.generation",
+    "rlhf_core.stages.prepare",
+    "rlhf_core.stages.validate",
+    "rlhf_core.stages.sft",
+    "rlhf_core.stages.reward",
+    "rlhf_core.stages.dpo",
+    "rlhf_core.stages.ppo",
+    "rlhf_core.stages.evaluate",
 )
+# Imported while the first stage (prepare, which does not need them) runs in its child.
+LATE_PRELOAD = ("great_expectations", "rlhf_core.data.expectations")
 _EXIT_CODE = struct.Struct("!i")
 _MAX_REQUEST = 1 << 20
 _POLL_SECONDS = 0.2
@@ -110,28 +123,35 @@ def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
     return failed
 
 
-def serve(socket_path: str, modules: Sequence[str] = PRELOAD) -> None:
-    """Listen on `socket_path`, preload `modules`, then serve requests one at a time."""
+def serve(
+    socket_path: str, modules: Sequence[str] = PRELOAD, late_modules: Sequence[str] = ()
+) -> None:
+    """Listen on `socket_path`, preload `modules`, then serve requests one at a time;
+    `late_modules` are imported while the first request's child runs."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(socket_path)
     listener.listen(8)  # clients queue here while the imports run
     preload(modules)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    late = list(late_modules)
     while True:
         connection, _ = listener.accept()
         with connection:
             try:
-                _serve_one(connection, listener)
+                _serve_one(connection, listener, late)
             finally:  # the server is stopping (SIGTERM) mid-stage: stop the stage too
                 if _running_child is not None:
                     _stop_child(_running_child)
+        late = []
 
 
 _running_child: int | None = None
 
 
-def _serve_one(connection: socket.socket, listener: socket.socket) -> None:
+def _serve_one(
+    connection: socket.socket, listener: socket.socket, late_modules: Sequence[str] = ()
+) -> None:
     global _running_child
     message, fds, _, _ = socket.recv_fds(connection, _MAX_REQUEST, 3)
     if len(fds) != 3 or not message:
@@ -147,6 +167,7 @@ def _serve_one(connection: socket.socket, listener: socket.socket) -> None:
     _running_child = pid
     for fd in fds:
         os.close(fd)
+    preload(late_modules)  # in the parent, beside the child (the next stage needs them)
     code = _wait_for_child(pid, connection)
     _running_child = None
     try:
@@ -240,8 +261,9 @@ class StageServer:
         path = str(self.socket_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop(SOCKET_ENV, None)
+        named = [] if self.modules == PRELOAD else list(self.modules)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "rlhf_core.warm_stages", path, *self.modules],
+            [sys.executable, "-m", "rlhf_core.warm_stages", path, *named],
             cwd=self.project_root,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -304,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args:
         raise SystemExit("usage: python -m rlhf_core.warm_stages SOCKET [MODULE ...]")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args[0], args[1:] or PRELOAD)
+    if len(args) > 1:  # the modules to preload were named
+        serve(args[0], args[1:])
+    else:
+        serve(args[0], PRELOAD, LATE_PRELOAD)
 
 
 if __name__ == "__main__":

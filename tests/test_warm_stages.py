@@ -108,8 +108,7 @@ def test_exit_codes_of_signals_follow_the_shell_convention():
     assert warm_stages._exit_code(os.waitpid(pid, 0)[1]) == 128 + signal.SIGKILL
 
 
-def test_the_context_routes_stage_environments_and_stops_the_server(tmp_path, monkeypatch):
-    monkeypatch.setattr(warm_stages, "PRELOAD", LIGHT_PRELOAD)
+def test_the_context_routes_stage_environments_and_stops_the_server(tmp_path):
     assert warm_stages.stage_server_environment() == {}
     with warm(tmp_path) as active:
         active.modules = LIGHT_PRELOAD
