@@ -377,11 +377,16 @@ def report(results: list[dict[str, Any]], root: Path, mlflow_run_id: str, second
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
-def pipeline(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict[str, Any]:
+def pipeline(
+    project_root: str = ".",
+    gate: dict[str, Any] | None = None,
+    stale: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
     """Reproduce every stale stage of dvc.yaml in DAG order, then run the quality gate.
 
     `gate` overrides the gate settings (GateSettings fields); by default they come from
-    params.yaml. The gate is skipped, with a warning, when there are no evaluation metrics
+    params.yaml. `stale` is `dvc_stage.stale_stages` when the caller has it already. The
+    gate is skipped, with a warning, when there are no evaluation metrics
     (artifacts/metrics/evaluate.json). Returns {"mlflow_run_id", "stages" (each stage's
     run_stage result), "ran" (stages DVC ran or restored), "table", "gate"}. A failing stage
     stops the flow: the MLflow run ends FAILED and the error names the stage and those not run.
@@ -390,7 +395,8 @@ def pipeline(project_root: str = ".", gate: dict[str, Any] | None = None) -> dic
     logger = get_run_logger()
     started = time.perf_counter()
     stages = dvc_stage.stage_order(root)
-    stale = dvc_stage.stale_stages(root)
+    if stale is None:  # else the caller just asked DVC (`run_pipeline`)
+        stale = dvc_stage.stale_stages(root)
     logger.info("stages in DAG order: %s", ", ".join(stages))
     logger.info("stale: %s", ", ".join(stale) or "none")
     # Stale stages run in processes forked from one warm server (imports paid once); it

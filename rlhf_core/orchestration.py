@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import signal
@@ -149,7 +150,15 @@ def run_pipeline(project_root: str | Path = ".") -> dict[str, Any]:
     root = Path(project_root).resolve()
     configure_prefect(root)
     pipeline = load_entrypoint(PIPELINE_ENTRYPOINT, root)
-    return pipeline(project_root=str(root))
+    # What is stale, before Prefect starts: when anything is, the warm stage server imports
+    # the training libraries while Prefect's temporary server starts (both take seconds).
+    from rlhf_core.warm_stages import warm_stages
+
+    stale = inspect.getmodule(pipeline.fn).dvc_stage.stale_stages(root)
+    with warm_stages(root) as server:
+        if stale:
+            server.start()
+        return pipeline(project_root=str(root), stale=stale)
 
 
 def run_retrain(project_root: str | Path = ".") -> dict[str, Any]:

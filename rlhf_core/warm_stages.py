@@ -305,14 +305,21 @@ _current: StageServer | None = None
 
 @contextmanager
 def warm_stages(project_root: Path) -> Iterator[StageServer]:
-    """Within the block, `stage_server_environment()` routes stages to a warm server."""
+    """Within the block, `stage_server_environment()` routes stages to a warm server.
+
+    Nested inside another `warm_stages` block, it yields that block's server (which the
+    outer block stops), so a caller can start the server before the flow that uses it.
+    """
     global _current
-    previous, _current = _current, StageServer(project_root)
+    if _current is not None:
+        yield _current
+        return
+    _current = StageServer(project_root)
     try:
         yield _current
     finally:
         _current.stop()
-        _current = previous
+        _current = None
 
 
 def stage_server_environment() -> dict[str, str]:
