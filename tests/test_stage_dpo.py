@@ -77,8 +77,13 @@ def _task(objective, model, pad_id, train_pairs, eval_pairs=()):
 
 
 def _count_forwards(module):
+    """Rows of each forward pass of `module` (a pass per length bucket of a micro-batch)."""
     calls = []
-    handle = module.register_forward_hook(lambda *_: calls.append(1))
+
+    def record(_module, args, kwargs):
+        calls.append(kwargs.get("input_ids", args[0] if args else None).shape[0])
+
+    handle = module.register_forward_pre_hook(record, with_kwargs=True)
     return calls, handle
 
 
@@ -143,7 +148,8 @@ def test_reference_logps_run_once_in_batches_and_equal_a_direct_computation(sft_
     calls, handle = _count_forwards(model)
     cached = reference_logps(model, pairs, tokenizer.pad_token_id, batch_size=16)
     handle.remove()
-    assert len(calls) == math.ceil(len(pairs) / 16)
+    assert sum(calls) == 2 * len(pairs)  # every sequence once
+    assert max(calls) <= 2 * 16 and len(calls) >= math.ceil(len(pairs) / 16)
     assert cached.shape == (len(pairs), 2)
     for i in (0, len(pairs) // 2, len(pairs) - 1):
         torch.testing.assert_close(
@@ -175,9 +181,10 @@ def test_training_runs_one_policy_forward_per_micro_batch_and_never_the_referenc
     train(policy, task, settings, show_progress=False)
     policy_handle.remove()
     reference_handle.remove()
-    micro_batches_per_step = math.ceil(settings.batch_size / settings.micro_batch_size)
-    assert len(policy_calls) == 2 * micro_batches_per_step + 1  # + one held-out batch
-    assert len(reference_calls) == calls_before_training == 1
+    # Each step's pairs once (chosen + rejected rows), then the held-out pairs once.
+    assert sum(policy_calls) == 2 * (2 * settings.batch_size) + 2 * len(eval_pairs)
+    assert sum(reference_calls) == 2 * (len(pairs) + len(eval_pairs))
+    assert len(reference_calls) == calls_before_training
 
 
 # --------------------------------------------------------------------------------------------

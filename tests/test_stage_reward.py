@@ -107,7 +107,7 @@ def _settings(**overrides):
 # --------------------------------------------------------------------------------------------
 
 
-def test_one_forward_scores_every_sequence_and_units_count_choices(sft_and_groups):
+def test_bucketed_forwards_score_every_sequence_once_and_units_count_choices(sft_and_groups):
     model, tokenizer, pairs, rankings = sft_and_groups
     groups = [pairs[0], rankings[0], pairs[1]]
     task = RewardTask(groups, [], tokenizer.pad_token_id)
@@ -119,11 +119,15 @@ def test_one_forward_scores_every_sequence_and_units_count_choices(sft_and_group
     assert task.units(batch) == 2 + (k - 1)
 
     reward_model = _reward_model(model)
-    calls = []
-    handle = reward_model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    rows = []
+    handle = reward_model.backbone.register_forward_pre_hook(
+        lambda _m, _a, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     loss, metrics = task.loss(reward_model, batch)
     handle.remove()
-    assert len(calls) == 1  # chosen, rejected and ranked responses in ONE forward pass
+    # chosen, rejected and ranked responses together: each sequence once, in one forward pass
+    # per length bucket (`training.buckets`), never one pass per group
+    assert sum(rows) == 4 + k and len(rows) <= (4 + k) // 2
 
     with torch.no_grad():  # each sequence scored alone, without padding
         alone = torch.stack(

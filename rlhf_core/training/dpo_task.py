@@ -25,6 +25,7 @@ from rlhf_core.losses import (
     simpo_loss,
     token_logprobs,
 )
+from rlhf_core.training.buckets import map_length_buckets
 from rlhf_core.training.settings import (
     LENGTH_NORMALISED_LOSS_TYPES,  # noqa: F401 (moved there; re-exported)
     LOSS_TYPES,  # noqa: F401 (moved there; re-exported)
@@ -207,19 +208,28 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tens
 
 
 def completion_logp_sums(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """One forward pass: summed completion log-probs and token counts, each (2, pairs).
+    """Summed completion log-probs and token counts, each (2, pairs).
 
     s_i = Σₜ m_{i,t} log π(x_{i,t+1} | x_{i,≤t}) with m the completion mask (EOS included).
+    Chosen and rejected rows go through the model together, in length buckets
+    (`buckets.map_length_buckets`: one forward pass per bucket, little padding).
     """
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits, labels, mask = shift_for_causal_lm(
-        logits, input_ids, batch["completion_mask"].to(device)
-    )  # (2b, seq-1, vocab), (2b, seq-1), (2b, seq-1)
-    sums = token_logprobs(logits, labels, mask=mask).sum(-1)  # (2b,)
-    counts = mask.sum(-1)  # (2b,)
+    tensors = {
+        name: batch[name].to(device) for name in ("input_ids", "attention_mask", "completion_mask")
+    }
+
+    def logp_sums(part: dict[str, Tensor]) -> Tensor:
+        logits = model(
+            input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False
+        ).logits
+        logits, labels, mask = shift_for_causal_lm(
+            logits, part["input_ids"], part["completion_mask"]
+        )  # (rows, seq-1, vocab), (rows, seq-1), (rows, seq-1)
+        return token_logprobs(logits, labels, mask=mask).sum(-1)  # (rows,)
+
+    sums = map_length_buckets(tensors, logp_sums)  # (2b,)
+    counts = tensors["completion_mask"][:, 1:].sum(-1)  # targets: positions 1.. (2b,)
     return sums.view(2, -1), counts.view(2, -1)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from rlhf_core.losses import bradley_terry_loss, plackett_luce_loss, reward_accuracy
+from rlhf_core.training.buckets import map_length_buckets
 from rlhf_core.training.tokenize import (
     Messages,
     TokenizedCompletion,
@@ -246,5 +247,8 @@ class RewardTask:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = next(model.parameters()).device
         batch = {key: value.to(device) for key, value in batch.items()}
-        rewards = model(batch["input_ids"], batch["attention_mask"])  # (sequences,)
+        rewards = map_length_buckets(  # every sequence, in length buckets (little padding)
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+            lambda part: model(part["input_ids"], part["attention_mask"]),
+        )  # (sequences,)
         return group_losses(rewards, batch, self.use_margin)
