@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast lint format clean help
+.PHONY: venv demo test test-fast bench lint format clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,10 +21,10 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,lora]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,lora,bench]'
 	@touch $(STAMP)
 
-venv: $(STAMP)  ## create .venv and install the project with its dev extras
+venv: $(STAMP)  ## create .venv and install the project with its dev, lora and bench extras
 
 demo: venv  ## run the main job on the embedded offline demo
 	$(BIN)/rlhf demo
@@ -35,6 +35,9 @@ test: venv  ## lint, then the whole test suite (slow end-to-end tests included),
 
 test-fast: venv  ## the test suite without the tests marked slow
 	$(BIN)/python -m pytest -m "not slow"
+
+bench: venv  ## ours vs TRL, vs the CPU's peak, orchestration cost -> benchmarks/results/
+	$(BIN)/python -m benchmarks.run --readme
 
 lint: venv  ## ruff lint and format check
 	$(BIN)/ruff check .

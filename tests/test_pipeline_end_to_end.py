@@ -10,7 +10,6 @@ work on the result.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,61 +18,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.pipeline import project_environment, scratch_project
+from benchmarks.settings import QUICK_PIPELINE_PARAMS
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = {"epochs": 1, "batch_size": 16, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 0}
-TINY_PIPELINE_PARAMS = {
-    "seed": 0,
-    "model": {"base": "demo", "tiny_config": "nano", "tokenizer_vocab_size": 400},
-    "data": {"eval_fraction": 0.2},
-    "demo": {
-        "n_sft": 64,
-        "n_preference_prompts": 48,
-        "n_ranked": 0,
-        "n_ppo_prompts": 16,
-        "n_eval_prompts": 8,
-    },
-    "sft": {"train": TRAIN, "num_samples": 2, "sample_max_new_tokens": 8},
-    "reward": {"train": TRAIN},
-    "policy": {
-        "algorithms": ["dpo", "ppo"],
-        "dpo": {"train": TRAIN},
-        "ppo": {
-            "train": {
-                "iterations": 2,
-                "rollout_batch_size": 8,
-                "max_new_tokens": 8,
-                "minibatch_size": 4,
-                "warmup_steps": 0,
-                "eval_every": 0,
-                "checkpoint_every": 0,
-            },
-            "max_eval_prompts": 4,
-        },
-    },
-    "evaluate": {
-        "sampling": {"max_new_tokens": 8, "batch_size": 16},
-        "best_of_n": [2],
-        "max_prompts": 4,
-        "bootstrap": False,
-    },
-    # Thresholds a tiny, barely trained model passes: this test is about the plumbing.
-    "gate": {
-        "min_policy_metric": 0.0,
-        "max_kl": 1.0e6,
-        "min_reward_accuracy": 0.0,
-        "min_win_rate_vs_champion": 0.0,
-    },
-}
 
 
-def _merged(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        is_section = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = _merged(base[key], value) if is_section else value
-    return merged
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of the project with a nano model and a few dozen rows."""
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    scratch_project(REPO, root, QUICK_PIPELINE_PARAMS)
+    return root, project_environment(root)
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -82,40 +40,6 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     )
     assert completed.returncode == 0, (command, completed.stdout[-3000:], completed.stderr[-3000:])
     return completed.stdout
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("e2e") / "project"
-    root.mkdir()
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    # DVC needs every key dvc.yaml names, so override the project's own params.yaml.
-    params = _merged(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PIPELINE_PARAMS)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(root / ".prefect"),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_PARENT_RUN_ID", None)
-    for command in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init"],
-    ):
-        _run(command, root, env)
-    return root, env
 
 
 def _pipeline(root: Path, env: dict[str, str]) -> dict:

@@ -1,0 +1,228 @@
+"""The benchmark harness: FLOP counts, the step meter, the results file and a quick full run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.flops import (
+    forward_flops_per_token,
+    matmul_weights,
+    mean_causal_context,
+    training_flops_per_token,
+    utilisation,
+)
+from benchmarks.meter import StepMeter, find_decoder
+from benchmarks.report import README_BEGIN, README_END, evaluate_targets, markdown, update_readme
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def test_matmul_weights_counts_each_linear_once():
+    shared = nn.Linear(4, 3, bias=True)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Linear(3, 5), shared.__class__(4, 3))
+    model[3].weight = shared.weight  # tied: counted once
+    assert matmul_weights(model) == 4 * 3 + 3 * 5
+
+
+def test_llama_matmul_weights_are_the_projections_and_the_head():
+    model = _tiny_llama()
+    per_layer = 4 * 16 * 16 + 3 * 16 * 32  # q, k, v, o + gate, up, down
+    assert matmul_weights(model) == 2 * per_layer + 16 * 32  # + LM head (embeddings excluded)
+
+
+def test_causal_context_and_flops_by_hand():
+    assert mean_causal_context([1]) == 1.0
+    assert mean_causal_context([3]) == 2.0  # positions attend to 1, 2, 3
+    assert mean_causal_context([1, 3]) == pytest.approx((1 + 6) / 4)
+    assert forward_flops_per_token(100, 2, 8, 4.0) == 2 * 100 + 4 * 2 * 8 * 4
+    assert training_flops_per_token(100, 2, 8, 4.0) == 3 * (200 + 256)
+    assert utilisation(2e9, 50.0, 200.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        mean_causal_context([])
+    with pytest.raises(ValueError):
+        utilisation(1.0, 1.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------ meter
+
+
+def test_meter_counts_real_tokens_of_training_forwards_only():
+    model = _tiny_llama()
+    meter = StepMeter(warmup_steps=1).attach(model)
+    ids = torch.randint(0, 32, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    with torch.no_grad():  # a reference or evaluation pass: not training work
+        model(input_ids=ids, attention_mask=mask)
+    meter.end_step()
+    model(input_ids=ids, attention_mask=mask)
+    model(input_ids=ids[:1])  # no mask (packed / padding-free rows): every position counts
+    meter.end_step()
+    meter.detach()
+    model(input_ids=ids, attention_mask=mask)  # after detach: not counted
+
+    assert meter.step_tokens == [5, 5 + 4]
+    assert meter.step_rows == [[3, 2], [3, 2, 4]]
+    assert meter.timed_tokens == 9
+    assert meter.timed_row_lengths == [3, 2, 4]
+    assert meter.tokens_per_s() == pytest.approx(9 / meter.step_seconds[1])
+
+
+def test_meter_needs_a_timed_step_and_a_decoder():
+    meter = StepMeter(warmup_steps=2)
+    with pytest.raises(RuntimeError):
+        meter.end_step()
+    meter.start()
+    meter.end_step()
+    with pytest.raises(ValueError, match="none after 2 warm-up"):
+        meter.tokens_per_s()
+    with pytest.raises(ValueError, match="no decoder"):
+        find_decoder(nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _results(ratio_sft: float, overhead: float) -> dict:
+    stage = {
+        "ours_tokens_per_s": 150.0,
+        "trl_tokens_per_s": 100.0,
+        "ratio": 1.5,
+        "utilisation": 0.55,
+        "trl_utilisation": 0.4,
+        "ours_peak_mem_mb": 900.0,
+        "trl_peak_mem_mb": 1000.0,
+        "memory_ratio": 0.9,
+        "ours_final_loss": 1.0,
+        "trl_final_loss": 1.01,
+    }
+    return {
+        "created_at": "2026-11-22T00:00:00+00:00",
+        "git_commit": "0123456789abcdef",
+        "machine": {"cpu": "test cpu", "torch_threads": 2, "trl": "1.16.0"},
+        "settings": {
+            "model_config": "bench",
+            "max_length": 256,
+            "sft_batch_size": 8,
+            "pair_batch_size": 4,
+            "timed_steps": 4,
+            "warmup_steps": 1,
+        },
+        "workload": {"parameters": 30e6, "model_vocab_size": 8192},
+        "matmul_peak_gflops": 300.0,
+        "stages": {
+            "sft": {**stage, "ratio": ratio_sft},
+            "reward": stage,
+            "dpo": {**stage, "ratio": 2.5},
+        },
+        "pipeline": {
+            "total_s": 100.0,
+            "compute_s": 100.0 * (1 - overhead),
+            "overhead_s": 100.0 * overhead,
+            "overhead_fraction": overhead,
+            "noop_flow_s": 2.0,
+            "prefect_start_s": 3.0,
+            "noop_dvc_repro_s": 1.0,
+        },
+    }
+
+
+def test_targets_hold_or_not_by_the_numbers():
+    checks = {c["target"]: c for c in evaluate_targets(_results(1.4, 0.2))}
+    assert checks["sft ours/TRL tokens/s >= 1.5"]["met"] is False
+    assert checks["reward ours/TRL tokens/s >= 1.5"]["met"] is True
+    assert checks["dpo ours/TRL tokens/s >= 2.0"]["met"] is True
+    assert checks["pipeline overhead fraction <= 0.1"]["met"] is False
+    assert checks["no-op dvc repro (s) <= 3.0"]["value"] == 1.0
+    passing = evaluate_targets(_results(1.6, 0.05))
+    assert all(check["met"] for check in passing)
+    without_pipeline = _results(1.6, 0.05)
+    del without_pipeline["pipeline"]
+    unmeasured = [c for c in evaluate_targets(without_pipeline) if c["met"] is None]
+    assert len(unmeasured) == 3
+
+
+def test_markdown_table_and_readme_section(tmp_path):
+    results = _results(1.4, 0.2)
+    results["targets"] = evaluate_targets(results)
+    table = markdown(results)
+    assert "| sft | 150 | 100 | 1.40× | 55% / 40% | 900 / 1,000 | 1.000 / 1.010 |" in table
+    assert "| sft ours/TRL tokens/s >= 1.5 | 1.4 | **no** |" in table
+    assert "| `rlhf run` from scratch, wall | 100.0 |" in table
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
+    assert update_readme(readme, table)
+    text = readme.read_text()
+    assert "old table" not in text and table in text
+    assert text.startswith("intro\n") and text.endswith(f"{README_END}\nrest\n")
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(plain, table)
+    assert plain.read_text() == "no markers\n"
+
+
+# ------------------------------------------------------------------------------------ a run
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_stage_and_the_pipeline(tmp_path):
+    from benchmarks.run import run_benchmarks
+    from benchmarks.settings import QUICK, QUICK_PIPELINE_PARAMS
+
+    results = run_benchmarks(QUICK, tmp_path, with_trl=True, pipeline_params=QUICK_PIPELINE_PARAMS)
+
+    written = json.loads((tmp_path / "latest.json").read_text())
+    assert written["matmul_peak_gflops"] == results["matmul_peak_gflops"] > 0
+    for stage in ("sft", "reward", "dpo"):
+        row = written["stages"][stage]
+        assert row["ours_tokens_per_s"] > 0 and row["trl_tokens_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_tokens_per_s"] / row["trl_tokens_per_s"])
+        assert row["ours_peak_mem_mb"] > 0 and row["trl_peak_mem_mb"] > 0
+        assert 0 < row["utilisation"] < 1.5
+        # The meter's count equals the loop's own count of real tokens, step by step.
+        assert row["ours"]["step_tokens"] == row["ours"]["loop_step_tokens"]
+        assert len(row["ours"]["step_seconds"]) == QUICK.total_steps
+    assert written["stages"]["sft"]["trl"]["step_tokens"][-1] > 0
+    ppo = written["stages"]["ppo"]
+    assert ppo["trl_tokens_per_s"] is None and "no PPO trainer" in ppo["trl_note"]
+    assert sum(ppo["time_split_fraction"].values()) == pytest.approx(1.0, abs=0.05)
+    assert ppo["generation"]["plain_generate_tokens_per_s"] > 0
+    pipeline = written["pipeline"]
+    assert set(pipeline["stages"]) == {
+        "prepare",
+        "validate",
+        "sft",
+        "reward",
+        "dpo",
+        "ppo",
+        "evaluate",
+    }
+    assert 0 < pipeline["compute_s"] < pipeline["total_s"]
+    assert pipeline["overhead_fraction"] == pytest.approx(
+        1 - pipeline["compute_s"] / pipeline["total_s"]
+    )
+    assert pipeline["noop_dvc_repro_s"] > 0 and pipeline["noop_flow_wall_s"] > 0
+    assert {check["met"] for check in written["targets"]} <= {True, False}
+    assert "| sft |" in (tmp_path / "latest.md").read_text()
