@@ -37,7 +37,7 @@ test-fast: venv  ## the test suite without the tests marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: venv  ## ours vs TRL, vs the CPU's peak, orchestration cost -> benchmarks/results/
-	$(BIN)/python -m benchmarks.run --readme
+	$(BIN)/python -m benchmarks.run --repeats 2 --readme
 
 lint: venv  ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -52,6 +52,7 @@ def _train(model, task, settings: BenchSettings, batch_size: int) -> dict[str, A
     return {
         "meter": meter,
         "final_loss": float(result.history[-1]["loss"]),
+        "mean_loss": sum(float(entry["loss"]) for entry in result.history) / len(result.history),
         "loop_step_tokens": [int(entry["tokens"]) for entry in result.history],
     }
 

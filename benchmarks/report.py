@@ -62,6 +62,8 @@ def stage_summary(ours: dict[str, Any], trl: dict[str, Any] | None, peak: float)
         "memory_ratio": None,
         "ours_final_loss": ours["final_loss"],
         "trl_final_loss": None,
+        "ours_mean_loss": ours["mean_loss"],
+        "trl_mean_loss": None,
     }
     if trl is not None:
         summary.update(
@@ -71,6 +73,7 @@ def stage_summary(ours: dict[str, Any], trl: dict[str, Any] | None, peak: float)
             trl_peak_mem_mb=trl["peak_mem_mb"],
             memory_ratio=ours["peak_mem_mb"] / trl["peak_mem_mb"],
             trl_final_loss=trl["final_loss"],
+            trl_mean_loss=trl["mean_loss"],
         )
     summary["ours"] = ours
     summary["trl"] = trl
@@ -103,8 +106,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings['warmup_steps']} warm-up; TRL {results['machine'].get('trl') or 'absent'}.",
         "",
         "| stage | ours tokens/s | TRL tokens/s | ours/TRL | utilisation (ours / TRL) "
-        "| peak MB (ours / TRL) | final loss (ours / TRL) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak MB (ours / TRL) | final loss (ours / TRL) | mean loss over steps (ours / TRL) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for stage in ("sft", "reward", "dpo"):
         row = results["stages"].get(stage)
@@ -115,7 +118,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_number(row['trl_tokens_per_s'])} | {_number(row['ratio'], 2, '×')} "
             f"| {_percent(row['utilisation'])} / {_percent(row['trl_utilisation'])} "
             f"| {_number(row['ours_peak_mem_mb'])} / {_number(row['trl_peak_mem_mb'])} "
-            f"| {_number(row['ours_final_loss'], 3)} / {_number(row['trl_final_loss'], 3)} |"
+            f"| {_number(row['ours_final_loss'], 3)} / {_number(row['trl_final_loss'], 3)} "
+            f"| {_number(row.get('ours_mean_loss'), 3)} / {_number(row.get('trl_mean_loss'), 3)} |"
         )
     ppo = results["stages"].get("ppo")
     if ppo is not None:
@@ -124,7 +128,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"| ppo | {_number(ppo['ours_tokens_per_s'])} | — | — "
             f"| {_percent(ppo['utilisation'])} / — | {_number(ppo['ours_peak_mem_mb'])} / — "
-            f"| {_number(ppo['ours_final_loss'], 3)} / — |",
+            f"| {_number(ppo['ours_final_loss'], 3)} / — | — |",
             "",
             f"PPO: {ppo['trl_note']} An iteration's time: generation "
             f"{_percent(split['generation'])}, scoring {_percent(split['scoring'])}, "

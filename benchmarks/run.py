@@ -98,8 +98,10 @@ def measure_training(
             for impl in order:
                 if impl == "trl" and not with_trl:
                     continue
-                with console.status(f"{stage}: {impl} (run {repeat + 1} of {repeats})"):
-                    record = run_worker(stage, impl, workspace, logs)
+                # No live spinner while a measurement runs: on 2 cores its refreshes cost the
+                # measured process several percent.
+                console.print(f"{stage:>7} {impl:>4}: run {repeat + 1} of {repeats} ...")
+                record = run_worker(stage, impl, workspace, logs)
                 console.print(
                     f"{stage:>7} {impl:>4}: {record['tokens_per_s']:8.0f} tokens/s, "
                     f"peak {record['peak_mem_mb']:6.0f} MB, final loss {record['final_loss']:.4f}"
@@ -113,8 +115,8 @@ def measure_ppo(workspace: Path, logs: Path, peak: float, trl_version: str | Non
     """Our PPO: tokens/s, utilisation, time split and generation speed (no TRL counterpart)."""
     from rich.console import Console
 
-    with Console(stderr=True).status("ppo: ours"):
-        record = run_worker("ppo", "ours", workspace, logs)
+    Console(stderr=True).print("    ppo ours: ...")
+    record = run_worker("ppo", "ours", workspace, logs)
     return {
         "ours_tokens_per_s": record["tokens_per_s"],
         "trl_tokens_per_s": None,
@@ -159,8 +161,8 @@ def run_benchmarks(
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
     threads = configure_threads(settings.threads)
-    with console.status("measuring the fp32 matmul peak"):
-        peak = matmul_peak_gflops(settings.matmul_size)
+    console.print("measuring the fp32 matmul peak ...")  # no spinner: it would share the CPU
+    peak = matmul_peak_gflops(settings.matmul_size)
     console.print(f"fp32 matmul peak: {peak:.0f} GFLOP/s on {threads} threads")
     results: dict[str, Any] = {
         "schema": 1,
@@ -185,10 +187,10 @@ def run_benchmarks(
         stages["ppo"] = measure_ppo(workspace, logs, peak, trl_version if with_trl else None)
         results["stages"] = stages
         if with_pipeline:
-            with console.status("demo pipeline: first run, no-op run, Prefect, dvc repro"):
-                results["pipeline"] = measure_pipeline(
-                    REPO, Path(scratch) / "pipeline", pipeline_params, logs
-                )
+            console.print("demo pipeline: first run, no-op run, Prefect, dvc repro ...")
+            results["pipeline"] = measure_pipeline(
+                REPO, Path(scratch) / "pipeline", pipeline_params, logs
+            )
     results["matmul_peak_gflops_after"] = matmul_peak_gflops(settings.matmul_size)
     results["targets"] = evaluate_targets(results)
     (out_dir / "latest.json").write_text(json.dumps(results, indent=2, default=float) + "\n")

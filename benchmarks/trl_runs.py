@@ -61,9 +61,10 @@ def _meter_callback(meter: StepMeter):
     return MeterCallback()
 
 
-def _final_loss(trainer) -> float:
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return float(losses[-1])
+def _losses(trainer) -> dict[str, float]:
+    """The last step's training loss and the mean over steps (logged every step)."""
+    losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    return {"final_loss": losses[-1], "mean_loss": sum(losses) / len(losses)}
 
 
 def _train(trainer, model, settings: BenchSettings) -> StepMeter:
@@ -100,7 +101,7 @@ def run_sft(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
             model=model, args=args, train_dataset=dataset, processing_class=_tokenizer(workspace)
         )
         meter = _train(trainer, model, settings)
-    return {"meter": meter, "final_loss": _final_loss(trainer), "model": model}
+    return {"meter": meter, **_losses(trainer), "model": model}
 
 
 def _pair_dataset(workspace: Path, tokenizer):
@@ -157,7 +158,7 @@ def run_reward(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
             processing_class=tokenizer,
         )
         meter = _train(trainer, model, settings)
-    return {"meter": meter, "final_loss": _final_loss(trainer), "model": model}
+    return {"meter": meter, **_losses(trainer), "model": model}
 
 
 def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
@@ -193,7 +194,7 @@ def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     outside_steps_s = max(0.0, run_s - sum(meter.step_seconds))
     return {
         "meter": meter,
-        "final_loss": _final_loss(trainer),
+        **_losses(trainer),
         "model": model,
         "reference_and_setup_s": outside_steps_s,
     }

@@ -116,6 +116,8 @@ def _results(ratio_sft: float, overhead: float) -> dict:
         "memory_ratio": 0.9,
         "ours_final_loss": 1.0,
         "trl_final_loss": 1.01,
+        "ours_mean_loss": 1.5,
+        "trl_mean_loss": 1.6,
     }
     return {
         "created_at": "2026-11-22T00:00:00+00:00",
@@ -167,7 +169,10 @@ def test_markdown_table_and_readme_section(tmp_path):
     results = _results(1.4, 0.2)
     results["targets"] = evaluate_targets(results)
     table = markdown(results)
-    assert "| sft | 150 | 100 | 1.40× | 55% / 40% | 900 / 1,000 | 1.000 / 1.010 |" in table
+    assert (
+        "| sft | 150 | 100 | 1.40× | 55% / 40% | 900 / 1,000 | 1.000 / 1.010 | 1.500 / 1.600 |"
+        in table
+    )
     assert "| sft ours/TRL tokens/s >= 1.5 | 1.4 | **no** |" in table
     assert "| `rlhf run` from scratch, wall | 100.0 |" in table
 
