@@ -8,9 +8,9 @@ cache, so the user's artifacts are never touched):
    (`rlhf_core.timing`); overhead = 1 − Σ compute / wall.
 2. `rlhf run` again with everything up to date (the no-op flow), timed as a whole.
 3. Prefect's own start-up, reported separately: a process that runs an empty flow minus a
-   process that only imports Prefect (best of three each). The no-op flow's time beyond it
-   is `noop_flow_s`.
-4. `dvc repro` with nothing to do (best of three).
+   process that only imports Prefect (best of three each by default). The no-op flow's
+   time beyond it is `noop_flow_s`.
+4. `dvc repro` with nothing to do (best of three by default).
 """
 
 from __future__ import annotations
@@ -107,9 +107,16 @@ def stage_timings(root: Path) -> dict[str, dict[str, float]]:
 
 
 def measure_pipeline(
-    repo: Path, workdir: Path, params: dict[str, Any] | None = None, log_dir: Path | None = None
+    repo: Path,
+    workdir: Path,
+    params: dict[str, Any] | None = None,
+    log_dir: Path | None = None,
+    repeats: int = 3,
 ) -> dict[str, Any]:
-    """Run the four measurements of the module docstring; return the `pipeline` results."""
+    """Run the four measurements of the module docstring; return the `pipeline` results.
+
+    `repeats`: timings of the empty flow, the Prefect import and `dvc repro` (best counts).
+    """
     root = scratch_project(repo, workdir / "project", params)
     env = project_environment(root)
     rlhf = str(Path(sys.executable).parent / "rlhf")
@@ -121,11 +128,11 @@ def measure_pipeline(
     compute_s = sum(t["compute_s"] for t in timings.values())
     noop_flow_wall_s = timed([rlhf, "run"], root, env, logs / "pipeline_noop_run.log")
     python = sys.executable
-    empty_flow_s = best_of(3, [python, "-c", EMPTY_FLOW], root, env)
-    import_prefect_s = best_of(3, [python, "-c", IMPORT_PREFECT], root, env)
+    empty_flow_s = best_of(repeats, [python, "-c", EMPTY_FLOW], root, env)
+    import_prefect_s = best_of(repeats, [python, "-c", IMPORT_PREFECT], root, env)
     prefect_start_s = max(0.0, empty_flow_s - import_prefect_s)
     dvc = str(Path(sys.executable).parent / "dvc")
-    noop_dvc_repro_s = best_of(3, [dvc, "repro"], root, env)
+    noop_dvc_repro_s = best_of(repeats, [dvc, "repro"], root, env)
     return {
         "total_s": total_s,
         "compute_s": compute_s,

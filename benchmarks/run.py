@@ -189,7 +189,11 @@ def run_benchmarks(
         if with_pipeline:
             console.print("demo pipeline: first run, no-op run, Prefect, dvc repro ...")
             results["pipeline"] = measure_pipeline(
-                REPO, Path(scratch) / "pipeline", pipeline_params, logs
+                REPO,
+                Path(scratch) / "pipeline",
+                pipeline_params,
+                logs,
+                repeats=1 if pipeline_params is not None else 3,  # a quick check: once
             )
     results["matmul_peak_gflops_after"] = matmul_peak_gflops(settings.matmul_size)
     results["targets"] = evaluate_targets(results)
