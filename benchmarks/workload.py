@@ -26,6 +26,8 @@ from typing import Any
 from benchmarks.settings import BenchSettings
 
 BASE_DIR = "base"
+# Draws allowed for a first part that fits (small vocabularies make long token sequences).
+MAX_FIRST_PART_DRAWS = 1000
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -51,11 +53,17 @@ class LengthFiller:
         """Texts from the pool, joined, so prompt + response + EOS ≈ target (< limit) tokens."""
         parts: list[str] = []
         length = prompt_length + 1  # the EOS
+        misses = 0
         while length < target:
             part = self.rng.choice(self.pool)
             added = len(self.tokenizer.encode(" " + part, add_special_tokens=False))
-            if parts and length + added >= limit:
-                break
+            if length + added >= limit:
+                if parts:
+                    break
+                misses += 1  # a first part too long for the limit: draw another
+                if misses > MAX_FIRST_PART_DRAWS:
+                    break
+                continue
             parts.append(part)
             length += added
         text = " ".join(parts)
