@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -125,22 +125,41 @@ def render_table(rows: list[dict[str, Any]], title: str) -> str:
     return console.export_text()
 
 
-def dvc_metrics(project_root: Path) -> dict[str, Any]:
-    """{metrics file: content} for every metrics file of dvc.yaml (`dvc metrics show --json`);
-    unreadable files are left out."""
-    done = subprocess.run(
-        dvc_stage.dvc_command("metrics", "show", "--json"),
-        cwd=project_root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        workspace = json.loads(done.stdout or "{}").get("", {})
-    except json.JSONDecodeError:
-        return {}
-    files = workspace.get("data", {})
-    return {path: entry["data"] for path, entry in files.items() if "data" in entry}
+def metrics_patterns(project_root: Path) -> list[re.Pattern[str]]:
+    """The metrics files dvc.yaml declares, as patterns (`${...}` of foreach stages matches
+    one path segment), so no DVC process is needed to tell metrics from other outputs."""
+    stages = (dvc_stage._read_yaml(project_root / "dvc.yaml") or {}).get("stages") or {}
+    declared: list[str] = []
+    for definition in stages.values():
+        body = (definition or {}).get("do", definition) or {}
+        for entry in body.get("metrics") or []:
+            declared.extend([entry] if isinstance(entry, str) else list(entry))
+    return [
+        re.compile(
+            "".join(
+                r"[^/]+" if part.startswith("${") else re.escape(part)
+                for part in re.split(r"(\$\{[^}]*\})", path)
+            )
+            + "$"
+        )
+        for path in declared
+    ]
+
+
+def dvc_metrics(project_root: Path, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """{metrics file: content} for the metrics files among the stages' outputs, read from
+    the workspace (what `dvc metrics show` reads); unreadable files are left out."""
+    patterns = metrics_patterns(project_root)
+    metrics: dict[str, Any] = {}
+    for result in results:
+        for path in result["outputs"]:
+            if not any(pattern.match(path) for pattern in patterns):
+                continue
+            try:
+                metrics[path] = json.loads((project_root / path).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as error:  # as `dvc metrics show`: skipped
+                log.warning("metrics file %s left out of the summary: %s", path, error)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +383,7 @@ def report(results: list[dict[str, Any]], root: Path, mlflow_run_id: str, second
     """Print the summary table and record it in MLflow and as a Prefect table artifact."""
     from prefect.artifacts import create_table_artifact
 
-    rows = summary_rows(results, dvc_metrics(root))
+    rows = summary_rows(results, dvc_metrics(root, results))
     table = render_table(rows, title=f"Pipeline run {mlflow_run_id}")
     print(table)
     log_summary(rows, table, seconds)

@@ -481,3 +481,36 @@ def test_stale_stages_is_one_status_for_the_whole_dag(toy):
     after = dvc_stage.stale_stages(root)
     assert "first" not in after
     assert not any(name.endswith(".dvc") for name in after)
+
+
+def test_summary_metrics_are_read_from_the_declared_metric_outputs_without_dvc(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "train": {
+                        "cmd": "x",
+                        "metrics": [{"out/metrics/train.json": {"cache": False}}],
+                    },
+                    "policy": {
+                        "foreach": "${algos}",
+                        "do": {"cmd": "y", "metrics": ["out/metrics/${item}.json"]},
+                    },
+                }
+            }
+        )
+    )
+    (tmp_path / "out" / "metrics").mkdir(parents=True)
+    (tmp_path / "out" / "metrics" / "train.json").write_text('{"loss": 0.5}')
+    (tmp_path / "out" / "metrics" / "dpo.json").write_text('{"win": 0.9}')
+    (tmp_path / "out" / "metrics" / "broken.json").write_text("{not json")
+    (tmp_path / "out" / "plot.json").write_text('{"x": 1}')
+    results = [
+        {"outputs": {"out/metrics/train.json": "a", "out/model": "b", "out/plot.json": "c"}},
+        {"outputs": {"out/metrics/dpo.json": "d", "out/metrics/broken.json": "e"}},
+    ]
+    metrics = pipeline_module.dvc_metrics(tmp_path, results)
+    assert metrics == {
+        "out/metrics/train.json": {"loss": 0.5},
+        "out/metrics/dpo.json": {"win": 0.9},
+    }
