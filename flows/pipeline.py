@@ -128,7 +128,7 @@ def render_table(rows: list[dict[str, Any]], title: str) -> str:
 def metrics_patterns(project_root: Path) -> list[re.Pattern[str]]:
     """The metrics files dvc.yaml declares, as patterns (`${...}` of foreach stages matches
     one path segment), so no DVC process is needed to tell metrics from other outputs."""
-    stages = (dvc_stage._read_yaml(project_root / "dvc.yaml") or {}).get("stages") or {}
+    stages = (dvc_stage.read_yaml(project_root / "dvc.yaml") or {}).get("stages") or {}
     declared: list[str] = []
     for definition in stages.values():
         body = (definition or {}).get("do", definition) or {}

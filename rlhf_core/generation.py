@@ -27,8 +27,6 @@ from rlhf_core.losses import sequence_logprobs, shift_for_causal_lm
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
 from rlhf_core.training.settings import (
     SamplingSettings,
-    _is_int,  # noqa: F401 (moved there; re-exported)
-    _is_number,  # noqa: F401 (moved there; re-exported)
     _require_batch_size,
 )
 

@@ -177,11 +177,11 @@ def dvc_yaml_rank(project_root: Path) -> dict[str, int]:
     dvc_yaml = Path(project_root) / "dvc.yaml"
     if not dvc_yaml.is_file():
         raise ValueError(f"No dvc.yaml in {project_root}: run from the project root.")
-    stages = (_read_yaml(dvc_yaml) or {}).get("stages") or {}
+    stages = (read_yaml(dvc_yaml) or {}).get("stages") or {}
     return {name: position for position, name in enumerate(stages)}
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     """A YAML file parsed with libyaml when PyYAML has it (dvc.lock of a real pipeline takes
     0.1 s per read in pure Python, and the flow reads it once per stage)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -246,7 +246,7 @@ def locked_outputs(project_root: str | Path, stage: str) -> dict[str, str]:
     lock_file = Path(project_root) / "dvc.lock"
     if not lock_file.is_file():
         return {}
-    locked = (_read_yaml(lock_file) or {}).get("stages") or {}
+    locked = (read_yaml(lock_file) or {}).get("stages") or {}
     outs = (locked.get(stage) or {}).get("outs") or []
     # `hash` names the algorithm ("md5"); the value is under that name (etag for cloud outs).
     return {out["path"]: out.get("md5") or out.get("etag") or "" for out in outs}

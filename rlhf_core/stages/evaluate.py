@@ -66,10 +66,6 @@ CI_KEYS = tuple(
 )
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # --------------------------------------------------------------------------------------------
 # Responses and their scores
 # --------------------------------------------------------------------------------------------

@@ -75,10 +75,8 @@ def map_length_buckets(
             for key, value in batch.items()
         }
 
-    if len(buckets) == 1:
-        return forward(part(buckets[0])).index_select(
-            0, torch.argsort(torch.tensor(buckets[0], device=mask.device))
-        )
+    if len(buckets) == 1:  # rows stay in their order, trimmed to the longest
+        return forward(part(list(range(rows))))
     outputs = torch.cat([forward(part(indices)) for indices in buckets])
     order = torch.tensor([i for indices in buckets for i in indices], device=outputs.device)
     inverse = torch.empty_like(order)

@@ -33,7 +33,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -655,7 +654,3 @@ def _iteration(
 
 def _status(metrics: dict[str, float]) -> str:
     return f"score {metrics['reward/score_mean']:+.3f} kl {metrics['kl/mean']:.2f}"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
