@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast bench lint format clean help
+.PHONY: venv demo test test-packages test-fast bench lint format clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,17 +21,20 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,lora,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,lora,bench,server]'
 	@touch $(STAMP)
 
-venv: $(STAMP)  ## create .venv and install the project with its dev, lora and bench extras
+venv: $(STAMP)  ## create .venv and install the project with its dev, lora, bench and server extras
 
 demo: venv  ## run the main job on the embedded offline demo
 	$(BIN)/rlhf demo
 
-test: venv  ## lint, then the whole test suite (slow end-to-end tests included), as CI does
+test: venv test-packages  ## lint, then the whole test suite (slow end-to-end tests included), as CI does
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+test-packages:  ## install the Debian packages the tests need (PostgreSQL, Chromium) when missing
+	infra/scripts/install-test-packages.sh
 
 test-fast: venv  ## the test suite without the tests marked slow
 	$(BIN)/python -m pytest -m "not slow"
