@@ -403,12 +403,29 @@ def serve(
 @app.command()
 def ui(
     project: Annotated[Path, typer.Option(help="Project root.")] = Path("."),
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 for a local store's UI.")] = 5000,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open the UI in a web browser once it answers.")
+    ] = False,
 ) -> None:
-    """Open the MLflow UI on the project's tracking store (runs, curves, registry)."""
-    from rlhf_core.orchestration import open_ui
+    """Open the MLflow UI of the project's tracking store (runs, curves, registry).
 
-    open_ui(project, port)
+    A local store (the project's mlflow.db, a database) gets `mlflow ui` on 127.0.0.1:PORT
+    until Ctrl-C (exit 130) or SIGTERM (exit 143), which stop it and all its workers. With
+    MLFLOW_TRACKING_URI=http(s)://... the server is the UI: its address is printed once it
+    answers, nothing is started. Exits 2 when the store does not answer or the port is taken,
+    with mlflow ui's status (or 1) when it fails.
+    """
+    from rlhf_core.orchestration import UIError, open_ui
+
+    try:
+        code = open_ui(project, port, open_browser)
+    except UIError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=error.exit_code) from None
+    except RuntimeError as error:  # TrackingStoreError: the store does not answer
+        _fail(str(error))
+    raise typer.Exit(code=code)
 
 
 @app.command()

@@ -7,11 +7,13 @@ loaded by path, the way Prefect itself loads a deployment's entrypoint (`load_en
 e.g. "flows/retrain.py:retrain"). A path is looked up in the project root first, then beside
 this package (an editable install of this repository), so a project that only holds data and
 params can still use the flows that came with the code. Prefect is imported inside functions:
-the CLI imports this module for every command.
+the CLI imports this module for every command. `rlhf run`, `retrain`, `serve` and `ui` first
+check that the MLflow tracking store answers (`rlhf_core.tracking_check`).
 
     rlhf run      -> run_pipeline(root)      the pipeline flow, ephemeral Prefect (no server)
     rlhf serve    -> serve(root, params)     retrain deployments: cron + event trigger
-    rlhf ui       -> open_ui(root, port)     the MLflow UI on the project's store
+    rlhf ui       -> open_ui(root, port)     the MLflow UI of the project's store: `mlflow ui`
+                                             on a local store, the server's own address
     rlhf ingest   -> track_store(store)      version the store with `dvc add` (the retrain
                                              flow calls it too)
                   -> emit_ingested_event()   tell a Prefect server that new data arrived
@@ -19,6 +21,7 @@ the CLI imports this module for every command.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import inspect
@@ -31,6 +34,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import webbrowser
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +43,14 @@ from types import ModuleType
 from typing import Any
 
 from rlhf_core.tracking import tracking_uri
+from rlhf_core.tracking_check import (
+    SERVER_SCHEMES,
+    UNCHECKED_SCHEMES,
+    check_tracking_store,
+    mask_uri,
+    store_scheme,
+    without_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,10 @@ DEFAULT_SCHEDULE_CRON = "0 3 * * *"  # every night at 03:00
 SERVER_STARTUP_TIMEOUT_S = 180.0
 # Prefect's ephemeral server gets 20 s to start by default; a busy 2-core machine needs more.
 EPHEMERAL_STARTUP_TIMEOUT_S = "120"
+UI_HOST = "127.0.0.1"
+UI_STARTUP_TIMEOUT_S = 180.0  # `mlflow ui` answers after about 8 s on an idle 2-core machine
+UI_STOP_TIMEOUT_S = 15.0  # it stops in about 3 s (its job runner and huey consumers too)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,9 +161,11 @@ def run_pipeline(project_root: str | Path = ".") -> dict[str, Any]:
     """Run the pipeline flow once and return its summary.
 
     Prefect runs in ephemeral mode (a temporary local API, no server to start) unless
-    PREFECT_API_URL points at a server, which then records the run.
+    PREFECT_API_URL points at a server, which then records the run. A tracking store that
+    cannot be reached raises TrackingStoreError before anything starts.
     """
     root = Path(project_root).resolve()
+    check_tracking_store(root)
     configure_prefect(root)
     pipeline = load_entrypoint(PIPELINE_ENTRYPOINT, root)
     # What is stale, before Prefect starts: when anything is, the warm stage server imports
@@ -162,8 +180,10 @@ def run_pipeline(project_root: str | Path = ".") -> dict[str, Any]:
 
 
 def run_retrain(project_root: str | Path = ".") -> dict[str, Any]:
-    """Run the retrain flow once (ingest data/incoming, reproduce, gate) and return its result."""
+    """Run the retrain flow once (ingest data/incoming, reproduce, gate) and return its result.
+    A tracking store that cannot be reached raises TrackingStoreError before anything starts."""
     root = Path(project_root).resolve()
+    check_tracking_store(root)
     configure_prefect(root)
     retrain = load_entrypoint(RETRAIN_ENTRYPOINT, root)
     return retrain(project_root=str(root))
@@ -219,7 +239,7 @@ def prefect_server(project_root: str | Path) -> Iterator[str]:
     """A Prefect API to use: PREFECT_API_URL when set, in the environment or the Prefect
     profile (it must answer), else a server started here (`prefect server start` on
     127.0.0.1, a free port, PREFECT_HOME in the project, log in .prefect/server.log) and
-    stopped on exit. Yields the API URL."""
+    stopped on exit. Its UI calls that port's API (`ui_api_env`). Yields the API URL."""
     from prefect.settings import PREFECT_API_URL
 
     root = Path(project_root).resolve()
@@ -232,7 +252,7 @@ def prefect_server(project_root: str | Path) -> Iterator[str]:
         return
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, **prefect_defaults(root)}
+    env = {**os.environ, **prefect_defaults(root), **ui_api_env(api_url)}
     home = Path(env["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     print(f"Starting a Prefect server on 127.0.0.1:{port} (home {home}) ...", flush=True)
@@ -254,25 +274,53 @@ def prefect_server(project_root: str | Path) -> Iterator[str]:
         stop_process_group(process)
 
 
+def ui_api_env(api_url: str) -> dict[str, str]:
+    """`PREFECT_UI_API_URL=<api_url>` for a server started here, unless the user set it: on
+    any port but 4200 the UI would otherwise call http://127.0.0.1:4200/api."""
+    from prefect.settings import get_current_settings
+
+    if "api_url" in get_current_settings().server.ui.model_fields_set:
+        return {}
+    return {"PREFECT_UI_API_URL": api_url}
+
+
 def stop_process_group(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
     """SIGTERM a process started with `start_new_session=True` and everything it started
-    (servers fork workers), then SIGKILL whatever is left after `timeout_s`."""
-    if process.poll() is not None:
+    (servers fork workers), wait until the whole process group is gone, and SIGKILL whatever
+    is left after `timeout_s`. Members outliving their leader are stopped too."""
+    if not _signal_group(process, signal.SIGTERM):
         return
+    if not _wait_for_group(process, timeout_s):
+        _signal_group(process, signal.SIGKILL)
+        _wait_for_group(process, timeout_s)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> bool:
+    """Send `signum` to the process group led by `process`; False when the group is gone."""
+    process.poll()  # reap the leader if it has exited: a zombie still counts as a member
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:  # it ended between the poll and the signal
-        process.wait()
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_group(process: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether every process of `process`'s group ended within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _signal_group(process, 0):  # signal 0 only asks whether the group exists
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def serve(project_root: str | Path, params: Any) -> None:
     """Serve the retrain deployments (cron schedule + event trigger, one run at a time) until
-    interrupted. Blocking; starts a local Prefect server when PREFECT_API_URL is not set."""
+    interrupted. Blocking; starts a local Prefect server when PREFECT_API_URL is not set.
+    A tracking store that cannot be reached raises TrackingStoreError before anything starts."""
     root = Path(project_root).resolve()
+    check_tracking_store(root)
     configure_prefect(root)
     cron = schedule_cron(params)
     with prefect_server(root) as api_url:
@@ -428,6 +476,82 @@ def emit_ingested_event(store_dir: str | Path, results: Sequence[Any]) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+class UIError(RuntimeError):
+    """`rlhf ui` cannot show the UI; the message is one line, `exit_code` the command's status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """While `installed`, SIGINT, SIGTERM and SIGHUP are recorded in `signum` (the first one)
+    instead of ending the process, so a blocking command stops its children before it exits.
+    The handlers only record: what runs when the signal arrives is never interrupted."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Record the stop signals inside the block; the previous handlers come back after it."""
+        previous = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def open_ui(project_root: str | Path = ".", port: int = 5000, open_browser: bool = False) -> int:
+    """Show the MLflow UI of the project's tracking store and return the command's exit status.
+
+    An MLflow server (http, https) is its own UI: once it answers, print its address (and open
+    it in a browser with `open_browser`) and return 0, starting nothing. A local store (sqlite,
+    a database server, a file store) gets `mlflow ui` on 127.0.0.1:`port` (`serve_mlflow_ui`).
+    Raises TrackingStoreError when the store cannot be reached, UIError when no UI can be shown.
+    """
+    root = Path(project_root).resolve()
+    uri = tracking_uri(root)
+    if store_scheme(uri) in UNCHECKED_SCHEMES:
+        raise UIError(
+            f"{mask_uri(uri)} has its own UI in its workspace; rlhf ui shows a local store or an "
+            "MLflow tracking server.",
+            exit_code=2,
+        )
+    check_tracking_store(root)
+    if store_scheme(uri) in SERVER_SCHEMES:
+        return show_server_ui(uri, open_browser)
+    return serve_mlflow_ui(root, port, open_browser)
+
+
+def show_server_ui(uri: str, open_browser: bool = False) -> int:
+    """Print the address of a tracking server's UI (the server itself, without credentials)
+    and open it in a browser with `open_browser`; returns 0."""
+    address = without_credentials(uri)
+    print(f"MLflow UI: {address} (the tracking server MLFLOW_TRACKING_URI names).", flush=True)
+    if open_browser:
+        webbrowser.open(address)
+    return 0
+
+
+def port_in_use(port: int, host: str = UI_HOST) -> bool:
+    """Whether something listens on host:port: binding fails with EADDRINUSE as a server's own
+    bind would (SO_REUSEADDR set, so a closed connection in TIME_WAIT does not count). Other
+    bind errors (a privileged port) are left for the server to report."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 def mlflow_ui_command(project_root: str | Path, port: int) -> list[str]:
     """`mlflow ui` on the project's tracking store, bound to 127.0.0.1:<port>."""
     return [
@@ -438,7 +562,7 @@ def mlflow_ui_command(project_root: str | Path, port: int) -> list[str]:
         "--backend-store-uri",
         tracking_uri(Path(project_root)),
         "--host",
-        "127.0.0.1",
+        UI_HOST,
         "--port",
         str(port),
         "--workers",
@@ -446,16 +570,65 @@ def mlflow_ui_command(project_root: str | Path, port: int) -> list[str]:
     ]
 
 
-def open_ui(project_root: str | Path = ".", port: int = 5000) -> None:
-    """Serve the MLflow UI on the project's store until Ctrl-C (blocking)."""
+def serve_mlflow_ui(project_root: str | Path, port: int = 5000, open_browser: bool = False) -> int:
+    """Serve `mlflow ui` on the project's store until SIGINT (Ctrl-C), SIGTERM or SIGHUP, then
+    stop its whole process group (uvicorn, its job runner and their workers) and return 128 +
+    the signal's number, as a shell reports a command a signal ended: 130 for Ctrl-C, 143 for
+    SIGTERM, 129 for SIGHUP. Opens the UI in a browser once it answers with `open_browser`.
+
+    Raises UIError when the port is taken (exit status 2) or when `mlflow ui` exits on its own
+    (its status, or 1: it exits 0 even when it could not bind the port).
+    """
     root = Path(project_root).resolve()
+    if port_in_use(port):
+        raise UIError(f"port {port} on {UI_HOST} is in use; pass --port", exit_code=2)
     command = mlflow_ui_command(root, port)
+    address = f"http://{UI_HOST}:{port}"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    print(f"MLflow UI: http://127.0.0.1:{port} (store {command[5]}). Ctrl-C stops.", flush=True)
-    process = subprocess.Popen(command, cwd=root, env=env, start_new_session=True)
-    try:
-        process.wait()
-    except KeyboardInterrupt:  # Ctrl-C is how the user stops it: not an error
-        print("MLflow UI stopped.", flush=True)
-    finally:
-        stop_process_group(process)
+    print(f"Starting the MLflow UI on {mask_uri(command[5])} at {address} ...", flush=True)
+    with StopSignals().installed() as stop:  # before the child exists: no window to orphan it
+        process = subprocess.Popen(command, cwd=root, env=env, start_new_session=True)
+        try:
+            _watch_ui(process, address, stop, open_browser)
+        finally:
+            stop_process_group(process, UI_STOP_TIMEOUT_S)
+    if stop.signum is not None:
+        print(f"MLflow UI stopped ({signal.Signals(stop.signum).name}).", flush=True)
+        return 128 + stop.signum
+    raise _ui_failure(process.returncode, port)
+
+
+def _watch_ui(
+    process: subprocess.Popen, address: str, stop: StopSignals, open_browser: bool
+) -> None:
+    """Return once a stop signal arrived or `mlflow ui` exited; say when it is ready."""
+    if not _wait_for_ui(process, address, stop):
+        return
+    print(f"MLflow UI ready: {address}  (Ctrl-C stops it)", flush=True)
+    if open_browser:
+        webbrowser.open(address)
+    while stop.signum is None and process.poll() is None:
+        time.sleep(0.2)
+
+
+def _wait_for_ui(process: subprocess.Popen, address: str, stop: StopSignals) -> bool:
+    """Whether the UI answers at `address` before a stop signal or its exit; UIError when it
+    has not answered after UI_STARTUP_TIMEOUT_S."""
+    deadline = time.monotonic() + UI_STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if stop.signum is not None or process.poll() is not None:
+            return False
+        if api_is_healthy(address, timeout_s=2.0):
+            return True
+        time.sleep(0.5)
+    raise UIError(f"mlflow ui did not answer at {address} within {UI_STARTUP_TIMEOUT_S:.0f} s.")
+
+
+def _ui_failure(returncode: int | None, port: int) -> UIError:
+    """What to say when `mlflow ui` exited on its own (after its group was stopped)."""
+    code = returncode or 1
+    if port_in_use(port):
+        return UIError(f"mlflow ui could not serve: port {port} is in use; pass --port", code)
+    return UIError(
+        f"mlflow ui exited with status {returncode}; its output above says why.", exit_code=code
+    )
