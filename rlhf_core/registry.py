@@ -10,12 +10,15 @@ versions of `rlhf-policy` and `rlhf-reward` with the alias `candidate`, asks the
     if decision.promote:
         promote(client, candidate)
 
-Each version is registered from the `model` artifacts of the stage run that produced it (found
-through the `run_info.json` in its output directory) and tagged with its lineage: the git
-commit, the md5 and producing run of each input, the md5 of every data set upstream
-(`lineage.data.<path under data/>.md5`), the upstream run ids (`lineage.runs`), its evaluation
-metrics (`metric.*`) and the producing run's params (`param.*`). `lineage_chain` is the walk
-behind those tags. MLflow is imported inside the functions: the CLI imports this module.
+Each version is registered from the MLflow model its stage logged (`StageRun.log_model_dir`,
+a pyfunc around the `save_pretrained` folder), found through the run that produced the
+model's folder, so `mlflow.pyfunc.load_model("models:/rlhf-policy@champion")` and
+`mlflow models serve` work on it. A version carries only the tags a reviewer reads
+(`version_tags`): stage, git commit, data version, model md5, headline metrics, and later
+the gate's result and promotion. Its full lineage (the upstream runs with their input md5s,
+the md5 of every data set upstream, params, all metrics) is a JSON artifact of the producing
+run, named in the tag `lineage` and read back by `version_lineage`. `lineage_chain` is the
+walk behind it. MLflow is imported inside the functions: the CLI imports this module.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_core.gate import REWARD_MODEL_KEY, GateDecision
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.tracking import RUN_INFO_FILE, UNKNOWN, read_producer_run_id, tracking_uri
+from rlhf_core.tracking import UNKNOWN, read_producer_run_id, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -47,8 +50,17 @@ POLICY_MODEL = "rlhf-policy"
 REWARD_MODEL = "rlhf-reward"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-MODEL_ARTIFACT = "model"  # the artifact path stages log their model directory under
+MODEL_ARTIFACT = "model"  # the name stages log their model under (`log_model_dir`)
 GATE_ARTIFACT = "gate.json"
+LINEAGE_TAG = "lineage"  # a version's tag naming its lineage file (`runs:/<run>/lineage/...`)
+LINEAGE_FOLDER = "lineage"  # where the producing run keeps its versions' lineage files
+# The metrics a reviewer compares versions by; they become version tags of the same name.
+HEADLINE_METRICS = {
+    POLICY_MODEL: ("gold_win_rate_vs_sft", "rm_win_rate_vs_sft", "kl_to_sft"),
+    REWARD_MODEL: ("eval_accuracy",),
+}
+# Tags the gate and promotion add after registration; registering again keeps them.
+DECISION_TAGS = ("gate", "gate.run_id", "promoted_at", "previous_champion")
 
 _INPUT_FIELDS = ("md5", "path", "run_id")
 _TAG_KEY_UNSAFE = re.compile(r"[^\w./\- ]")
@@ -197,10 +209,10 @@ def register_candidate(
 ) -> RegisteredCandidate:
     """Register `artifacts/policy/<policy_name>` and `artifacts/reward` with alias `candidate`.
 
-    Each model is registered from the `model` artifacts of the run named in its directory's
-    `run_info.json`; a run already registered under that model name reuses its version. Both
-    versions get lineage tags (see the module docstring) and a description; with a
-    `decision`, also the tag `gate=passed|failed`.
+    Each model is registered from the MLflow model logged by the run that produced its
+    directory; a run already registered under that model name reuses its version. Both
+    versions get the tags of `version_tags`, a lineage file (`version_lineage`) and a
+    description; with a `decision`, also the tag `gate=passed|failed`.
 
     Args:
         project_root: the project whose `artifacts/` hold the models.
@@ -229,7 +241,7 @@ def register_candidate(
         policy_run,
         root,
         metrics=policy_metrics,
-        extra_tags={"policy_name": policy_name, "reward_run_id": reward_run.info.run_id},
+        lineage_extra={"policy_name": policy_name, "reward_run_id": reward_run.info.run_id},
         description=_describe(f"{policy_name} policy", policy_run, policy_metrics) + gate_text,
     )
     reward_version = _register_run_model(
@@ -238,7 +250,7 @@ def register_candidate(
         reward_run,
         root,
         metrics=reward_metrics,
-        extra_tags={"candidate_policy": policy_name},
+        lineage_extra={"candidate_policy": policy_name},
         description=_describe("Reward model", reward_run, reward_metrics) + gate_text,
     )
     candidate = RegisteredCandidate(policy_version, reward_version, policy_name)
@@ -258,56 +270,155 @@ def register_candidate(
 
 
 def version_tags(
+    name: str,
     run: Run,
     chain: list[dict[str, Any]],
     project_root: Path,
     metrics: Mapping[str, Any],
 ) -> dict[str, str]:
-    """The lineage tags of a version registered from `run` (whose upstream walk is `chain`).
+    """The tags a reviewer reads on a version of `name` registered from `run`.
 
-    git_commit, run_id, stage, model_md5; the run's own `input.*.md5` and `input.*.run_id`;
-    `data_lineage_tags(chain)`; `lineage.runs` (JSON list of upstream run ids, nearest
-    first); `metric.<key>` for each non-null metric; `param.<key>` for each run param.
+    `stage` (the producing stage; a policy's algorithm), `git_commit`, `data_version` (the
+    DVC md5 of the data set the run read, e.g. data/validated/preference; `name=md5` pairs
+    when it read several), `model_md5` (the model directory's DVC md5) and the model's
+    `HEADLINE_METRICS` that are not null. The gate and promotion add `DECISION_TAGS`, and
+    registration the `lineage` tag: at most a dozen in all. Everything else is in the
+    version's lineage file (`version_lineage`).
     """
     run_tags = run.data.tags
     tags = {
-        "run_id": run.info.run_id,
         "stage": run_tags.get("stage", run.info.run_name or UNKNOWN),
         "git_commit": run_tags.get("git_commit", UNKNOWN),
+        "data_version": _data_version(chain[0]["inputs"] if chain else {}, project_root),
     }
     model_md5 = run_tags.get(f"model.{MODEL_ARTIFACT}.md5")
     if model_md5:
         tags["model_md5"] = model_md5
-    for key, value in run_tags.items():
-        if key.startswith("input.") and key.endswith((".md5", ".run_id")):
-            tags[key] = value
-    tags.update(data_lineage_tags(chain, project_root))
-    tags["lineage.runs"] = json.dumps([entry["run_id"] for entry in chain[1:]])
-    for key, value in metrics.items():
-        if value is not None:
-            tags[_tag_key(f"metric.{key}")] = _tag_value(value)
-    for key, value in run.data.params.items():
-        tags[_tag_key(f"param.{key}")] = _tag_value(value)
+    for key in HEADLINE_METRICS.get(name, ()):
+        if metrics.get(key) is not None:
+            tags[key] = _tag_value(metrics[key])
     return tags
 
 
+def lineage_record(
+    name: str,
+    version: str,
+    run: Run,
+    chain: list[dict[str, Any]],
+    project_root: Path,
+    metrics: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full lineage of version `version` of `name`, registered from `run`, as a dict.
+
+    Keys: model, version, run_id, model_id, stage, git_commit, git_dirty, model_md5;
+    `data` ({"data/<path>": md5} for every data set anywhere upstream) and `external`
+    ({input name: md5} for inputs outside data/ that no run produced, e.g. a user's base
+    model), both from `data_lineage_tags`; `upstream_runs` (run ids, nearest first); `chain`
+    (`lineage_chain(run)`: each run with its inputs' md5, path and producing run);
+    `params` (the run's params); `metrics` ({"evaluation": the evaluate stage's metrics of
+    this model, "run": the run's own last metric values}); and `extra`.
+    """
+    run_tags = run.data.tags
+    data: dict[str, str] = {}
+    external: dict[str, str] = {}
+    for key, md5 in data_lineage_tags(chain, project_root).items():
+        location = key.removeprefix("lineage.").removesuffix(".md5")
+        if location.startswith("external."):
+            external[location.removeprefix("external.")] = md5
+        else:  # "data.<path under data/>" or "data"
+            data[location.replace(".", "/", 1)] = md5
+    return {
+        "model": name,
+        "version": str(version),
+        "run_id": run.info.run_id,
+        "model_id": run_tags.get(f"model.{MODEL_ARTIFACT}.model_id"),
+        "stage": run_tags.get("stage", run.info.run_name),
+        "git_commit": run_tags.get("git_commit", UNKNOWN),
+        "git_dirty": run_tags.get("git_dirty", UNKNOWN),
+        "model_md5": run_tags.get(f"model.{MODEL_ARTIFACT}.md5"),
+        "data": data,
+        "external": external,
+        "upstream_runs": [entry["run_id"] for entry in chain[1:]],
+        "chain": chain,
+        "params": dict(run.data.params),
+        "metrics": {"evaluation": dict(metrics), "run": dict(run.data.metrics)},
+        **(extra or {}),
+    }
+
+
+def version_lineage(client: MlflowClient, model_version: ModelVersion) -> dict[str, Any]:
+    """The lineage file of a registered version (see `lineage_record`), read from its run.
+
+    Raises ValueError for a version without the `lineage` tag (registered by hand, or by an
+    older rlhf that put the lineage into tags).
+    """
+    import mlflow
+
+    where = model_version.tags.get(LINEAGE_TAG)
+    if not where:
+        raise ValueError(
+            f"{model_version.name} v{model_version.version} has no '{LINEAGE_TAG}' tag: it "
+            "was not registered by register_candidate; register its run again to write one."
+        )
+    with tempfile.TemporaryDirectory(prefix="lineage-") as scratch:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=where, dst_path=scratch, tracking_uri=client.tracking_uri
+        )
+        return json.loads(Path(local).read_text(encoding="utf-8"))
+
+
+def _data_version(inputs: Mapping[str, Mapping[str, str]], project_root: Path) -> str:
+    """md5 of the run's one input under data/, `name=md5` pairs for several, else unknown."""
+    md5s = {
+        name: fields["md5"]
+        for name, fields in sorted(inputs.items())
+        if fields.get("md5") and _data_location(fields.get("path"), project_root)
+    }
+    if len(md5s) == 1:
+        return next(iter(md5s.values()))
+    return " ".join(f"{name}={md5}" for name, md5 in md5s.items()) or UNKNOWN
+
+
 def _producer_run(client: MlflowClient, directory: Path) -> Run:
-    """The run named in `directory/run_info.json`, which must be in the client's store."""
+    """The run that produced `directory` (its run marker), which must be in the store."""
     from mlflow.exceptions import MlflowException
 
     run_id = read_producer_run_id(directory)
     if run_id is None:
         raise ValueError(
-            f"{directory} has no {RUN_INFO_FILE}: its stage did not finish under MLflow "
-            "tracking; rerun it with `rlhf stage` (or `dvc repro`) before registering."
+            f"No run is known to have produced {directory}: its stage did not finish under "
+            "MLflow tracking; rerun it with `rlhf stage` (or `dvc repro`) before registering."
         )
     try:
         return client.get_run(run_id)
     except MlflowException as error:
         raise ValueError(
-            f"Run {run_id} from {directory / RUN_INFO_FILE} is not in the tracking store "
+            f"Run {run_id}, which produced {directory}, is not in the tracking store "
             f"{client.tracking_uri}; point MLFLOW_TRACKING_URI at the store the stage used."
         ) from error
+
+
+def _logged_model_id(client: MlflowClient, run: Run) -> str:
+    """The id of the MLflow model `MODEL_ARTIFACT` that `run` logged (`log_model_dir`)."""
+    from mlflow.exceptions import MlflowException
+
+    stage = run.data.tags.get("stage", "unknown stage")
+    model_id = run.data.tags.get(f"model.{MODEL_ARTIFACT}.model_id")
+    if model_id is None:
+        raise ValueError(
+            f"Run {run.info.run_id} ({stage}) logged no MLflow model '{MODEL_ARTIFACT}': its "
+            f"stage must call log_model_dir(out_dir, '{MODEL_ARTIFACT}'); a run from before "
+            "models were logged that way needs its stage rerun (`dvc repro --force <stage>`)."
+        )
+    try:
+        client.get_logged_model(model_id)
+    except MlflowException as error:
+        raise ValueError(
+            f"Run {run.info.run_id} ({stage}) names the logged model {model_id}, which is not "
+            f"in the tracking store {client.tracking_uri}."
+        ) from error
+    return model_id
 
 
 def _register_run_model(
@@ -317,41 +428,54 @@ def _register_run_model(
     project_root: Path,
     *,
     metrics: Mapping[str, Any],
-    extra_tags: Mapping[str, str],
+    lineage_extra: Mapping[str, Any],
     description: str,
 ) -> str:
-    """Version (as a string) of `name` registered from the run's model artifacts, tagged."""
+    """Version (as a string) of `name` registered from the run's logged model, tagged."""
+    from rlhf_core.tracking import _global_tracking_uri
+
     run_id = run.info.run_id
-    if not client.list_artifacts(run_id, MODEL_ARTIFACT):
-        raise ValueError(
-            f"Run {run_id} ({run.data.tags.get('stage', 'unknown stage')}) logged no "
-            f"'{MODEL_ARTIFACT}' artifacts; its stage must call log_model_dir(out_dir, "
-            f"'{MODEL_ARTIFACT}')."
-        )
+    model_id = _logged_model_id(client, run)
     _ensure_registered_model(client, name)
-    tags = {
-        **version_tags(run, lineage_chain(client, run_id), project_root, metrics),
-        **extra_tags,
-    }
+    chain = lineage_chain(client, run_id)
+    tags = version_tags(name, run, chain, project_root, metrics)
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if existing:
         # The same run registered again (nothing upstream changed): one version per run.
-        version = str(max(int(found.version) for found in existing))
+        found = max(existing, key=lambda found: int(found.version))
+        version = str(found.version)
         client.update_model_version(name, version, description=description)
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
-        return version
-    # `mlflow.register_model("runs:/...")` insists on an MLflow-flavoured model (an MLmodel
-    # file or a logged model); our save_pretrained directories are plain artifacts, which
-    # the client's create_model_version registers from their artifact location as is.
-    created = client.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}",
-        run_id=run_id,
-        tags=tags,
-        description=description,
-    )
-    return str(created.version)
+        _replace_version_tags(client, found, tags)
+    else:
+        # A `models:/<model id>` source links the version to its logged model in the UI; the
+        # local store resolves it through the process-wide tracking URI, so point that here.
+        with _global_tracking_uri(client.tracking_uri):
+            created = client.create_model_version(
+                name,
+                source=f"models:/{model_id}",
+                run_id=run_id,
+                tags=tags,
+                description=description,
+                model_id=model_id,
+            )
+        version = str(created.version)
+    record = lineage_record(name, version, run, chain, project_root, metrics, lineage_extra)
+    lineage_file = f"{LINEAGE_FOLDER}/{name}-v{version}.json"
+    client.log_dict(run_id, record, lineage_file)
+    client.set_model_version_tag(name, version, LINEAGE_TAG, f"runs:/{run_id}/{lineage_file}")
+    return version
+
+
+def _replace_version_tags(
+    client: MlflowClient, version: ModelVersion, tags: Mapping[str, str]
+) -> None:
+    """Set `tags` on `version` and drop headline metrics that are no longer known; the gate's,
+    the promotion's and people's own tags stay."""
+    for key in HEADLINE_METRICS.get(version.name, ()):
+        if key in version.tags and key not in tags:
+            client.delete_model_version_tag(version.name, version.version, key)
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -426,9 +550,12 @@ def promote(client: MlflowClient, candidate: RegisteredCandidate) -> None:
 def download_model_dir(
     client: MlflowClient, version: ModelVersion, destination: Path | None = None
 ) -> Path:
-    """Download a model version's files and return the `save_pretrained` directory.
+    """Download a model version's `save_pretrained` directory and return its local path.
 
-    Into `destination` when given, else a new temporary directory the caller owns.
+    The directory is the one the version's MLflow model wraps (its `artifacts/` folder);
+    only that folder is downloaded. A version registered from plain artifacts (before models
+    were logged as MLflow models) is the directory itself. Into `destination` when given,
+    else a new temporary directory the caller owns.
     """
     from mlflow.artifacts import download_artifacts
 
@@ -436,10 +563,13 @@ def download_model_dir(
     if target is None:
         target = Path(tempfile.mkdtemp(prefix=f"{version.name}-v{version.version}-"))
     target.mkdir(parents=True, exist_ok=True)
-    source = client.get_model_version_download_uri(version.name, version.version)
+    source = client.get_model_version_download_uri(version.name, version.version).rstrip("/")
+    inside = _pretrained_path_in(source, client.tracking_uri)
     local = Path(
         download_artifacts(
-            artifact_uri=source, dst_path=str(target), tracking_uri=client.tracking_uri
+            artifact_uri=f"{source}/{inside}" if inside else source,
+            dst_path=str(target),
+            tracking_uri=client.tracking_uri,
         )
     )
     if not (local / "config.json").is_file():
@@ -448,6 +578,24 @@ def download_model_dir(
             "directory: it has no config.json."
         )
     return local
+
+
+def _pretrained_path_in(source: str, tracking: str) -> str | None:
+    """Where the save_pretrained folder sits inside the model at `source`; None without MLmodel."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from rlhf_core.mlflow_models import pretrained_path
+
+    with tempfile.TemporaryDirectory(prefix="mlmodel-") as scratch:
+        try:
+            mlmodel = download_artifacts(
+                artifact_uri=f"{source}/MLmodel", dst_path=scratch, tracking_uri=tracking
+            )
+        except (MlflowException, OSError):
+            return None
+        return pretrained_path(Model.load(mlmodel))
 
 
 # --------------------------------------------------------------------------------------------

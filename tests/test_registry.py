@@ -1,19 +1,33 @@
-"""The model registry: candidate registration with lineage, champion promotion, downloads and
-the gate decision's record, on real stage runs in a throwaway sqlite store."""
+"""The model registry: candidate registration with lineage, champion promotion, downloads, the
+registered versions as MLflow models (pyfunc and `mlflow models serve`) and the gate decision's
+record, on real stage runs in a throwaway sqlite store."""
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 
 import mlflow
+import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from rlhf_core.gate import GateSettings, decide
-from rlhf_core.models.loading import load_causal_lm
+from rlhf_core.generation import score
+from rlhf_core.models.heads import RewardModel
+from rlhf_core.models.loading import load_causal_lm, load_tokenizer
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.registry import (
     CANDIDATE,
     CHAMPION,
+    LINEAGE_TAG,
     POLICY_MODEL,
     REWARD_MODEL,
     RegisteredCandidate,
@@ -23,8 +37,9 @@ from rlhf_core.registry import (
     log_decision,
     promote,
     register_candidate,
+    version_lineage,
 )
-from rlhf_core.tracking import RUN_INFO_FILE, file_md5, path_md5, stage_run
+from rlhf_core.tracking import RUN_INFO_FILE, file_md5, path_md5, run_marker_path, stage_run
 
 EVALUATION = {
     "dpo": {
@@ -50,12 +65,16 @@ def empty_store_template(tmp_path_factory):
 @pytest.fixture
 def project(tiny_project, empty_store_template, monkeypatch):
     """The tiny project with its own tracking store and no producer markers from elsewhere."""
-    for marker in tiny_project.rglob(RUN_INFO_FILE):
+    for marker in tiny_project.rglob(f"*{RUN_INFO_FILE}"):
         marker.unlink()
     database = tiny_project / "mlflow.db"
     shutil.copy(empty_store_template, database)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
     monkeypatch.setenv("RLHF_EXPERIMENT", "registry-test")
+    # MLflow's process-wide URI (models:/ URIs resolve through it), put back after the test.
+    monkeypatch.setattr(
+        "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{database}"
+    )
     return tiny_project
 
 
@@ -77,7 +96,7 @@ def run_policy_stage(root, beta=0.1):
     paths = ProjectPaths(root)
     policy_dir = paths.policy_dir("dpo")
     shutil.rmtree(policy_dir, ignore_errors=True)
-    shutil.copytree(paths.sft_model_dir, policy_dir, ignore=shutil.ignore_patterns(RUN_INFO_FILE))
+    shutil.copytree(paths.sft_model_dir, policy_dir)
     inputs = {"preferences": paths.validated_set("preference"), "reference": paths.sft_model_dir}
     return run_model_stage(root, "dpo", inputs, policy_dir, params={"dpo": {"beta": beta}})
 
@@ -119,27 +138,80 @@ def test_register_candidate_creates_versions_with_the_candidate_alias_and_lineag
         candidate.reward_version,
     )
     assert policy.run_id == stage_runs["dpo"] and reward.run_id == stage_runs["reward"]
-
     dpo_run = client.get_run(stage_runs["dpo"])
-    tags = policy.tags
-    assert tags["git_commit"] == dpo_run.data.tags["git_commit"]
-    assert tags["input.preferences.md5"] == path_md5(paths.validated_set("preference"))
-    assert tags["input.reference.run_id"] == stage_runs["sft"]
-    # Data read only by the upstream sft run is found by walking the chain.
-    assert tags["lineage.data.validated/sft.md5"] == path_md5(paths.validated_set("sft"))
-    assert tags["lineage.data.validated/preference.md5"] == path_md5(
-        paths.validated_set("preference")
-    )
-    assert tags["lineage.external.base.md5"] == path_md5(paths.base_model_dir)
-    assert json.loads(tags["lineage.runs"]) == [stage_runs["sft"]]
-    assert float(tags["metric.gold_win_rate_vs_sft"]) == 0.71
-    assert tags["param.dpo.beta"] == "0.1"
-    assert tags["policy_name"] == "dpo"
+    assert policy.source == f"models:/{dpo_run.data.tags['model.model.model_id']}"
     assert "dpo policy" in policy.description
 
-    assert float(reward.tags["metric.eval_accuracy"]) == 0.72
-    assert reward.tags["input.sft.run_id"] == stage_runs["sft"]
-    assert json.loads(reward.tags["lineage.runs"]) == [stage_runs["sft"]]
+    # The few tags a reviewer reads; the rest is in the lineage file.
+    preference_md5 = path_md5(paths.validated_set("preference"))
+    assert policy.tags == {
+        "stage": "dpo",
+        "git_commit": dpo_run.data.tags["git_commit"],
+        "data_version": preference_md5,
+        "model_md5": path_md5(paths.policy_dir("dpo")),
+        "gold_win_rate_vs_sft": "0.71",
+        "rm_win_rate_vs_sft": "0.66",
+        "kl_to_sft": "4.5",
+        LINEAGE_TAG: f"runs:/{stage_runs['dpo']}/lineage/{POLICY_MODEL}-v{policy.version}.json",
+    }
+    assert set(reward.tags) == {
+        "stage", "git_commit", "data_version", "model_md5", "eval_accuracy", LINEAGE_TAG
+    }  # fmt: skip
+    assert reward.tags["eval_accuracy"] == "0.72" and reward.tags["data_version"] == preference_md5
+
+    lineage = version_lineage(client, policy)
+    assert (lineage["model"], lineage["version"]) == (POLICY_MODEL, str(policy.version))
+    assert lineage["run_id"] == stage_runs["dpo"] and lineage["stage"] == "dpo"
+    # Data read only by the upstream sft run is found by walking the chain.
+    assert lineage["data"] == {
+        "data/validated/sft": path_md5(paths.validated_set("sft")),
+        "data/validated/preference": preference_md5,
+    }
+    assert lineage["external"] == {"base": path_md5(paths.base_model_dir)}
+    assert lineage["upstream_runs"] == [stage_runs["sft"]]
+    assert [entry["stage"] for entry in lineage["chain"]] == ["dpo", "sft"]
+    assert lineage["chain"][0]["inputs"]["reference"]["run_id"] == stage_runs["sft"]
+    assert lineage["metrics"]["evaluation"] == EVALUATION["dpo"]
+    assert lineage["params"]["dpo.beta"] == "0.1"
+    assert lineage["policy_name"] == "dpo" and lineage["reward_run_id"] == stage_runs["reward"]
+
+    reward_lineage = version_lineage(client, reward)
+    assert reward_lineage["metrics"]["evaluation"]["eval_margin_mean"] == 0.5
+    assert reward_lineage["upstream_runs"] == [stage_runs["sft"]]
+
+
+def test_version_tags_stay_few_through_promotion_and_re_registration(project, client, stage_runs):
+    old = register_candidate(project, "dpo", EVALUATION)
+    promote(client, old)
+    run_policy_stage(project, beta=0.3)
+    decision = decide(EVALUATION, GateSettings(), 0.9, has_champion=True)
+    new = register_candidate(project, "dpo", EVALUATION, decision)
+    experiment = client.get_experiment_by_name("registry-test")
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
+        log_decision(decision, new, client)
+    promote(client, new)
+    champion = client.get_model_version(POLICY_MODEL, new.policy_version)
+    assert {"gate", "gate.run_id", "promoted_at", "previous_champion"} <= set(champion.tags)
+    assert len(champion.tags) <= 12
+
+    # Registering the same run again keeps one version, the gate's tags and a reviewer's
+    # own, and drops a headline metric the evaluation no longer has.
+    client.set_model_version_tag(POLICY_MODEL, new.policy_version, "reviewed_by", "ana")
+    evaluation = {**EVALUATION, "dpo": {**EVALUATION["dpo"], "gold_win_rate_vs_sft": None}}
+    again = register_candidate(project, "dpo", evaluation)
+    assert again.policy_version == new.policy_version
+    tags = client.get_model_version(POLICY_MODEL, new.policy_version).tags
+    assert tags["gate"] == "passed" and tags["reviewed_by"] == "ana"
+    assert "gold_win_rate_vs_sft" not in tags
+    assert version_lineage(client, champion)["params"]["dpo.beta"] == "0.3"
+
+
+def test_version_lineage_explains_a_version_without_a_lineage_file(project, client, stage_runs):
+    candidate = register_candidate(project, "dpo", EVALUATION)
+    client.delete_model_version_tag(POLICY_MODEL, candidate.policy_version, LINEAGE_TAG)
+    bare = client.get_model_version(POLICY_MODEL, candidate.policy_version)
+    with pytest.raises(ValueError, match="has no 'lineage' tag"):
+        version_lineage(client, bare)
 
 
 def test_lineage_chain_walks_the_policy_version_back_to_its_data(project, client, stage_runs):
@@ -182,12 +254,12 @@ def test_register_candidate_explains_what_is_missing(project, client, stage_runs
     with pytest.raises(ValueError, match="no metrics for policy 'ppo'"):
         register_candidate(project, "ppo", EVALUATION)
     policy_dir = ProjectPaths(project).policy_dir("dpo")
-    (policy_dir / RUN_INFO_FILE).unlink()
-    with pytest.raises(ValueError, match=r"run_info\.json"):
+    run_marker_path(policy_dir).unlink()
+    with pytest.raises(ValueError, match="No run is known to have produced"):
         register_candidate(project, "dpo", EVALUATION)
     with stage_run("dpo", project_root=project) as run:  # a run that logged no model
         run.record_output(policy_dir)
-    with pytest.raises(ValueError, match="no 'model' artifacts"):
+    with pytest.raises(ValueError, match="logged no MLflow model 'model'"):
         register_candidate(project, "dpo", EVALUATION)
 
 
@@ -230,6 +302,116 @@ def test_download_model_dir_returns_the_registered_files_loadable(project, clien
     sft_weights = ProjectPaths(project).sft_model_dir / "model.safetensors"
     assert file_md5(downloaded / "model.safetensors") == file_md5(sft_weights)
     assert tokenizer.chat_template and model.config.vocab_size == len(tokenizer)
+    # Only the save_pretrained folder comes down, not the MLflow wrapper around it.
+    assert not list((project / "champion").rglob("MLmodel"))
+
+
+def test_the_champion_loads_as_an_mlflow_model_and_predicts(project, client, stage_runs):
+    paths = ProjectPaths(project)
+    promote(client, register_candidate(project, "dpo", EVALUATION))
+
+    policy = mlflow.pyfunc.load_model(f"models:/{POLICY_MODEL}@{CHAMPION}")
+    prompts = pd.DataFrame({"prompt": ["Review the film.", "Write a short review."]})
+    responses = policy.predict(prompts, params={"max_new_tokens": 6, "seed": 3})
+    assert len(responses) == 2 and all(isinstance(text, str) for text in responses)
+    assert policy.predict(prompts, params={"max_new_tokens": 6, "seed": 3}) == responses
+
+    reward = mlflow.pyfunc.load_model(f"models:/{REWARD_MODEL}@{CHAMPION}")
+    pairs = pd.DataFrame(
+        {"prompt": ["Review the film.", "Review the film."], "response": ["Great!", "Bad."]}
+    )
+    scores = reward.predict(pairs)
+    assert len(scores) == 2 and all(isinstance(value, float) for value in scores)
+    own = score(
+        RewardModel.from_pretrained(paths.reward_model_dir),
+        load_tokenizer(paths.reward_model_dir),
+        [[{"role": "user", "content": prompt}] for prompt in pairs["prompt"]],
+        pairs["response"].tolist(),
+    )
+    assert torch.allclose(torch.tensor(scores), own, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the whole group (the CLI and the uvicorn it starts), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break  # the group is gone already
+        try:
+            process.wait(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
+def _post_json(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_champion(project, client, stage_runs):
+    promote(client, register_candidate(project, "dpo", EVALUATION))
+    port = _free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        # As in an activated venv: the server starts `uvicorn` found on PATH.
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+    }
+    command = [
+        os.path.join(bin_dir, "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{POLICY_MODEL}@{CHAMPION}",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log_file = project / "serve.log"
+    with open(log_file, "w") as log:
+        server = subprocess.Popen(
+            command, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        answer = None
+        while answer is None:
+            assert server.poll() is None, log_file.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+            try:
+                answer = _post_json(
+                    f"http://127.0.0.1:{port}/invocations",
+                    {
+                        "dataframe_records": [{"prompt": "Review the film."}],
+                        "params": {"max_new_tokens": 5},
+                    },
+                )
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+    finally:
+        _stop_process_group(server)
+    predictions = answer["predictions"]
+    assert len(predictions) == 1 and isinstance(predictions[0], str)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +423,6 @@ def test_log_decision_records_the_decision_on_the_run_and_the_versions(project, 
     decision = decide(EVALUATION, GateSettings(), 0.4, has_champion=True)
     assert decision.candidate == "dpo" and not decision.promote
     candidate = register_candidate(project, "dpo", EVALUATION, decision)
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("registry-test")
     with mlflow.start_run(experiment_id=experiment.experiment_id) as pipeline_run:
         log_decision(decision, candidate, client)
