@@ -42,6 +42,10 @@ dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_sta
 run_stage = dvc_stage.run_stage
 
 SUMMARY_ARTIFACT_DIR = "pipeline"
+RUN_NUMBER_TAG = "pipeline.number"
+DATA_VERSION_TAG = "data_version"
+NO_PARAM_CHANGE = "no change"
+HEADLINE_POLICY_METRICS = ("gold_win_rate_vs_sft", "rm_win_rate_vs_sft", "kl_to_sft")
 EVALUATION_METRICS = Path("artifacts") / "metrics" / "evaluate.json"
 KEY_METRICS_PER_STAGE = 4
 
@@ -172,12 +176,95 @@ def _mlflow_key(name: str) -> str:
     return name.replace("@", ".")
 
 
+def headline_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers a reviewer compares between pipeline runs, from evaluate.json:
+    `reward.eval_accuracy`, and per policy (best-of-n included, SFT left out: it is the
+    reference) `<policy>.gold_win_rate_vs_sft`, `.rm_win_rate_vs_sft`, `.kl_to_sft`."""
+    metrics: dict[str, float] = {}
+    accuracy = (evaluation.get("reward_model") or {}).get("eval_accuracy")
+    if isinstance(accuracy, int | float):
+        metrics["reward.eval_accuracy"] = float(accuracy)
+    for policy, values in evaluation.items():
+        if policy in ("sft", "reward_model") or not isinstance(values, Mapping):
+            continue
+        for key in HEADLINE_POLICY_METRICS:
+            if isinstance(values.get(key), int | float):
+                metrics[f"{policy}.{key}"] = float(values[key])
+    return metrics
+
+
+def param_changes(
+    current: Mapping[str, str], previous: Mapping[str, str] | None, shown: int = 2
+) -> str:
+    """What changed since the previous pipeline run, for a run name: `first run`,
+    `no change`, or `key=value` for up to `shown` changed params (`+N more`)."""
+    if previous is None:
+        return "first run"
+    changed = sorted(
+        key for key in set(current) | set(previous) if current.get(key) != previous.get(key)
+    )
+    if not changed:
+        return NO_PARAM_CHANGE
+    parts = [f"{key}={current.get(key, '(removed)')}" for key in changed[:shown]]
+    if len(changed) > shown:
+        parts.append(f"+{len(changed) - shown} more")
+    return " ".join(parts)
+
+
+def pipeline_run_name(
+    number: int, data_version: str, previous_data: str | None, changes: str
+) -> str:
+    """`#3 new data, policy.dpo.beta=0.3 | data 1a2b3c4d`: what tells pipeline runs apart
+    comes first (the runs table cuts long names); the data version is the md5 of
+    data/validated, what the training stages read."""
+    if previous_data is not None and data_version != previous_data:
+        changes = "new data" if changes == NO_PARAM_CHANGE else f"new data, {changes}"
+    return f"#{number} {changes} | data {data_version[:8]}"
+
+
+def flat_project_params(project_root: Path) -> dict[str, str]:
+    """params.yaml flattened to dotted keys (as logged on the pipeline run); {} without it."""
+    from rlhf_core.tracking import flatten_params
+
+    params_file = project_root / "params.yaml"
+    if not params_file.is_file():
+        return {}
+    return flatten_params(dvc_stage.read_yaml(params_file) or {})
+
+
+def project_params(run_params: Mapping[str, str]) -> dict[str, str]:
+    """The params.yaml part of a pipeline run's params (the gate adds `gate.threshold.*`)."""
+    return {k: v for k, v in run_params.items() if not k.startswith("gate.threshold.")}
+
+
+def previous_pipeline_run(client: Any, experiment_id: str) -> Any:
+    """The newest finished pipeline run of the experiment, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string="tags.stage = 'pipeline' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def data_version(project_root: Path) -> str | None:
+    """md5 of data/validated (what the training stages read), or None before validate ran
+    (or in a project without one)."""
+    from rlhf_core.tracking import path_md5
+
+    validated = project_root / "data" / "validated"
+    return path_md5(validated) if validated.is_dir() else None
+
+
 @contextmanager
 def parent_run(project_root: Path) -> Iterator[str]:
     """The pipeline's MLflow run, active while the stages run; yields its id.
 
-    Tagged with the Prefect flow run and the git commit. It ends FINISHED, or FAILED when
-    the block raises (a stage failed).
+    Tagged with the Prefect flow run and the git commit, with params.yaml (flattened) as its
+    params, so the compare view lines runs up by any knob. It is named while it runs
+    `#N (running)`; `name_pipeline_run` gives it its final name. It ends FINISHED,
+    or FAILED when the block raises (a stage failed).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -188,24 +275,61 @@ def parent_run(project_root: Path) -> Iterator[str]:
     experiment_id = ensure_experiment(
         client, experiment_name(), artifact_location(project_root, uri)
     )
+    previous = previous_pipeline_run(client, experiment_id)
+    number = 1 + int(previous.data.tags.get(RUN_NUMBER_TAG, 0)) if previous else 1
     commit, dirty = git_state(project_root)
     tags = {
         "stage": "pipeline",
+        RUN_NUMBER_TAG: str(number),
         "orchestrator": "prefect",
         "prefect.flow_run_id": str(flow_run.id or "none"),
         "prefect.flow_run_name": str(flow_run.name or "none"),
         "git_commit": commit,
         "git_dirty": dirty,
     }
+    if previous is not None:
+        tags["previous_pipeline_run"] = previous.info.run_id
     with (
         _global_tracking_uri(uri),
-        mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as run,
+        mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"#{number} (running)", tags=tags
+        ) as run,
     ):
+        params = flat_project_params(project_root)
+        if params:
+            from mlflow.entities import Param
+
+            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         yield run.info.run_id
 
 
-def log_summary(rows: list[dict[str, Any]], table: str, seconds: float) -> None:
-    """Summary table and rows as artifacts of the active (parent) run, plus per-stage tags."""
+def name_pipeline_run(project_root: Path, run_id: str) -> str:
+    """Give the pipeline run its final name (number, data version, what changed since the
+    previous pipeline run) and tag its data version; returns the name."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+    run = client.get_run(run_id)
+    previous_id = run.data.tags.get("previous_pipeline_run")
+    previous = client.get_run(previous_id) if previous_id else None
+    version = data_version(project_root) or "none"
+    changes = param_changes(
+        project_params(run.data.params), project_params(previous.data.params) if previous else None
+    )
+    previous_data = previous.data.tags.get(DATA_VERSION_TAG) if previous else None
+    name = pipeline_run_name(
+        int(run.data.tags.get(RUN_NUMBER_TAG, 1)), version, previous_data, changes
+    )
+    mlflow.set_tags({"mlflow.runName": name, DATA_VERSION_TAG: version, "changes": changes})
+    return name
+
+
+def log_summary(
+    rows: list[dict[str, Any]], table: str, seconds: float, headline: Mapping[str, float]
+) -> None:
+    """Summary table and rows as artifacts of the active (parent) run, per-stage tags, and
+    the headline metrics (`headline_metrics`) as the run's own metrics."""
     import mlflow
 
     mlflow.log_text(table, f"{SUMMARY_ARTIFACT_DIR}/summary.txt")
@@ -218,6 +342,7 @@ def log_summary(rows: list[dict[str, Any]], table: str, seconds: float) -> None:
     mlflow.set_tags(tags)
     mlflow.log_metrics(
         {
+            **headline,
             "pipeline.seconds": seconds,
             "pipeline.stages_ran": sum(row["status"] == dvc_stage.RAN for row in rows),
         }
@@ -341,6 +466,15 @@ def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
     }
 
 
+def log_gate_outcome(decision: Mapping[str, Any]) -> None:
+    """The gate's outcome on the active pipeline run: tag `gate.status` (promoted | kept |
+    unchanged | skipped) and metric `gate.promoted` (1 or 0), a column of the runs table."""
+    import mlflow
+
+    mlflow.set_tag("gate.status", decision["status"])
+    mlflow.log_metric("gate.promoted", 1.0 if decision["status"] == "promoted" else 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # The flow
 # --------------------------------------------------------------------------------------------
@@ -383,10 +517,13 @@ def report(results: list[dict[str, Any]], root: Path, mlflow_run_id: str, second
     """Print the summary table and record it in MLflow and as a Prefect table artifact."""
     from prefect.artifacts import create_table_artifact
 
-    rows = summary_rows(results, dvc_metrics(root, results))
-    table = render_table(rows, title=f"Pipeline run {mlflow_run_id}")
+    metrics = dvc_metrics(root, results)
+    rows = summary_rows(results, metrics)
+    name = name_pipeline_run(root, mlflow_run_id)
+    table = render_table(rows, title=f"{name} (MLflow run {mlflow_run_id})")
     print(table)
-    log_summary(rows, table, seconds)
+    evaluation = metrics.get(EVALUATION_METRICS.as_posix()) or {}
+    log_summary(rows, table, seconds, headline_metrics(evaluation))
     create_table_artifact(
         table=[{**row, "metrics": json.dumps(row["metrics"])} for row in rows],
         key="rlhf-pipeline-summary",
@@ -433,6 +570,7 @@ def pipeline(
                 reason = f"no {EVALUATION_METRICS} (no evaluate stage output) to gate"
                 logger.warning("gate skipped: %s", reason)
                 decision = {"status": "skipped", "promote": False, "reasons": [reason]}
+            log_gate_outcome(decision)
     return {
         "mlflow_run_id": mlflow_run_id,
         "stages": results,

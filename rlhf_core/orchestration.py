@@ -25,6 +25,7 @@ import errno
 import hashlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import webbrowser
 from collections.abc import Iterator, Sequence
@@ -529,10 +531,40 @@ def open_ui(project_root: str | Path = ".", port: int = 5000, open_browser: bool
     return serve_mlflow_ui(root, port, open_browser)
 
 
+def experiment_runs_url(address: str, experiment_id: str | None) -> str:
+    """The page to open: the experiment's runs table in the UI's model-training view (MLflow
+    3.17 opens every experiment in its GenAI view unless the URL says `workflowType`),
+    filtered to the pipeline runs (their stage runs nest under them); `address` alone when
+    the experiment does not exist yet."""
+    if experiment_id is None:
+        return address
+    query = urllib.parse.urlencode(
+        {"workflowType": "machine_learning", "searchFilter": "tags.stage = 'pipeline'"},
+        quote_via=urllib.parse.quote,
+    )
+    return f"{address.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def experiment_id_at(address: str, timeout_s: float = 5.0) -> str | None:
+    """Id of the project's experiment (`experiment_name()`) on the MLflow server at
+    `address` (REST `experiments/get-by-name`), or None when it does not exist yet."""
+    from rlhf_core.tracking import experiment_name
+
+    query = urllib.parse.urlencode({"experiment_name": experiment_name()})
+    url = f"{address.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            return str(json.load(reply)["experiment"]["experiment_id"])
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        return None  # no such experiment (404), or a server that wants credentials
+
+
 def show_server_ui(uri: str, open_browser: bool = False) -> int:
     """Print the address of a tracking server's UI (the server itself, without credentials)
     and open it in a browser with `open_browser`; returns 0."""
-    address = without_credentials(uri)
+    address = experiment_runs_url(
+        without_credentials(uri), experiment_id_at(without_credentials(uri))
+    )
     print(f"MLflow UI: {address} (the tracking server MLFLOW_TRACKING_URI names).", flush=True)
     if open_browser:
         webbrowser.open(address)
@@ -604,6 +636,7 @@ def _watch_ui(
     """Return once a stop signal arrived or `mlflow ui` exited; say when it is ready."""
     if not _wait_for_ui(process, address, stop):
         return
+    address = experiment_runs_url(address, experiment_id_at(address))
     print(f"MLflow UI ready: {address}  (Ctrl-C stops it)", flush=True)
     if open_browser:
         webbrowser.open(address)

@@ -79,6 +79,11 @@ class ProjectPaths:
         when the stage completes."""
         return self.root / ".checkpoints" / stage
 
+    def data_docs_dir(self, set_name: str) -> Path:
+        """Great Expectations Data Docs of a validated set: git-ignored, not a DVC output
+        (GX stamps each page with the time of the run), logged to the validate run."""
+        return self.root / "artifacts" / "data_docs" / set_name
+
     def metrics_file(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage}.json"
 

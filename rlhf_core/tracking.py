@@ -3,8 +3,13 @@
 Every stage process opens its run through `stage_run`. The run carries the stage's params
 (flattened to dotted keys), the git commit, the md5 of each input (the same value DVC writes
 to dvc.lock) and the id of the run that produced each input. Lineage never depends on an
-orchestrator: at a successful exit the run writes a `run_info.json` marker into each output
-directory it recorded, so the next stage, a separate process, finds the producing run there.
+orchestrator: at a successful exit the run writes a marker *beside* each output it recorded
+(`artifacts/.sft.run_info.json` for `artifacts/sft`), holding the run id and the output's
+md5, so the next stage, a separate process, finds the producing run there. The marker is not
+part of the output (`.dvcignore` hides it from DVC, `path_md5` skips it): outputs stay a pure
+function of their inputs, and two runs on the same inputs give the same md5. A marker whose
+md5 no longer matches the output (DVC restored another version) is not trusted: the run that
+produced that content is looked up in the tracking store by its `output.<name>.md5` tag.
 
     with stage_run("sft", params=params.model_dump(), inputs={"train": sft_path}) as run:
         for step, loss in enumerate(losses):
@@ -43,7 +48,12 @@ EXPERIMENT_NAME = "rlhf"
 EXPERIMENT_ENV = "RLHF_EXPERIMENT"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
-RUN_INFO_FILE = "run_info.json"
+# The MLflow UI (3.x) reads this experiment tag to choose between its GenAI view (traces,
+# judges) and its model-training view (runs table with metrics, charts); values are in its
+# front end (`mlflow/server/js`): genai_development, custom_model_development, ...
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+RUN_INFO_FILE = "run_info.json"  # the suffix of an output's marker: `.<name>.run_info.json`
 UNKNOWN = "unknown"
 
 # A metric buffer is written after this many `log_metrics` calls or this many seconds,
@@ -129,7 +139,19 @@ def path_md5(path: Path) -> str:
 def _files_under(directory: Path) -> Iterator[Path]:
     for folder, _, names in os.walk(directory):
         for name in names:
-            yield Path(folder) / name
+            if not is_run_marker(name):  # as `.dvcignore` tells DVC
+                yield Path(folder) / name
+
+
+def is_run_marker(name: str) -> bool:
+    """Whether a file name is an output's run marker (`.<output>.run_info.json`)."""
+    return name.startswith(".") and name.endswith(f".{RUN_INFO_FILE}")
+
+
+def run_marker_path(output: Path) -> Path:
+    """Where the run marker of an output lives: beside it, `<parent>/.<name>.run_info.json`."""
+    output = Path(output)
+    return output.parent / f".{output.name}.{RUN_INFO_FILE}"
 
 
 def git_state(project_root: Path) -> tuple[str, str]:
@@ -155,17 +177,83 @@ def _git(cwd: Path, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def read_producer_run_id(path: Path) -> str | None:
-    """Run id in the `run_info.json` of a directory, or of a file's parent directory."""
-    path = Path(path)
-    marker = (path if path.is_dir() else path.parent) / RUN_INFO_FILE
+def _stat_signature(path: Path) -> list[list[Any]]:
+    """[relative name, size, mtime_ns] of each file of an output: a cheap "unchanged" test."""
+    if path.is_file():
+        stat = path.stat()
+        return [[path.name, stat.st_size, stat.st_mtime_ns]]
+    rows = []
+    for file in _files_under(path):
+        stat = file.stat()
+        rows.append([file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return sorted(rows)
+
+
+def write_run_marker(output: Path, run_info: Mapping[str, str]) -> str:
+    """Write the marker beside `output` (its run info, md5 and stat signature); the md5."""
+    output = Path(output)
+    md5 = path_md5(output)
+    marker = {**run_info, "md5": md5, "files": _stat_signature(output)}
+    run_marker_path(output).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return md5
+
+
+def _read_marker(output: Path) -> dict[str, Any] | None:
+    marker = run_marker_path(output)
     if not marker.is_file():
         return None
     try:
-        return json.loads(marker.read_text())["run_id"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        log.warning("Ignoring %s: it is not a run_info.json written by stage_run.", marker)
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        content = None
+    if isinstance(content, dict) and content.get("run_id") and content.get("md5"):
+        return content
+    log.warning("Ignoring %s: it is not a run marker written by stage_run.", marker)
+    return None
+
+
+def read_producer_run_id(path: Path) -> str | None:
+    """Id of the run that produced `path` (an output, or a file inside an output directory).
+
+    The marker beside the output names the run; it counts only while the output still has
+    the md5 the marker recorded (unchanged files are recognised by size and mtime without
+    hashing). When DVC restored other content, the run whose `output.<name>.md5` tag has the
+    current md5 is looked up in the tracking store the marker names. None when neither knows.
+    """
+    path = Path(path)
+    output, marker = path, _read_marker(path)
+    if marker is None and path.is_file():
+        output, marker = path.parent, _read_marker(path.parent)
+    if marker is None or not output.exists():
         return None
+    if marker.get("files") == _stat_signature(output):
+        return marker["run_id"]
+    md5 = path_md5(output)
+    if md5 == marker["md5"]:
+        return marker["run_id"]
+    return _run_with_output_md5(marker, md5)
+
+
+def _run_with_output_md5(marker: Mapping[str, Any], md5: str) -> str | None:
+    """The run in the marker's tracking store whose output `marker["output"]` has `md5`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, uri = marker.get("output"), marker.get("tracking_uri")
+    if not name or not uri:
+        return None
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs(
+            [marker["experiment_id"]],
+            filter_string=f"tags.`output.{name}.md5` = '{md5}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    except MlflowException as error:
+        log.warning("Cannot look up the run that produced %s (md5 %s): %s", name, md5, error)
+        return None
+    return runs[0].info.run_id if runs else None
 
 
 def lineage_tags(inputs: Mapping[str, Path]) -> dict[str, str]:
@@ -268,13 +356,41 @@ class StageRun:
         self._client.log_dict(self._run_id, obj, artifact_file)
 
     @counts_as_tracking
-    def log_model_dir(self, model_dir: Path, artifact_path: str) -> None:
-        """Log a `save_pretrained` directory as plain artifacts, with its md5 as a tag."""
+    def log_model_dir(self, model_dir: Path, artifact_path: str) -> str:
+        """Log a `save_pretrained` directory as the MLflow model `artifact_path`; its model id.
+
+        The model is a pyfunc wrapping a copy of the directory (`rlhf_core.mlflow_models`),
+        so `mlflow.pyfunc.load_model` and `mlflow models serve` work on it and on every
+        registry version made from it. Tags `model.<artifact_path>.md5` (the directory's
+        DVC md5) and `model.<artifact_path>.model_id` (the logged model, `m-...`).
+        """
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir} is not a save_pretrained model directory.")
-        self.log_artifacts(model_dir, artifact_path)
-        self.set_tags({f"model.{artifact_path}.md5": path_md5(model_dir)})
+        model_id = self._log_pyfunc_model(model_dir, artifact_path)
+        self.set_tags(
+            {
+                f"model.{artifact_path}.md5": path_md5(model_dir),
+                f"model.{artifact_path}.model_id": model_id,
+            }
+        )
+        return model_id
+
+    def _log_pyfunc_model(self, model_dir: Path, name: str) -> str:
+        import mlflow
+
+        from rlhf_core.mlflow_models import log_pretrained_model
+
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self._run_id:
+            raise ValueError(
+                f"log_model_dir logs into the active MLflow run, which is not this stage's run "
+                f"{self._run_id}; end the run the stage opened inside stage_run first."
+            )
+        with warnings.catch_warnings():
+            # transformers 5.2x is newer than the versions MLflow 3.17 lists as tested.
+            warnings.filterwarnings("ignore", module=r"mlflow\.")
+            return log_pretrained_model(model_dir, name).model_id
 
     @counts_as_tracking
     def log_dataset(
@@ -320,7 +436,7 @@ class StageRun:
     @counts_as_tracking
     def record_output(self, path: Path, name: str | None = None) -> None:
         """Declare an output: at a successful exit its md5 becomes tag `output.<name>.md5`
-        and, for a directory, `run_info.json` is written into it for the next stage to read.
+        and its run marker is written beside it for the next stage to read.
 
         `name` defaults to the path relative to the project root.
         """
@@ -334,10 +450,8 @@ class StageRun:
         for name, path in self._outputs.items():
             if not path.exists():
                 raise ValueError(f"Output '{name}' was recorded but never written: {path}.")
-            if path.is_dir():
-                (path / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
             tags[f"output.{name}.path"] = str(path)
-            tags[f"output.{name}.md5"] = path_md5(path)
+            tags[f"output.{name}.md5"] = write_run_marker(path, {**run_info, "output": name})
         self.set_tags(tags)
 
 
@@ -369,13 +483,17 @@ def _quiet_mlflow() -> None:
 
 
 def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> str:
-    """Id of experiment `name`, created with artifact root `location` if it does not exist."""
+    """Id of experiment `name`, created with artifact root `location` if it does not exist,
+    and marked as model training (EXPERIMENT_KIND_TAG), so the MLflow UI opens it in its
+    runs table with metric columns and charts rather than in its GenAI view."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            )
         except MlflowException:
             # Another stage process created it between our lookup and create.
             experiment = client.get_experiment_by_name(name)
@@ -386,6 +504,8 @@ def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> 
             f"MLflow experiment '{name}' is deleted: restore it (`mlflow experiments restore`) "
             f"or choose another name with {EXPERIMENT_ENV}."
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag existed, or by hand
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return experiment.experiment_id
 
 
@@ -439,10 +559,13 @@ def stage_run(
     params: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Path] | None = None,
     tags: Mapping[str, Any] | None = None,
+    label: str | None = None,
 ) -> Iterator[StageRun]:
     """Open the MLflow run of one stage, with params, lineage tags and output markers.
 
-    The run is named `stage_name`, lives in the project's experiment, and is nested under
+    The run is named `stage_name`, followed by `label` when given (the stage's key params,
+    e.g. "dpo sigmoid beta=0.1", so a runs table reads well); its tag `stage` is
+    `stage_name`. It lives in the project's experiment, and is nested under
     `MLFLOW_PARENT_RUN_ID` when that is set (else under an active run, if any). On success
     buffered metrics are flushed, outputs are marked and hashed, and the run ends FINISHED;
     on an exception it ends FAILED (KILLED for Ctrl-C) and the exception propagates.
@@ -464,7 +587,7 @@ def stage_run(
             stack.enter_context(_global_tracking_uri(uri))
             active = mlflow.start_run(
                 experiment_id=experiment_id,
-                run_name=stage_name,
+                run_name=f"{stage_name} {label}" if label else stage_name,
                 nested=True,
                 parent_run_id=_parent_run_id(client, uri),
                 tags={"stage": stage_name},

@@ -134,6 +134,38 @@ def test_summary_rows_split_metrics_files_from_versions():
     assert "sft" in table and "loss=0.1" in table and "01234567" in table
 
 
+def test_headline_metrics_are_each_policy_s_win_rates_and_kl_and_the_reward_accuracy():
+    evaluation = {
+        "sft": {"gold_win_rate_vs_sft": 0.5, "kl_to_sft": 0.0},
+        "dpo": {"gold_win_rate_vs_sft": 0.9, "rm_win_rate_vs_sft": 0.8, "kl_to_sft": 4.0},
+        "bon_4": {"gold_win_rate_vs_sft": 0.7, "rm_win_rate_vs_sft": None, "kl_to_sft": 0.6},
+        "reward_model": {"eval_accuracy": 0.85, "eval_pairs": 40},
+    }
+    assert pipeline_module.headline_metrics(evaluation) == {
+        "reward.eval_accuracy": 0.85,
+        "dpo.gold_win_rate_vs_sft": 0.9,
+        "dpo.rm_win_rate_vs_sft": 0.8,
+        "dpo.kl_to_sft": 4.0,
+        "bon_4.gold_win_rate_vs_sft": 0.7,
+        "bon_4.kl_to_sft": 0.6,
+    }
+    assert pipeline_module.headline_metrics({}) == {}
+
+
+def test_pipeline_run_names_say_what_changed_and_on_which_data():
+    changes = pipeline_module.param_changes
+    name = pipeline_module.pipeline_run_name
+    assert changes({"a": "1"}, None) == "first run"
+    assert changes({"a": "1"}, {"a": "1"}) == "no change"
+    assert changes({"a": "2", "b": "x"}, {"a": "1", "b": "x"}) == "a=2"
+    assert changes({"a": "2", "b": "y", "c": "z"}, {"a": "1", "b": "x"}) == "a=2 b=y +1 more"
+    assert changes({}, {"gone": "1"}) == "gone=(removed)"
+    assert name(1, "0123456789abcdef.dir", None, "first run") == "#1 first run | data 01234567"
+    assert name(4, "ffff", "0123", "no change") == "#4 new data | data ffff"
+    assert name(5, "ffff", "0123", "a=2") == "#5 new data, a=2 | data ffff"
+    assert name(6, "none", "none", "a=2") == "#6 a=2 | data none"
+
+
 def test_gate_settings_override_params_and_defaults(tmp_path):
     from rlhf_core.gate import GateSettings
 
@@ -291,6 +323,18 @@ def test_pipeline_runs_the_dag_under_one_parent_run_and_skips_what_is_current(pr
     changed = pipeline_module.pipeline(project_root=str(toy))
     statuses = {s["stage"]: s["status"] for s in changed["stages"]}
     assert statuses == {"first": "skipped", "second@x": "ran", "second@y": "ran", "third": "ran"}
+
+    # The runs table tells the three pipeline runs apart by name, and the compare view can
+    # line them up by any params.yaml knob.
+    names = [client.get_run(s["mlflow_run_id"]).info.run_name for s in (summary, again, changed)]
+    assert names[0].startswith("#1 first run | data ")
+    assert names[1].startswith("#2 no change | data ")
+    assert names[2].startswith("#3 data.split_salt=v2 | data ")
+    latest = client.get_run(changed["mlflow_run_id"])
+    assert latest.data.params["data.split_salt"] == "v2"
+    assert latest.data.tags["previous_pipeline_run"] == again["mlflow_run_id"]
+    assert latest.data.metrics["gate.promoted"] == 0.0
+    assert latest.data.tags["gate.status"] == "skipped"
 
 
 @pytest.mark.slow

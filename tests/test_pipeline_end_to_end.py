@@ -10,9 +10,14 @@ work on the result.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,7 +53,8 @@ def _pipeline(root: Path, env: dict[str, str]) -> dict:
         "import json, sys\n"
         "from rlhf_core.orchestration import run_pipeline\n"
         "summary = run_pipeline(sys.argv[1])\n"
-        "print('SUMMARY=' + json.dumps({k: summary[k] for k in ('stages', 'gate')}, default=str))\n"
+        "keys = ('stages', 'gate', 'mlflow_run_id')\n"
+        "print('SUMMARY=' + json.dumps({k: summary[k] for k in keys}, default=str))\n"
     )
     out = _run([sys.executable, "-c", script, str(root)], root, env)
     line = next(line for line in out.splitlines() if line.startswith("SUMMARY="))
@@ -62,7 +68,7 @@ def _statuses(summary: dict) -> dict[str, str]:
 def test_pipeline_end_to_end(project):
     from mlflow import MlflowClient
 
-    from rlhf_core.registry import CHAMPION, POLICY_MODEL
+    from rlhf_core.registry import CHAMPION, POLICY_MODEL, version_lineage
     from rlhf_core.tracking import path_md5, tracking_uri
 
     root, env = project
@@ -81,8 +87,8 @@ def test_pipeline_end_to_end(project):
     # The champion's lineage reaches the md5 of the data it was trained on.
     client = MlflowClient(tracking_uri(root))
     champion = client.get_model_version_by_alias(POLICY_MODEL, CHAMPION)
-    lineage = {k: v for k, v in champion.tags.items() if k.startswith("lineage.data.")}
-    assert lineage["lineage.data.validated/preference.md5"] == path_md5(
+    lineage = version_lineage(client, champion)
+    assert lineage["data"]["data/validated/preference"] == path_md5(
         root / "data/validated/preference"
     )
     champion_run = client.get_run(champion.run_id)
@@ -91,7 +97,32 @@ def test_pipeline_end_to_end(project):
         [champion_run.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
     )
-    assert {run.data.tags["stage"] for run in stage_runs} >= {"sft", "reward", "dpo", "ppo"}
+    assert {run.data.tags["stage"] for run in stage_runs} >= {
+        "prepare",
+        "validate",
+        "sft",
+        "reward",
+        "dpo",
+        "ppo",
+        "evaluate",
+    }
+    by_stage = {run.data.tags["stage"]: run for run in stage_runs}
+    validate_run = by_stage["validate"]
+    assert (
+        validate_run.data.metrics["preference.total"]
+        == validate_run.data.metrics["preference.valid"]
+        + validate_run.data.metrics["preference.quarantined"]
+    )
+    docs = {a.path for a in client.list_artifacts(validate_run.info.run_id, "data_docs")}
+    assert "data_docs/preference" in docs
+    assert by_stage["prepare"].data.metrics["base_model.parameters"] > 0
+    assert by_stage["dpo"].info.run_name.startswith("dpo sigmoid beta=0.1")
+    # The pipeline run: a name that says what it is, and the headline metrics as columns.
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name.startswith("#1 first run | data ")
+    for key in ("reward.eval_accuracy", "dpo.gold_win_rate_vs_sft", "ppo.kl_to_sft"):
+        assert key in parent.data.metrics, key
+    assert parent.data.metrics["gate.promoted"] == 1.0
 
     # Nothing changed: every stage is skipped, and plain `dvc repro` has nothing to do.
     second = _pipeline(root, env)
@@ -106,6 +137,9 @@ def test_pipeline_end_to_end(project):
     third = _pipeline(root, env)
     reran = {stage for stage, status in _statuses(third).items() if status != "skipped"}
     assert reran == {"policy@dpo", "evaluate"}
+    third_run = client.get_run(third["mlflow_run_id"])
+    assert third_run.info.run_name.startswith("#3 policy.dpo.beta=0.3 | data ")
+    assert third_run.data.params["policy.dpo.beta"] == "0.3"
 
     # The DVC workflow people use around it.
     _run(["git", "add", "-A"], root, env)
@@ -138,8 +172,9 @@ def _retrain(root: Path, env: dict[str, str]) -> dict:
         "import json, sys\n"
         "from rlhf_core.orchestration import run_retrain\n"
         "outcome = run_retrain(sys.argv[1])\n"
-        "print('OUTCOME=' + json.dumps({k: outcome[k] for k in ('status', 'decision')},"
-        " default=str))\n"
+        "ran = (outcome['pipeline'] or {}).get('ran')\n"
+        "print('OUTCOME=' + json.dumps({'ran': ran, **{k: outcome[k] for k in ('status', "
+        "'decision')}}, default=str))\n"
     )
     out = _run([sys.executable, "-c", script, str(root)], root, env)
     line = next(line for line in out.splitlines() if line.startswith("OUTCOME="))
@@ -182,6 +217,9 @@ def test_retrain_on_new_data_promotes_only_through_the_gate(project):
     _new_preferences(root / "data" / "incoming" / "batch-a.jsonl", "A")
     promoted = _retrain(root, env)
     assert promoted["status"] == "retrained"
+    # New preference rows rerun what reads them, and neither prepare nor SFT: validate's
+    # output holds no timestamps, so the SFT set keeps its md5.
+    assert set(promoted["ran"]) == {"validate", "reward", "policy@dpo", "policy@ppo", "evaluate"}
     assert promoted["decision"]["status"] == "promoted"
     after = client.get_model_version_by_alias(POLICY_MODEL, CHAMPION).version
     assert int(after) > int(before)
@@ -194,3 +232,129 @@ def test_retrain_on_new_data_promotes_only_through_the_gate(project):
     assert kept["status"] == "retrained"
     assert kept["decision"]["status"] == "kept"
     assert client.get_model_version_by_alias(POLICY_MODEL, CHAMPION).version == after
+
+
+@contextmanager
+def _rlhf_ui(root: Path, env: dict[str, str], port: int) -> Iterator[str]:
+    """`rlhf ui` on the project, as a user starts it; yields the address it prints once the UI
+    answers, and stops it with SIGTERM after (it must exit and free the port)."""
+    log = root / "rlhf-ui.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            ["rlhf", "ui", "--project", str(root), "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while not (ready := re.search(r"MLflow UI ready: (\S+)", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        yield ready.group(1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
+
+
+def _show_metric_column(page, metric: str) -> list[str]:
+    """Tick one metric in the runs table's Columns menu; the texts of its cells."""
+    page.get_by_role("button", name="Columns").click()
+    page.get_by_placeholder("Search columns").fill(metric)
+    exactly = re.compile(f"^{re.escape(metric)}$")
+    page.locator("[class*=tree-title]").filter(has_text=exactly).click()
+    page.keyboard.press("Escape")
+    column = f'[col-id="metrics.`{metric}`"]'
+    page.locator(f"[role=columnheader]{column}").wait_for()
+    cells = page.locator(f"[role=gridcell]{column}")
+    return [cells.nth(index).inner_text() for index in range(cells.count())]
+
+
+def test_mlflow_ui_compares_the_pipeline_runs_in_a_real_browser(project):
+    """Runs after the tests above: pipeline #1 (first run) and #3 (policy.dpo.beta=0.3)."""
+    from browser import chromium_page, screenshot
+    from mlflow import MlflowClient
+
+    from rlhf_core.orchestration import free_port
+    from rlhf_core.tracking import experiment_name, tracking_uri
+
+    root, env = project
+    client = MlflowClient(tracking_uri(root))
+    experiment = client.get_experiment_by_name(experiment_name())
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.stage = 'pipeline'",
+        order_by=["attributes.start_time ASC"],
+    )
+    names = [run.info.run_name for run in runs]
+    first, beta = names[0], next(name for name in names if "policy.dpo.beta=0.3" in name)
+    assert first.startswith("#1 first run")
+    assert first != beta
+    headline = ("reward.eval_accuracy", "dpo.gold_win_rate_vs_sft", "dpo.kl_to_sft")
+    beta_run = next(run for run in runs if run.info.run_name == beta)
+    [dpo_run] = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{beta_run.info.run_id}' and tags.stage = 'dpo'",
+    )
+
+    with _rlhf_ui(root, env, free_port()) as url, chromium_page(width=2200) as page:
+        # `rlhf ui` opens the model-training view of the pipeline runs, not MLflow's GenAI view.
+        assert f"/#/experiments/{experiment.experiment_id}/runs?" in url
+        assert "workflowType=machine_learning" in url
+        page.goto(url)
+        for name in (first, beta):
+            page.get_by_text(name, exact=True).wait_for()
+        for metric in headline:
+            shown = sorted(float(text) for text in _show_metric_column(page, metric))
+            # One value per pipeline run, each the one MLflow holds.
+            assert shown == pytest.approx(sorted(run.data.metrics[metric] for run in runs))
+        page.get_by_role("button", name="Close").first.click()  # the assistant panel
+        name_column = page.locator('[role=columnheader][col-id="attributes.`Run Name`"]')
+        name_column.locator(".ag-header-cell-resize").dblclick()  # fit the names
+        screenshot(page, "mlflow-ui/runs-table")
+
+        base = url.split("/#/")[0]
+        page.goto(
+            f"{base}/#/experiments/{experiment.experiment_id}/runs/{dpo_run.info.run_id}"
+            "/model-metrics?workflowType=machine_learning"
+        )
+        # A stage run's page draws its curves: the legend names the run and the metric.
+        page.get_by_text(f"{dpo_run.info.run_name} (loss)", exact=True).first.wait_for()
+        screenshot(page, "mlflow-ui/dpo-run-curves")
+
+
+def test_forced_repro_rebuilds_byte_identical_outputs(project):
+    """Every cached DVC output is a pure function of its inputs and params: rerunning every
+    stage on the same inputs gives the md5s dvc.lock already records (timings live in the
+    uncached metrics files and in MLflow)."""
+    root, env = project
+
+    def cached_outputs() -> dict[str, str]:
+        lock = yaml.safe_load((root / "dvc.lock").read_text())
+        dvc_file = yaml.safe_load((root / "dvc.yaml").read_text())
+        uncached = _uncached_paths(dvc_file)
+        return {
+            f"{stage}:{out['path']}": out["md5"]
+            for stage, body in lock["stages"].items()
+            for out in body.get("outs", [])
+            if out["path"] not in uncached
+        }
+
+    before = cached_outputs()
+    assert len(before) >= 8
+    _run(["dvc", "repro", "--force"], root, env)
+    assert cached_outputs() == before
+
+
+def _uncached_paths(dvc_file: dict) -> set[str]:
+    """Paths of the metrics and plots dvc.yaml declares with `cache: false` (foreach stages
+    expanded over policy.algorithms as `${item}`)."""
+    paths: set[str] = set()
+    for body in dvc_file["stages"].values():
+        body = body.get("do", body)
+        for entry in (body.get("metrics") or []) + (body.get("plots") or []):
+            for path, options in entry.items() if isinstance(entry, dict) else [(entry, {})]:
+                if not (options or {}).get("cache", True):
+                    paths.update(path.replace("${item}", name) for name in ("dpo", "ppo"))
+    return paths

@@ -15,6 +15,7 @@ from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.dpo import DPOSettings, LoraSettings, run_dpo
+from rlhf_core.tracking import read_producer_run_id
 from rlhf_core.training.dpo_task import (
     PreferenceObjective,
     PreferenceTask,
@@ -341,7 +342,7 @@ def test_run_dpo_trains_saves_and_tracks_everything(tiny_project, tiny_params, m
     unchanged = [name for name in sft if torch.equal(sft[name], policy[name])]
     assert not unchanged  # every trainable parameter moved
     load_causal_lm(str(paths.policy_dir("dpo")))
-    assert (paths.policy_dir("dpo") / "run_info.json").is_file()
+    assert read_producer_run_id(paths.policy_dir("dpo")) is not None  # marker beside it
     assert not paths.checkpoints_dir("dpo").exists()
 
     written = json.loads(paths.metrics_file("dpo").read_text())
@@ -376,8 +377,9 @@ def test_run_dpo_trains_saves_and_tracks_everything(tiny_project, tiny_params, m
     for name in ("preference", "sft_model"):
         assert run.data.tags[f"input.{name}.md5"]
     assert run.data.tags["output.artifacts/policy/dpo.md5"]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/model.safetensors" in artifacts
+    model_id = run.data.tags["model.model.model_id"]  # the MLflow model wrapping the folder
+    artifacts = {a.path for a in client.list_logged_model_artifacts(model_id, "artifacts/dpo")}
+    assert "artifacts/dpo/model.safetensors" in artifacts
 
 
 def test_simpo_stage_skips_the_reference_pass(tiny_project, tiny_params, mlflow_store, monkeypatch):

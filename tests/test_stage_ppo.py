@@ -9,7 +9,7 @@ from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.ppo import PPOSettings, run_ppo
-from rlhf_core.tracking import StageRun
+from rlhf_core.tracking import StageRun, read_producer_run_id
 from rlhf_core.training.ppo_trainer import PPOTrainSettings
 
 ITERATIONS = 3
@@ -70,7 +70,7 @@ def test_run_ppo_writes_the_policy_metrics_curves_and_an_mlflow_run(
     torch.testing.assert_close(lm_logits, logits, rtol=0, atol=1e-5)
     assert not torch.allclose(logits, sft_logits)  # PPO changed the policy
     assert values.shape == input_ids.shape and bool(torch.isfinite(values).all())
-    assert (out / "run_info.json").is_file()
+    assert read_producer_run_id(out) is not None  # its run marker, beside the output
 
     # Metrics file (DVC metrics) and curves (DVC plots + PNG).
     saved = json.loads(paths.metrics_file("ppo").read_text())
@@ -126,8 +126,9 @@ def test_run_ppo_writes_the_policy_metrics_curves_and_an_mlflow_run(
         "ppo_prompts_train",
         "ppo_prompts_eval",
     }
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/value_head.safetensors" in artifacts and "model/model.safetensors" in artifacts
+    model_id = run.data.tags["model.model.model_id"]  # the MLflow model wrapping the folder
+    artifacts = {a.path for a in client.list_logged_model_artifacts(model_id, "artifacts/ppo")}
+    assert {"artifacts/ppo/value_head.safetensors", "artifacts/ppo/model.safetensors"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/ppo_curves.png", "plots/ppo_curves.json"}
 

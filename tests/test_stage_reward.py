@@ -18,6 +18,7 @@ from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.reward import RewardSettings, pair_groups, ranking_groups, run_reward
+from rlhf_core.tracking import read_producer_run_id
 from rlhf_core.training.loop import TrainSettings, train
 from rlhf_core.training.reward_task import (
     ComparisonGroup,
@@ -326,7 +327,7 @@ def test_run_reward_trains_on_pairs_and_rankings_saves_and_tracks(
     sequences = [s.input_ids for g in train_groups for s in g.sequences]
     assert abs(float(score_token_ids(reloaded, sequences, tokenizer.pad_token_id).mean())) < 1e-4
 
-    run_id = json.loads((paths.reward_model_dir / "run_info.json").read_text())["run_id"]
+    run_id = read_producer_run_id(paths.reward_model_dir)
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     assert run.data.params["reward.train.learning_rate"] == "0.003"

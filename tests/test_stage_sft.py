@@ -17,6 +17,7 @@ from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.sft import SFTSettings, run_sft
+from rlhf_core.tracking import read_producer_run_id
 from rlhf_core.training.loop import TrainSettings, train
 from rlhf_core.training.sft_task import (
     SFTTask,
@@ -264,7 +265,7 @@ def test_run_sft_trains_saves_and_tracks_everything(
     assert (paths.plots_dir / "sft_curves.png").stat().st_size > 0
     assert not paths.checkpoints_dir("sft").exists()
 
-    run_id = json.loads((paths.sft_model_dir / "run_info.json").read_text())["run_id"]
+    run_id = read_producer_run_id(paths.sft_model_dir)
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -280,7 +281,8 @@ def test_run_sft_trains_saves_and_tracks_everything(
     datasets = {i.dataset.name.split("@")[0] for i in run.inputs.dataset_inputs}
     assert datasets == {"sft_train", "sft_eval"}
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"model", "samples.json", "plots", "metrics"} <= artifacts
+    assert {"samples.json", "plots", "metrics"} <= artifacts
+    assert client.get_logged_model(tags["model.model.model_id"]).source_run_id == run_id
 
 
 class Crash(RuntimeError):
@@ -318,6 +320,6 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     for key in ("eval_loss", "eval_token_accuracy", "train_loss", "steps"):
         assert resumed[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-7), key
     paths = ProjectPaths(tiny_project)
-    run_id = json.loads((paths.sft_model_dir / "run_info.json").read_text())["run_id"]
+    run_id = read_producer_run_id(paths.sft_model_dir)
     run = MlflowClient(mlflow_uri).get_run(run_id)
     assert run.data.tags["resumed_from"] == "4"

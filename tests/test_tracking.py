@@ -21,6 +21,7 @@ from rlhf_core.tracking import (
     git_state,
     path_md5,
     read_producer_run_id,
+    run_marker_path,
     stage_run,
 )
 
@@ -167,10 +168,15 @@ def test_chained_stages_link_output_to_producing_run(client, tmp_path):
         model_dir.mkdir(parents=True)
         (model_dir / "model.safetensors").write_bytes(b"weights")
         producer.record_output(model_dir)
-    marker = json.loads((model_dir / RUN_INFO_FILE).read_text())
+    # The marker lies beside the output, never inside it: the output's md5 stays a function
+    # of its content, whichever run wrote it.
+    assert not (model_dir / RUN_INFO_FILE).exists()
+    marker = json.loads(run_marker_path(model_dir).read_text())
+    assert run_marker_path(model_dir) == tmp_path / "artifacts" / ".sft.run_info.json"
     assert marker["run_id"] == producer.run_id
     assert marker["stage"] == "sft"
-    assert set(marker) == {"run_id", "experiment_id", "stage", "tracking_uri", "git_commit"}
+    assert marker["md5"] == path_md5(model_dir)
+    assert marker["output"] == "artifacts/sft"
     assert read_producer_run_id(model_dir / "model.safetensors") == producer.run_id
 
     prefs = tmp_path / "prefs.jsonl"
@@ -250,7 +256,7 @@ def test_exception_marks_run_failed_and_propagates(client, tmp_path):
     run = client.get_run(r.run_id)
     assert run.info.status == "FAILED"
     assert [m.value for m in client.get_metric_history(r.run_id, "reward")] == [0.5]
-    assert not (out / RUN_INFO_FILE).exists()  # a failed stage produced nothing to link to
+    assert not run_marker_path(out).exists()  # a failed stage produced nothing to link to
 
 
 def test_output_recorded_but_never_written_fails_the_run(client, tmp_path):
@@ -286,17 +292,21 @@ def test_figures_artifacts_dicts_and_model_dirs_listed(client, tmp_path):
     def listed(path=None):
         return {a.path for a in client.list_artifacts(run.run_id, path)}
 
-    assert listed() == {"plots", "reports", "tables", "metrics", "policy"}
+    assert listed() == {"plots", "reports", "tables", "metrics"}  # the model is apart
     assert listed("plots") == {"plots/reward_curve.png"}
     assert listed("reports") == {"reports/report.html"}
     assert listed("tables") == {"tables/a.csv"}
-    assert listed("policy") == {"policy/config.json", "policy/model.safetensors"}
     saved = mlflow.artifacts.load_dict(
         f"{client.get_run(run.run_id).info.artifact_uri}/metrics/eval.json"
     )
     assert saved == {"accuracy": 0.75}
     tags = client.get_run(run.run_id).data.tags
     assert tags["model.policy.md5"] == _dvc_md5(model_dir, tmp_path / "cache")
+    # The directory is an MLflow model of the run: MLmodel plus a copy of the folder.
+    logged = client.get_logged_model(tags["model.policy.model_id"])
+    assert logged.name == "policy" and logged.source_run_id == run.run_id
+    copied = mlflow.artifacts.list_artifacts(f"{logged.artifact_location}/artifacts/model")
+    assert {f.path for f in copied} == {"model/config.json", "model/model.safetensors"}
 
 
 def test_default_store_lives_in_project_whatever_the_cwd(store, tmp_path, monkeypatch):
@@ -334,3 +344,61 @@ def test_a_stage_run_leaves_no_tracking_uri_in_the_environment(store, tmp_path, 
     with stage_run("prepare", project_root=project):
         pass
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_same_content_from_two_runs_has_the_same_md5_and_the_marker_names_the_newest(
+    client, tmp_path
+):
+    out = tmp_path / "artifacts" / "policy" / "dpo"
+    ids, md5s = [], []
+    for _ in range(2):
+        with stage_run("dpo", project_root=tmp_path) as run:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "model.safetensors").write_bytes(b"same weights")
+            run.record_output(out)
+        ids.append(run.run_id)
+        md5s.append(path_md5(out))
+        # The folder holding the output (a dependency of a later stage) does not see the
+        # marker either: path_md5 skips it, as .dvcignore tells DVC to.
+        md5s.append(path_md5(out.parent))
+    assert ids[0] != ids[1]
+    assert md5s[0] == md5s[2] and md5s[1] == md5s[3]
+    assert read_producer_run_id(out) == ids[1]
+
+
+def test_a_marker_that_no_longer_matches_its_output_is_not_trusted(client, tmp_path):
+    out = tmp_path / "artifacts" / "sft"
+    versions = {}
+    for content in (b"version one", b"version two"):
+        with stage_run("sft", project_root=tmp_path) as run:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "model.safetensors").write_bytes(content)
+            run.record_output(out)
+        versions[content] = run.run_id
+    # DVC restores the first version (a checkout from its cache): the marker still names the
+    # second run, so the producer is looked up by the first version's md5 instead.
+    (out / "model.safetensors").write_bytes(b"version one")
+    assert read_producer_run_id(out) == versions[b"version one"]
+    # Content no run produced: no producer, rather than a wrong one.
+    (out / "model.safetensors").write_bytes(b"edited by hand")
+    assert read_producer_run_id(out) is None
+
+
+def test_an_unreadable_marker_is_ignored_with_a_warning(tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    run_marker_path(out).write_text("{not json")
+    assert read_producer_run_id(out) is None
+    assert "not a run marker" in caplog.text
+
+
+def test_stage_run_names_carry_the_label_and_the_experiment_is_model_training(client, tmp_path):
+    from rlhf_core.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    with stage_run("dpo", project_root=tmp_path, label="sigmoid beta=0.1") as run:
+        pass
+    stored = client.get_run(run.run_id)
+    assert stored.info.run_name == "dpo sigmoid beta=0.1"
+    assert stored.data.tags["stage"] == "dpo"
+    experiment = client.get_experiment(stored.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING

@@ -524,22 +524,27 @@ def validate_files(
     settings: ValidationSettings | None = None,
     tokenizer: Any = None,
     data_docs: bool = True,
+    docs_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Read, validate and write the validation stage's outputs; return the report.
 
-    Writes to `out_dir`: ``report.json`` (the returned dict), ``valid.parquet`` and
-    ``valid.jsonl`` (valid rows: canonical fields, ``split`` and provenance; free-form ``meta``
-    as JSON text in Parquet), ``quarantine.jsonl`` (one object per rejected record, in input
-    order: its fields, ``reason``, ``reasons``, ``detail``, ``source_file``, ``source_line``,
-    and ``raw`` for read-level rejections) and, with `data_docs`, GX Data Docs under
-    ``data_docs/`` (``index.html``).
+    Writes to `out_dir`: ``report.json``, ``valid.parquet`` and ``valid.jsonl`` (valid rows:
+    canonical fields, ``split`` and provenance; free-form ``meta`` as JSON text in Parquet),
+    ``quarantine.jsonl`` (one object per rejected record, in input order: its fields,
+    ``reason``, ``reasons``, ``detail``, ``source_file``, ``source_line``, and ``raw`` for
+    read-level rejections). With `data_docs`, GX Data Docs go to `docs_dir` (default
+    ``<out_dir>/data_docs``; the pipeline's validate stage keeps them out of its DVC output,
+    since GX stamps every page with the time of the run).
 
-    The report holds ``kind``, ``total`` (readable rows plus read-level rejections),
-    ``valid``, ``quarantined`` (``total == valid + quarantined``), ``reasons`` (primary
-    reason -> count, read- and row-level; sums to ``quarantined``), ``failing_checks`` (every
-    failing check of a row counted), ``valid_fraction``, ``min_valid_fraction``, ``passed``,
-    ``warnings``, ``inputs`` (per path: ``path``, ``md5``, ``rows``, ``valid``,
-    ``quarantined``), ``suite``, ``settings``, ``data_docs`` and ``elapsed_seconds``. An empty
+    Everything written to `out_dir` is a pure function of the inputs and settings: no
+    timings, no timestamps. The report holds ``kind``, ``total`` (readable rows plus
+    read-level rejections), ``valid``, ``quarantined`` (``total == valid + quarantined``),
+    ``reasons`` (primary reason -> count, read- and row-level; sums to ``quarantined``),
+    ``failing_checks`` (every failing check of a row counted), ``valid_fraction``,
+    ``min_valid_fraction``, ``passed``, ``warnings``, ``inputs`` (per path: ``path``,
+    ``md5``, ``rows``, ``valid``, ``quarantined``), ``suite``, ``settings`` and, when the
+    Data Docs are inside `out_dir`, ``data_docs`` (their path relative to it). The returned
+    dict adds ``data_docs_index`` (absolute path or None) and ``elapsed_seconds``. An empty
     input has total 0, valid_fraction 0.0, ``passed: false`` and an ``empty_input`` warning:
     a stage that received no data should stop the pipeline, not train on nothing.
     """
@@ -551,11 +556,11 @@ def validate_files(
     paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     out = Path(out_dir).resolve()  # GX Data Docs need an absolute path
     out.mkdir(parents=True, exist_ok=True)
-    docs_dir = out / "data_docs"
-    shutil.rmtree(docs_dir, ignore_errors=True)  # stale pages of an earlier run
+    docs = Path(docs_dir).resolve() if docs_dir is not None else out / "data_docs"
+    shutil.rmtree(docs, ignore_errors=True)  # stale pages of an earlier run
 
     read = read_records(paths, kind)
-    context = _new_context(docs_dir if data_docs else None)
+    context = _new_context(docs if data_docs else None)
     outcome = _validate_in_context(context, read.frame, kind, settings, tokenizer)
     names = [os.fspath(path) for path in paths]
     bad = _quarantine_records(
@@ -568,8 +573,8 @@ def validate_files(
 
     report = _report(kind, settings, outcome, read, bad)
     report["inputs"] = _input_summaries([Path(p) for p in paths], names, outcome.valid, bad)
-    report["data_docs"] = str(docs_dir / "index.html") if data_docs else None
-    report["elapsed_seconds"] = round(time.perf_counter() - started, 3)
+    if data_docs and docs.is_relative_to(out):
+        report["data_docs"] = (docs / "index.html").relative_to(out).as_posix()
     with open(out / "report.json", "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2, sort_keys=False)
         handle.write("\n")
@@ -581,4 +586,8 @@ def validate_files(
         report["quarantined"],
         "passed" if report["passed"] else "failed",
     )
-    return report
+    return {
+        **report,
+        "data_docs_index": str(docs / "index.html") if data_docs else None,
+        "elapsed_seconds": round(time.perf_counter() - started, 3),
+    }

@@ -135,7 +135,13 @@ def run_dpo(
         "data.split_salt": data.split_salt,
         "seed": seed,
     }
-    with stage_run(STAGE, project_root=root, params=params, inputs=inputs) as run:
+    with stage_run(
+        STAGE,
+        project_root=root,
+        params=params,
+        inputs=inputs,
+        label=f"{settings.loss_type} beta={settings.beta:g} lr={settings.train.learning_rate:g}",
+    ) as run:
         source = paths.validated_set("preference") / "valid.parquet"
         run.log_dataset(train_frame, "preference_train", context="training", source=source)
         if len(eval_frame):

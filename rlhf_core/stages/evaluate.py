@@ -392,7 +392,13 @@ def run_evaluate(
         "seed": seed,
     }
     _warn_if_kl_is_not_exact(settings.sampling)
-    with stage_run(STAGE, project_root=root, params=params, inputs=inputs) as run:
+    with stage_run(
+        STAGE,
+        project_root=root,
+        params=params,
+        inputs=inputs,
+        label=f"best_of_n={','.join(map(str, settings.best_of_n)) or 'none'}",
+    ) as run:
         run.log_dataset(prompt_frame, "eval_prompts", "evaluation", source=inputs["eval_prompts"])
         if len(held_out_pairs):
             run.log_dataset(

@@ -87,7 +87,13 @@ def run_ppo(
         "seed": seed,
     }
     out_dir = paths.policy_dir(STAGE)
-    with stage_run(STAGE, project_root=paths.root, params=params, inputs=inputs) as run:
+    with stage_run(
+        STAGE,
+        project_root=paths.root,
+        params=params,
+        inputs=inputs,
+        label=ppo_run_label(settings.train),
+    ) as run:
         run.log_dataset(train_frame, "ppo_prompts_train", "training", source=prompts_file)
         if not eval_frame.empty:
             run.log_dataset(eval_frame, "ppo_prompts_eval", "evaluation", source=prompts_file)
@@ -120,6 +126,14 @@ def run_ppo(
         metrics.get("kl/mean", float("nan")),
     )
     return metrics
+
+
+def ppo_run_label(train: Any) -> str:
+    """The key knobs of a PPO run, for its MLflow run name: estimator, KL control, lr."""
+    kl = (
+        f"target_kl={train.target_kl:g}" if train.adaptive_kl else f"kl_coef={train.init_kl_coef:g}"
+    )
+    return f"{train.advantage_estimator} {kl} lr={train.learning_rate:g}"
 
 
 def final_metrics(result: PPOTrainResult, train_prompts: int, eval_prompts: int) -> dict:

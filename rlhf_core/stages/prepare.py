@@ -8,6 +8,7 @@ The base model is saved to artifacts/base as safetensors, so later stages read o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,27 +21,75 @@ from rlhf_core.stages.datasets import TOKENIZER_SETS, data_set_files, set_kind
 
 log = logging.getLogger(__name__)
 
+STAGE = "prepare"
+
 
 def run_prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """Write the raw sets (demo) and the base model; return and save a summary."""
+    """Write the raw sets (demo) and the base model; return and save a summary.
+
+    An MLflow run `prepare` records the params, the rows of each set and the base model's
+    size, with the user's data files and a local base model as its inputs.
+    """
+    from rlhf_core.tracking import stage_run
+
     started = time.perf_counter()
     paths = ProjectPaths(root)
     summary: dict[str, Any] = {"data_source": params.data.source, "model_base": params.model.base}
-    if params.data.source == "demo":
-        from rlhf_core.data.demo import write_demo
+    run_params = {
+        "data": {"source": params.data.source, "files": params.data.files},
+        "model": params.model.model_dump(),
+        "demo": dataclasses.asdict(params.demo) if params.data.source == "demo" else {},
+    }
+    label = f"data={params.data.source} model={Path(params.model.base).name}"
+    with stage_run(
+        STAGE, project_root=root, params=run_params, inputs=_user_inputs(params, paths), label=label
+    ) as run:
+        if params.data.source == "demo":
+            from rlhf_core.data.demo import write_demo
 
-        log.info("generating the demo task into %s", paths.raw_dir)
-        summary["demo"] = write_demo(params.demo, paths.raw_dir)
-    # Folders the retrain flow and `rlhf ingest` use; validate depends on the store in dvc.yaml.
-    paths.preference_store.mkdir(parents=True, exist_ok=True)
-    paths.incoming_dir.mkdir(parents=True, exist_ok=True)
-    files = data_set_files(params, paths)
-    summary["sets"] = {name: [str(p) for p in found] for name, found in files.items()}
-    summary["base_model"] = _prepare_base_model(params, files, paths.base_model_dir)
+            log.info("generating the demo task into %s", paths.raw_dir)
+            summary["demo"] = write_demo(params.demo, paths.raw_dir)
+            run.record_output(paths.raw_dir)
+        # Folders the retrain flow and `rlhf ingest` use; validate depends on the store.
+        paths.preference_store.mkdir(parents=True, exist_ok=True)
+        paths.incoming_dir.mkdir(parents=True, exist_ok=True)
+        files = data_set_files(params, paths)
+        summary["sets"] = {name: [str(p) for p in found] for name, found in files.items()}
+        summary["base_model"] = _prepare_base_model(params, files, paths.base_model_dir)
+        run.log_metrics(prepare_metrics(summary), step=0)
+        run.record_output(paths.base_model_dir)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     paths.metrics_dir.mkdir(parents=True, exist_ok=True)
     (paths.metrics_dir / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _user_inputs(params: Params, paths: ProjectPaths) -> dict[str, Path]:
+    """The files this stage reads: the user's data files, and the base model when local."""
+    inputs: dict[str, Path] = {}
+    if params.data.source != "demo":
+        for name, listed in params.data.files.items():
+            for index, file in enumerate(listed):
+                if (paths.root / file).exists():
+                    inputs[f"{name}.{index}"] = paths.root / file
+    base = Path(params.model.base)
+    if params.model.base != "demo" and (paths.root / base).exists():
+        inputs["base_model"] = paths.root / base
+    return inputs
+
+
+def prepare_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a prepare summary as MLflow metrics: the demo's counts and known
+    ceilings (`demo.<key>`) and `base_model.parameters`."""
+    metrics = {
+        f"demo.{key}": float(value)
+        for key, value in (summary.get("demo") or {}).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    parameters = summary.get("base_model", {}).get("parameters")
+    if isinstance(parameters, int):
+        metrics["base_model.parameters"] = float(parameters)
+    return metrics
 
 
 def _prepare_base_model(params: Params, files: dict[str, list[Path]], out: Path) -> dict:

@@ -142,7 +142,13 @@ def run_reward(
         "data.split_salt": data.split_salt,
         "seed": seed,
     }
-    with stage_run(STAGE, project_root=root, params=params, inputs=inputs) as run:
+    with stage_run(
+        STAGE,
+        project_root=root,
+        params=params,
+        inputs=inputs,
+        label=f"lr={settings.train.learning_rate:g} epochs={settings.train.epochs:g}",
+    ) as run:
         for name, frame, context in (
             ("preference_train", train_pairs, "training"),
             ("preference_eval", eval_pairs, "evaluation"),

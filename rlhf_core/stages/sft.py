@@ -86,7 +86,13 @@ def run_sft(
         "data.split_salt": data.split_salt,
         "seed": seed,
     }
-    with stage_run(STAGE, project_root=root, params=params, inputs=inputs) as run:
+    with stage_run(
+        STAGE,
+        project_root=root,
+        params=params,
+        inputs=inputs,
+        label=f"lr={settings.train.learning_rate:g} epochs={settings.train.epochs:g}",
+    ) as run:
         source = paths.validated_set("sft") / "valid.parquet"
         run.log_dataset(train_frame, "sft_train", context="training", source=source)
         if len(eval_frame):
