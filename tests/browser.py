@@ -48,9 +48,13 @@ def chromium_page(width: int = 1600, height: int = 1000) -> Iterator[Any]:
             browser.close()
 
 
-def screenshot(page: Any, name: str) -> Path:
-    """Save a screenshot of the page as test-artifacts/<name>.png; returns its path."""
+def screenshot(page: Any, name: str, height: int | None = None) -> Path:
+    """Save a screenshot of the page (its top `height` pixels when given) as
+    test-artifacts/<name>.png; returns its path."""
     path = ARTIFACTS / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(path))
+    clip = None
+    if height is not None:
+        clip = {"x": 0, "y": 0, "width": page.viewport_size["width"], "height": height}
+    page.screenshot(path=str(path), clip=clip)
     return path

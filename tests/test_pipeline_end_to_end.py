@@ -260,7 +260,7 @@ def _rlhf_ui(root: Path, env: dict[str, str], port: int) -> Iterator[str]:
 
 def _show_metric_column(page, metric: str) -> list[str]:
     """Tick one metric in the runs table's Columns menu; the texts of its cells."""
-    page.get_by_role("button", name="Columns").click()
+    page.get_by_role("button", name="Columns", exact=True).click()
     page.get_by_placeholder("Search columns").fill(metric)
     exactly = re.compile(f"^{re.escape(metric)}$")
     page.locator("[class*=tree-title]").filter(has_text=exactly).click()
@@ -310,17 +310,20 @@ def test_mlflow_ui_compares_the_pipeline_runs_in_a_real_browser(project):
             # One value per pipeline run, each the one MLflow holds.
             assert shown == pytest.approx(sorted(run.data.metrics[metric] for run in runs))
         page.get_by_role("button", name="Close").first.click()  # the assistant panel
-        name_column = page.locator('[role=columnheader][col-id="attributes.`Run Name`"]')
-        name_column.locator(".ag-header-cell-resize").dblclick()  # fit the names
-        screenshot(page, "mlflow-ui/runs-table")
+        for column in ("attributes.`Run Name`", *(f"metrics.`{m}`" for m in headline)):
+            header = page.locator(f'[role=columnheader][col-id="{column}"]')
+            header.locator(".ag-header-cell-resize").dblclick()  # fit names and numbers
+        screenshot(page, "mlflow-ui/runs-table", height=420)
 
         base = url.split("/#/")[0]
         page.goto(
             f"{base}/#/experiments/{experiment.experiment_id}/runs/{dpo_run.info.run_id}"
             "/model-metrics?workflowType=machine_learning"
         )
-        # A stage run's page draws its curves: the legend names the run and the metric.
-        page.get_by_text(f"{dpo_run.info.run_name} (loss)", exact=True).first.wait_for()
+        # A stage run's page draws its curves: each chart's legend names the run and metric.
+        page.get_by_placeholder("Search metric charts").fill("loss")
+        for metric in ("loss", "eval/loss"):
+            page.get_by_text(f"{dpo_run.info.run_name} ({metric})", exact=True).first.wait_for()
         screenshot(page, "mlflow-ui/dpo-run-curves")
 
 

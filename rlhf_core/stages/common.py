@@ -85,6 +85,11 @@ def run_fingerprint(settings: Any, data: Any, seed: int, inputs: Mapping[str, Pa
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def training_label(train: Any) -> str:
+    """The key knobs of a training run, for its MLflow run name: `lr=0.005 epochs=8`."""
+    return f"lr={train.learning_rate:g} epochs={train.epochs:g}"
+
+
 def eval_metric_name(name: str) -> str:
     """MLflow key of a held-out metric: eval_loss -> eval/loss."""
     return f"eval/{name.removeprefix('eval_')}"

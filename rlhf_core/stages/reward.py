@@ -33,6 +33,7 @@ from rlhf_core.stages.common import (
     run_fingerprint,
     train_eval_split,
     training_curves,
+    training_label,
     write_curve_plots,
     write_json,
 )
@@ -147,7 +148,7 @@ def run_reward(
         project_root=root,
         params=params,
         inputs=inputs,
-        label=f"lr={settings.train.learning_rate:g} epochs={settings.train.epochs:g}",
+        label=training_label(settings.train),
     ) as run:
         for name, frame, context in (
             ("preference_train", train_pairs, "training"),

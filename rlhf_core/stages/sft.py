@@ -22,6 +22,7 @@ from rlhf_core.stages.common import (
     run_fingerprint,
     train_eval_split,
     training_curves,
+    training_label,
     write_curve_plots,
     write_json,
 )
@@ -91,7 +92,7 @@ def run_sft(
         project_root=root,
         params=params,
         inputs=inputs,
-        label=f"lr={settings.train.learning_rate:g} epochs={settings.train.epochs:g}",
+        label=training_label(settings.train),
     ) as run:
         source = paths.validated_set("sft") / "valid.parquet"
         run.log_dataset(train_frame, "sft_train", context="training", source=source)
