@@ -517,6 +517,14 @@ def _report(
     }
 
 
+def _relative_name(name: str, root: Path) -> str:
+    """`name` relative to `root` (posix) when the file lies under it, else as given."""
+    try:
+        return Path(name).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return name
+
+
 def validate_files(
     paths: Sequence[str | Path],
     kind: str,
@@ -525,6 +533,7 @@ def validate_files(
     tokenizer: Any = None,
     data_docs: bool = True,
     docs_dir: str | Path | None = None,
+    names_relative_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """Read, validate and write the validation stage's outputs; return the report.
 
@@ -534,7 +543,9 @@ def validate_files(
     ``reason``, ``reasons``, ``detail``, ``source_file``, ``source_line``, and ``raw`` for
     read-level rejections). With `data_docs`, GX Data Docs go to `docs_dir` (default
     ``<out_dir>/data_docs``; the pipeline's validate stage keeps them out of its DVC output,
-    since GX stamps every page with the time of the run).
+    since GX stamps every page with the time of the run). With `names_relative_to` (the
+    project root), input files are named relative to it in the rows' ``source_file`` and in
+    the report, so the output does not depend on where the project lives.
 
     Everything written to `out_dir` is a pure function of the inputs and settings: no
     timings, no timestamps. The report holds ``kind``, ``total`` (readable rows plus
@@ -560,9 +571,15 @@ def validate_files(
     shutil.rmtree(docs, ignore_errors=True)  # stale pages of an earlier run
 
     read = read_records(paths, kind)
+    names = [os.fspath(path) for path in paths]
+    if names_relative_to is not None:
+        renamed = {name: _relative_name(name, Path(names_relative_to)) for name in names}
+        for table in (read.frame, read.rejected):
+            if "source_file" in table.columns:
+                table["source_file"] = table["source_file"].map(lambda n: renamed.get(n, n))
+        names = [renamed[name] for name in names]
     context = _new_context(docs if data_docs else None)
     outcome = _validate_in_context(context, read.frame, kind, settings, tokenizer)
-    names = [os.fspath(path) for path in paths]
     bad = _quarantine_records(
         outcome.quarantined, read.rejected, {name: index for index, name in enumerate(names)}
     )

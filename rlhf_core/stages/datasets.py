@@ -11,16 +11,21 @@ from rlhf_core.paths import RAW_SETS, ProjectPaths
 TOKENIZER_SETS = ("sft", "preference", "ranked", "prompts")
 
 
-def data_set_files(params: Params, paths: ProjectPaths) -> dict[str, list[Path]]:
+def data_set_files(
+    params: Params, paths: ProjectPaths, include_store: bool = True
+) -> dict[str, list[Path]]:
     """set name -> input files; sets with no files are left out.
 
     The demo writes one canonical JSONL per set under data/raw; with `data.source: files`
-    the user lists their files per set in params.yaml (any supported format).
+    the user lists their files per set in params.yaml (any supported format). With
+    `include_store`, the preference store's merged tables join the preference and ranked
+    sets (the validate stage, which depends on the store); the prepare stage does not read
+    the store: its outputs (the demo tokenizer above all) must not change as rows arrive.
     """
     if params.data.source == "demo":
         files = {name: [paths.raw_file(name)] for name in RAW_SETS}
         resolved = {name: found for name, found in files.items() if found[0].is_file()}
-        return _with_store(resolved, paths)
+        return _with_store(resolved, paths) if include_store else resolved
     unknown = sorted(set(params.data.files) - set(RAW_SETS))
     if unknown:
         raise ValueError(
@@ -34,7 +39,7 @@ def data_set_files(params: Params, paths: ProjectPaths) -> dict[str, list[Path]]
             raise FileNotFoundError(f"params.yaml data.files.{name}: not found: {missing}")
         if found:
             resolved[name] = found
-    return _with_store(resolved, paths)
+    return _with_store(resolved, paths) if include_store else resolved
 
 
 def _with_store(files: dict[str, list[Path]], paths: ProjectPaths) -> dict[str, list[Path]]:

@@ -53,7 +53,7 @@ def run_prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         # Folders the retrain flow and `rlhf ingest` use; validate depends on the store.
         paths.preference_store.mkdir(parents=True, exist_ok=True)
         paths.incoming_dir.mkdir(parents=True, exist_ok=True)
-        files = data_set_files(params, paths)
+        files = data_set_files(params, paths, include_store=False)
         summary["sets"] = {name: [str(p) for p in found] for name, found in files.items()}
         summary["base_model"] = _prepare_base_model(params, files, paths.base_model_dir)
         run.log_metrics(prepare_metrics(summary), step=0)

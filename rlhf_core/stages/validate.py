@@ -71,6 +71,7 @@ def _validate_sets(sets: dict, params: Params, paths: ProjectPaths, run: Any) ->
             params.data.validation,
             tokenizer,
             docs_dir=paths.data_docs_dir(name),
+            names_relative_to=paths.root,
         )
         summary["sets"][name] = {key: report[key] for key in SUMMARY_KEYS}
         summary["sets"][name]["warnings"] = [w["code"] for w in report.get("warnings", [])]
