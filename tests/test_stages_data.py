@@ -46,9 +46,10 @@ def test_prepare_and_validate_are_mlflow_runs_and_validate_outputs_are_reproduci
     validate_run = client.get_run(read_producer_run_id(paths.validated_dir))
     assert validate_run.data.tags["stage"] == "validate"
     metrics = validate_run.data.metrics
-    assert metrics["preference.total"] == metrics["preference.valid"] + metrics[
-        "preference.quarantined"
-    ]
+    assert (
+        metrics["preference.total"]
+        == metrics["preference.valid"] + metrics["preference.quarantined"]
+    )
     docs = {a.path for a in client.list_artifacts(validate_run.info.run_id, "data_docs")}
     assert "data_docs/preference" in docs
     # The Data Docs live outside the DVC output, which holds no timings or timestamps.
