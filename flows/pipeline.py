@@ -25,7 +25,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rlhf_core.orchestration import load_script
+from rlhf_core.app.orchestration import load_script
+from rlhf_core.app.warm_stages import warm_stages
 from rlhf_core.tracking import (
     _global_tracking_uri,
     artifact_location,
@@ -35,7 +36,6 @@ from rlhf_core.tracking import (
     read_producer_run_id,
     tracking_uri,
 )
-from rlhf_core.warm_stages import warm_stages
 
 # tasks/ is not a package: load the task module by path, beside this flow's folder.
 dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_stage.py")

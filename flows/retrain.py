@@ -27,7 +27,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 
-from rlhf_core.orchestration import load_script
+from rlhf_core.app.orchestration import load_script
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.tracking import path_md5
 
@@ -186,7 +186,7 @@ def track_preference_store(store: Path) -> str:
     A DVC failure is logged as an error, not raised: the rows are merged either way, the
     pipeline still reads them, and the next tracked ingest versions them too.
     """
-    from rlhf_core.orchestration import StoreTrackingError, track_store
+    from rlhf_core.app.orchestration import StoreTrackingError, track_store
 
     try:
         message = track_store(store).message
@@ -199,7 +199,7 @@ def track_preference_store(store: Path) -> str:
 
 def validation_settings(project_root: Path) -> Any:
     """data.validation of params.yaml (the defaults when there is no params.yaml)."""
-    from rlhf_core.data.validation import ValidationSettings
+    from rlhf_core.data.validation_settings import ValidationSettings
 
     params_file = project_root / "params.yaml"
     if not params_file.is_file():

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlhf_core.data.demo import DemoSettings
-from rlhf_core.data.validation import ValidationSettings
+from rlhf_core.data.validation_settings import ValidationSettings
 from rlhf_core.gate import GateSettings
 from rlhf_core.stages.settings import (
     DPOSettings,

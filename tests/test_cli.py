@@ -9,7 +9,7 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from rlhf_core.cli import app
+from rlhf_core.app.cli import app
 
 runner = CliRunner()
 

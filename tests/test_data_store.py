@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from rlhf_core.cli import app
+from rlhf_core.app.cli import app
 from rlhf_core.data.store import (
     file_sha256,
     ingest_files,
@@ -15,7 +15,7 @@ from rlhf_core.data.store import (
     read_table,
     rebuild_store,
 )
-from rlhf_core.data.validation import ValidationSettings
+from rlhf_core.data.validation_settings import ValidationSettings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""flows/ (pipeline, retrain, deployments) and rlhf_core/orchestration.py on the toy DVC repo.
+"""flows/ (pipeline, retrain, deployments) and rlhf_core/app/orchestration.py on the toy DVC repo.
 
 One temporary Prefect API for the module (`prefect_test_harness`); the toy project is the one
 of tests/test_tasks_dvc_stage.py (quick Python stages, two of them with MLflow runs).
@@ -14,9 +14,9 @@ import pytest
 import yaml
 from test_tasks_dvc_stage import TOY_ORDER, build_toy_project, calls, init_repo, set_param
 
-from rlhf_core import orchestration
+from rlhf_core.app import orchestration
+from rlhf_core.app.orchestration import load_entrypoint, load_script
 from rlhf_core.data.store import IngestResult
-from rlhf_core.orchestration import load_entrypoint, load_script
 from rlhf_core.tracking import path_md5
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def test_incoming_files_ignore_hidden_files_and_folders(tmp_path):
 @pytest.mark.slow
 def test_ingest_incoming_moves_good_files_to_processed_and_unreadable_ones_aside(tmp_path):
     from rlhf_core.data.store import read_table
-    from rlhf_core.data.validation import ValidationSettings
+    from rlhf_core.data.validation_settings import ValidationSettings
 
     incoming, store = tmp_path / "incoming", tmp_path / "store"
     incoming.mkdir()

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rlhf_core import orchestration
+from rlhf_core.app import orchestration
 from rlhf_core.tracking_check import (
     TrackingStoreError,
     check_store_uri,

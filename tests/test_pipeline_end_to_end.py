@@ -51,7 +51,7 @@ def _pipeline(root: Path, env: dict[str, str]) -> dict:
     """`rlhf run` in its own process, as a user runs it; returns the flow's summary."""
     script = (
         "import json, sys\n"
-        "from rlhf_core.orchestration import run_pipeline\n"
+        "from rlhf_core.app.orchestration import run_pipeline\n"
         "summary = run_pipeline(sys.argv[1])\n"
         "keys = ('stages', 'gate', 'mlflow_run_id')\n"
         "print('SUMMARY=' + json.dumps({k: summary[k] for k in keys}, default=str))\n"
@@ -170,7 +170,7 @@ def test_pipeline_end_to_end(project):
 def _retrain(root: Path, env: dict[str, str]) -> dict:
     script = (
         "import json, sys\n"
-        "from rlhf_core.orchestration import run_retrain\n"
+        "from rlhf_core.app.orchestration import run_retrain\n"
         "outcome = run_retrain(sys.argv[1])\n"
         "ran = (outcome['pipeline'] or {}).get('ran')\n"
         "print('OUTCOME=' + json.dumps({'ran': ran, **{k: outcome[k] for k in ('status', "
@@ -276,7 +276,7 @@ def test_mlflow_ui_compares_the_pipeline_runs_in_a_real_browser(project):
     from browser import chromium_page, screenshot
     from mlflow import MlflowClient
 
-    from rlhf_core.orchestration import free_port
+    from rlhf_core.app.orchestration import free_port
     from rlhf_core.tracking import experiment_name, tracking_uri
 
     root, env = project

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core import warm_stages
-from rlhf_core.warm_stages import SOCKET_ENV, StageServer, delegate
-from rlhf_core.warm_stages import warm_stages as warm
+from rlhf_core.app import warm_stages
+from rlhf_core.app.warm_stages import SOCKET_ENV, StageServer, delegate
+from rlhf_core.app.warm_stages import warm_stages as warm
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
-LIGHT_PRELOAD = ("rlhf_core.cli",)  # the tests need the mechanism, not the heavy imports
+LIGHT_PRELOAD = (
+    "rlhf_core.app.stage_commands",
+)  # the tests need the mechanism, not the heavy imports
 
 
 @pytest.fixture
@@ -56,16 +58,31 @@ def test_the_child_sees_the_callers_cwd_and_environment(server, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": "not a number"}))
     script = (
         "import os, sys\n"
-        "from rlhf_core.warm_stages import delegate\n"
-        "raise SystemExit(delegate(['params']))\n"
+        "from rlhf_core.app.warm_stages import delegate\n"
+        "raise SystemExit(delegate(['stage', 'sft']))\n"
     )
     env = {**os.environ, SOCKET_ENV: path, "RLHF_TEST_MARKER": "from-the-client"}
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
     )
-    # `rlhf params` read params.yaml from the client's folder, not the server's.
+    # `rlhf stage sft` read params.yaml from the client's folder, not the server's.
     assert done.returncode != 0
     assert "seed" in done.stderr + done.stdout
+
+
+def test_the_server_runs_stage_commands_only(server, tmp_path):
+    script = (
+        "from rlhf_core.app.warm_stages import delegate\nraise SystemExit(delegate(['version']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, **server.environment()},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "runs `rlhf stage`, not `rlhf version`" in done.stderr
 
 
 def test_server_serves_many_requests(server, tmp_path):

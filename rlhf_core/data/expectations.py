@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from rlhf_core.data.validation_settings import ValidationSettings
 from rlhf_core.data.schemas import (
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
@@ -38,9 +39,6 @@ from rlhf_core.data.schemas import (
     content_hash,
     prompt_key,
 )
-
-if TYPE_CHECKING:
-    from rlhf_core.data.validation import ValidationSettings
 
 # Primary reason = the first failing code in this order.
 REASON_PRIORITY = (

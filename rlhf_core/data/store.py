@@ -1,7 +1,7 @@
 """The append-only preference store: validated rows merged by content hash, originals archived.
 
 Layout of a store directory (`rlhf ingest` and the retrain flow version it with `dvc add`,
-in `rlhf_core.orchestration.track_store`; this module knows nothing of DVC):
+in `rlhf_core.app.orchestration.track_store`; this module knows nothing of DVC):
 
     pairs.parquet         merged valid preference pairs (`rankings.parquet` for ranked data)
     manifest.jsonl        one line per ingested file, in order: hash, name, time, counts, status
@@ -31,7 +31,8 @@ from typing import Any
 import pandas as pd
 
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
-from rlhf_core.data.validation import ValidationSettings, validate_files
+from rlhf_core.data.validation import validate_files
+from rlhf_core.data.validation_settings import ValidationSettings
 
 TABLES = {"preference": "pairs.parquet", "ranked": "rankings.parquet"}
 MANIFEST = "manifest.jsonl"

@@ -7,13 +7,19 @@ that need them, so `rlhf --help` and quick commands start in well under a second
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from rlhf_core import __version__
+from rlhf_core.app.command_support import (
+    ParamsOption,
+    configure_logging,
+    fail,
+    load_params_or_exit,
+)
+from rlhf_core.app.stage_commands import stage_app
 
 app = typer.Typer(
     name="rlhf",
@@ -24,51 +30,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 model_app = typer.Typer(help="Build, inspect and convert models.", no_args_is_help=True)
-stage_app = typer.Typer(
-    help="Run one pipeline stage (DVC calls exactly these; see dvc.yaml).", no_args_is_help=True
-)
 app.add_typer(model_app, name="model")
 app.add_typer(stage_app, name="stage")
 
-ParamsOption = Annotated[
-    Path, typer.Option("--params", "-p", help="The params file to read.", show_default=True)
-]
 KINDS_HELP = "sft | preference | ranked | prompts"
-# Libraries that log routine internals at INFO; shown with --verbose only.
-QUIET_LOGGERS = ("great_expectations", "mlflow", "alembic", "httpx", "datasets", "urllib3")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _load_params(path: Path):
-    from rlhf_core.config import ParamsError, load_params
-
-    try:
-        return load_params(path)
-    except ParamsError as error:
-        _fail(str(error))
 
 
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_quiet_library_info)
-
-
-def _quiet_library_info(record: logging.LogRecord) -> bool:
-    """Drop routine INFO records of chatty libraries (they set their own logger levels)."""
-    return record.levelno >= logging.WARNING or not record.name.startswith(QUIET_LOGGERS)
+    configure_logging(verbose)
 
 
 @app.command()
@@ -82,7 +54,7 @@ def params(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Check params.yaml against the schema and print every resolved value (defaults included)."""
     import yaml
 
-    resolved = _load_params(params_path)
+    resolved = load_params_or_exit(params_path)
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
 
 
@@ -105,8 +77,8 @@ def validate(
     from rlhf_core.data.schemas import KINDS
 
     if kind not in KINDS:
-        _fail(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    settings = _load_params(params_path).data.validation if params_path.is_file() else None
+        fail(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    settings = load_params_or_exit(params_path).data.validation if params_path.is_file() else None
     report = _run_validation(paths, kind, out, settings, tokenizer)
     if not report["passed"]:
         typer.secho(
@@ -120,7 +92,8 @@ def validate(
 
 
 def _run_validation(paths, kind, out, settings, tokenizer_path):
-    from rlhf_core.data.validation import ValidationSettings, validate_files
+    from rlhf_core.data.validation import validate_files
+    from rlhf_core.data.validation_settings import ValidationSettings
 
     tokenizer = None
     if tokenizer_path is not None:
@@ -132,7 +105,7 @@ def _run_validation(paths, kind, out, settings, tokenizer_path):
             [str(p) for p in paths], kind, out, settings or ValidationSettings(), tokenizer
         )
     except (FileNotFoundError, ValueError) as error:
-        _fail(str(error))
+        fail(str(error))
     reasons = ", ".join(f"{code}: {n}" for code, n in sorted(report["reasons"].items())) or "none"
     typer.echo(
         f"{kind}: {report['total']} rows, {report['valid']} valid, "
@@ -173,11 +146,11 @@ def ingest(
     """
     from rlhf_core.data.store import ingest_files
 
-    settings = _load_params(params_path).data.validation if params_path.is_file() else None
+    settings = load_params_or_exit(params_path).data.validation if params_path.is_file() else None
     try:
         results = ingest_files(files, store, kind=kind, settings=settings)
     except (FileNotFoundError, ValueError) as error:
-        _fail(str(error))
+        fail(str(error))
     for result in results:
         if result.status == "already_ingested":
             typer.echo(f"{result.file}: already ingested (sha256 {result.sha256[:12]}), skipped")
@@ -190,14 +163,14 @@ def ingest(
     tracking_error = _track_store(store) if dvc_add else None
     _announce_ingest(store, results)
     if tracking_error is not None:
-        _fail(tracking_error)
+        fail(tracking_error)
     if any(result.status == "rejected" for result in results):
         raise typer.Exit(code=1)
 
 
 def _track_store(store: Path) -> str | None:
     """Version the store with `dvc add` and say what happened; DVC's error, if it failed."""
-    from rlhf_core.orchestration import StoreTrackingError, track_store
+    from rlhf_core.app.orchestration import StoreTrackingError, track_store
 
     try:
         typer.echo(track_store(store).message)
@@ -208,7 +181,7 @@ def _track_store(store: Path) -> str | None:
 
 def _announce_ingest(store: Path, results) -> None:
     """Tell a served retrain deployment that new rows arrived (no-op without a Prefect API)."""
-    from rlhf_core.orchestration import emit_ingested_event
+    from rlhf_core.app.orchestration import emit_ingested_event
 
     if emit_ingested_event(store, results) is not None:
         typer.echo("sent event rlhf.preferences.ingested: the served retrain deployment will run")
@@ -229,7 +202,7 @@ def model_build(
     try:
         summary = build_base_model({kind: corpus}, out, config, vocab_size, seed)
     except (FileNotFoundError, ValueError) as error:
-        _fail(str(error))
+        fail(str(error))
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -244,7 +217,7 @@ def model_info(
     try:
         model, tokenizer = load_causal_lm(source)
     except (FileNotFoundError, ValueError, OSError) as error:
-        _fail(str(error))
+        fail(str(error))
     info = {
         "architecture": type(model).__name__,
         "parameters": count_parameters(model),
@@ -257,97 +230,6 @@ def model_info(
     typer.echo(json.dumps(info, indent=2))
 
 
-@stage_app.command("prepare")
-def stage_prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Write the raw data sets (demo task or user files) and the base model to fixed paths."""
-    from rlhf_core.stages.prepare import run_prepare
-
-    summary = _run_stage(run_prepare, params_path, "prepare")
-    typer.echo(json.dumps(summary, indent=2))
-
-
-@stage_app.command("validate")
-def stage_validate(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Validate every raw data set into data/validated/<set> (report, rows, quarantine, docs)."""
-    from rlhf_core.stages.validate import run_validate
-
-    summary = _run_stage(run_validate, params_path, "validate")
-    typer.echo(json.dumps(summary, indent=2))
-    if not summary["passed"]:
-        raise typer.Exit(code=1)
-
-
-@stage_app.command("sft")
-def stage_sft(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Supervised fine-tuning of the base model on the SFT set (completion-only loss)."""
-    from rlhf_core.stages.sft import run_sft
-
-    _run_training_stage(params_path, lambda p: run_sft(p.sft, data=p.data, seed=p.seed), "sft")
-
-
-@stage_app.command("reward")
-def stage_reward(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Reward model from the SFT model: Bradley–Terry on pairs, Plackett–Luce on rankings."""
-    from rlhf_core.stages.reward import run_reward
-
-    _run_training_stage(
-        params_path, lambda p: run_reward(p.reward, data=p.data, seed=p.seed), "reward"
-    )
-
-
-@stage_app.command("dpo")
-def stage_dpo(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """DPO (or IPO, hinge, conservative DPO, SimPO) from the SFT model on preference pairs."""
-    from rlhf_core.stages.dpo import run_dpo
-
-    _run_training_stage(
-        params_path, lambda p: run_dpo(p.policy.dpo, data=p.data, seed=p.seed), "dpo"
-    )
-
-
-@stage_app.command("ppo")
-def stage_ppo(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """PPO (or GRPO/RLOO) against the reward model with a KL penalty to the SFT model."""
-    from rlhf_core.stages.ppo import run_ppo
-
-    _run_training_stage(
-        params_path, lambda p: run_ppo(p.policy.ppo, data=p.data, seed=p.seed), "ppo"
-    )
-
-
-@stage_app.command("evaluate")
-def stage_evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
-    """Compare SFT, each aligned policy and best-of-n on held-out prompts."""
-    from rlhf_core.stages.evaluate import run_evaluate
-
-    _run_training_stage(
-        params_path,
-        lambda p: run_evaluate(
-            p.evaluate, algorithms=p.policy.algorithms, data=p.data, seed=p.seed
-        ),
-        "evaluate",
-    )
-
-
-def _run_training_stage(params_path: Path, stage_function, stage: str) -> None:
-    metrics = _run_stage(stage_function, params_path, stage)
-    typer.echo(json.dumps(metrics, indent=2, default=str))
-
-
-def _run_stage(stage_function, params_path: Path, stage: str):
-    """Run a stage function; its timing split goes to artifacts/timings/<stage>.json."""
-    from rlhf_core.paths import ProjectPaths
-    from rlhf_core.timing import record_stage_timing
-
-    params_obj = _load_params(params_path)
-    timings_dir = ProjectPaths(params_path.parent).timings_dir
-    try:
-        result, _ = record_stage_timing(stage, timings_dir, lambda: stage_function(params_obj))
-    except (FileNotFoundError, ValueError) as error:
-        _fail(str(error))
-    return result
-
-
 @app.command()
 def run(
     project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
@@ -356,13 +238,13 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow: every DVC stage in order (up-to-date ones are
     skipped), one MLflow parent run, a summary, then the quality gate and promotion."""
-    from rlhf_core.orchestration import run_pipeline
+    from rlhf_core.app.orchestration import run_pipeline
 
-    _load_params(project / "params.yaml")
+    load_params_or_exit(project / "params.yaml")
     try:
         summary = run_pipeline(project)
     except RuntimeError as error:
-        _fail(str(error))
+        fail(str(error))
     _print_where_to_look(summary)
 
 
@@ -373,13 +255,13 @@ def retrain(
     ),
 ) -> None:
     """Ingest new files from data/incoming, rerun what they touch, promote only if better."""
-    from rlhf_core.orchestration import run_retrain
+    from rlhf_core.app.orchestration import run_retrain
 
-    _load_params(project / "params.yaml")
+    load_params_or_exit(project / "params.yaml")
     try:
         result = run_retrain(project)
     except RuntimeError as error:
-        _fail(str(error))
+        fail(str(error))
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -391,13 +273,13 @@ def serve(
 ) -> None:
     """Serve the retrain deployment: on the cron schedule of params.yaml and whenever `rlhf
     ingest` adds rows, one run at a time. Uses PREFECT_API_URL, or starts a local server."""
-    from rlhf_core.orchestration import serve as serve_deployments
+    from rlhf_core.app.orchestration import serve as serve_deployments
 
-    params_obj = _load_params(project / "params.yaml")
+    params_obj = load_params_or_exit(project / "params.yaml")
     try:
         serve_deployments(project, params_obj)
     except (RuntimeError, ValueError) as error:
-        _fail(str(error))
+        fail(str(error))
 
 
 @app.command()
@@ -416,7 +298,7 @@ def ui(
     answers, nothing is started. Exits 2 when the store does not answer or the port is taken,
     with mlflow ui's status (or 1) when it fails.
     """
-    from rlhf_core.orchestration import UIError, open_ui
+    from rlhf_core.app.orchestration import UIError, open_ui
 
     try:
         code = open_ui(project, port, open_browser)
@@ -424,7 +306,7 @@ def ui(
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=error.exit_code) from None
     except RuntimeError as error:  # TrackingStoreError: the store does not answer
-        _fail(str(error))
+        fail(str(error))
     raise typer.Exit(code=code)
 
 
@@ -446,10 +328,10 @@ def _print_where_to_look(summary: dict) -> None:
 
 def main() -> None:
     """The `rlhf` console script: `rlhf stage ...` goes to a warm stage server when the
-    pipeline flow runs one (`rlhf_core.warm_stages`), everything else runs here."""
+    pipeline flow runs one (`rlhf_core.app.warm_stages`), everything else runs here."""
     import sys
 
-    from rlhf_core.warm_stages import delegate
+    from rlhf_core.app.warm_stages import delegate
 
     if sys.argv[1:2] == ["stage"] and (code := delegate(sys.argv[1:])) is not None:
         raise SystemExit(code)

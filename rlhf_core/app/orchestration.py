@@ -98,7 +98,7 @@ def configure_prefect(project_root: str | Path) -> None:
 
 def code_root() -> Path:
     """The repository this package was installed from (it holds flows/ and tasks/)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def resolve_script(path: str | Path, project_root: str | Path = ".") -> Path:
@@ -172,7 +172,7 @@ def run_pipeline(project_root: str | Path = ".") -> dict[str, Any]:
     pipeline = load_entrypoint(PIPELINE_ENTRYPOINT, root)
     # What is stale, before Prefect starts: when anything is, the warm stage server imports
     # the training libraries while Prefect's temporary server starts (both take seconds).
-    from rlhf_core.warm_stages import warm_stages
+    from rlhf_core.app.warm_stages import warm_stages
 
     stale = inspect.getmodule(pipeline.fn).dvc_stage.stale_stages(root)
     with warm_stages(root) as server:

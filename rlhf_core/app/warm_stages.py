@@ -3,7 +3,7 @@
 DVC runs every stage as its own `rlhf stage X` process, and each would spend seconds
 importing torch, transformers and MLflow before doing any work: on the demo pipeline that is
 the larger part of the orchestration overhead. While a pipeline flow runs, a *stage server*
-(`python -m rlhf_core.warm_stages SOCKET`) imports those libraries once, then serves each
+(`python -m rlhf_core.app.warm_stages SOCKET`) imports those libraries once, then serves each
 `rlhf stage` command by forking a child that runs the command with the caller's arguments,
 working directory, environment and standard streams (passed over a Unix socket as file
 descriptors, so output streams straight to DVC). The `rlhf` process DVC started waits and
@@ -51,7 +51,7 @@ PRELOAD = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.data.pandas_dataset",
     "matplotlib.pyplot",
-    "rlhf_core.cli",
+    "rlhf_core.app.stage_commands",
     "rlhf_core.config",
     "rlhf_core.tracking",
     "rlhf_core.models.loading",
@@ -189,9 +189,12 @@ def _run_request(request: dict, fds: Sequence[int]) -> int:
     sys.argv = ["rlhf", *request["argv"]]
     code = 1
     try:
-        from rlhf_core.cli import app
+        from rlhf_core.app.stage_commands import stage_app
 
-        app(args=list(request["argv"]), prog_name="rlhf")
+        command, *args = request["argv"]
+        if command != "stage":  # `delegate` sends only `rlhf stage ...`
+            raise ValueError(f"the warm stage server runs `rlhf stage`, not `rlhf {command}`")
+        stage_app(args=args, prog_name="rlhf stage")
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
@@ -263,7 +266,7 @@ class StageServer:
         env.pop(SOCKET_ENV, None)
         named = [] if self.modules == PRELOAD else list(self.modules)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "rlhf_core.warm_stages", path, *named],
+            [sys.executable, "-m", "rlhf_core.app.warm_stages", path, *named],
             cwd=self.project_root,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -328,10 +331,10 @@ def stage_server_environment() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m rlhf_core.warm_stages SOCKET [MODULE ...]`."""
+    """`python -m rlhf_core.app.warm_stages SOCKET [MODULE ...]`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        raise SystemExit("usage: python -m rlhf_core.warm_stages SOCKET [MODULE ...]")
+        raise SystemExit("usage: python -m rlhf_core.app.warm_stages SOCKET [MODULE ...]")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if len(args) > 1:  # the modules to preload were named
         serve(args[0], args[1:])

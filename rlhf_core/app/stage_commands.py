@@ -1,0 +1,119 @@
+"""`rlhf stage <name>`: the commands DVC runs, one per stage of dvc.yaml.
+
+Kept apart from the rest of the CLI so that the warm stage server (`warm_stages`) runs them
+without loading the flow launchers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from rlhf_core.app.command_support import (
+    ParamsOption,
+    configure_logging,
+    fail,
+    load_params_or_exit,
+)
+
+stage_app = typer.Typer(
+    help="Run one pipeline stage (DVC calls exactly these; see dvc.yaml).", no_args_is_help=True
+)
+
+
+@stage_app.callback()
+def _stage_logging() -> None:
+    configure_logging(verbose=False)  # run alone (the warm stage server); no-op under `rlhf`
+
+
+@stage_app.command("prepare")
+def stage_prepare(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Write the raw data sets (demo task or user files) and the base model to fixed paths."""
+    from rlhf_core.stages.prepare import run_prepare
+
+    summary = _run_stage(run_prepare, params_path, "prepare")
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@stage_app.command("validate")
+def stage_validate(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Validate every raw data set into data/validated/<set> (report, rows, quarantine, docs)."""
+    from rlhf_core.stages.validate import run_validate
+
+    summary = _run_stage(run_validate, params_path, "validate")
+    typer.echo(json.dumps(summary, indent=2))
+    if not summary["passed"]:
+        raise typer.Exit(code=1)
+
+
+@stage_app.command("sft")
+def stage_sft(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Supervised fine-tuning of the base model on the SFT set (completion-only loss)."""
+    from rlhf_core.stages.sft import run_sft
+
+    _run_training_stage(params_path, lambda p: run_sft(p.sft, data=p.data, seed=p.seed), "sft")
+
+
+@stage_app.command("reward")
+def stage_reward(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Reward model from the SFT model: Bradley–Terry on pairs, Plackett–Luce on rankings."""
+    from rlhf_core.stages.reward import run_reward
+
+    _run_training_stage(
+        params_path, lambda p: run_reward(p.reward, data=p.data, seed=p.seed), "reward"
+    )
+
+
+@stage_app.command("dpo")
+def stage_dpo(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """DPO (or IPO, hinge, conservative DPO, SimPO) from the SFT model on preference pairs."""
+    from rlhf_core.stages.dpo import run_dpo
+
+    _run_training_stage(
+        params_path, lambda p: run_dpo(p.policy.dpo, data=p.data, seed=p.seed), "dpo"
+    )
+
+
+@stage_app.command("ppo")
+def stage_ppo(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """PPO (or GRPO/RLOO) against the reward model with a KL penalty to the SFT model."""
+    from rlhf_core.stages.ppo import run_ppo
+
+    _run_training_stage(
+        params_path, lambda p: run_ppo(p.policy.ppo, data=p.data, seed=p.seed), "ppo"
+    )
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
+    """Compare SFT, each aligned policy and best-of-n on held-out prompts."""
+    from rlhf_core.stages.evaluate import run_evaluate
+
+    _run_training_stage(
+        params_path,
+        lambda p: run_evaluate(
+            p.evaluate, algorithms=p.policy.algorithms, data=p.data, seed=p.seed
+        ),
+        "evaluate",
+    )
+
+
+def _run_training_stage(params_path: Path, stage_function, stage: str) -> None:
+    metrics = _run_stage(stage_function, params_path, stage)
+    typer.echo(json.dumps(metrics, indent=2, default=str))
+
+
+def _run_stage(stage_function, params_path: Path, stage: str):
+    """Run a stage function; its timing split goes to artifacts/timings/<stage>.json."""
+    from rlhf_core.paths import ProjectPaths
+    from rlhf_core.timing import record_stage_timing
+
+    params_obj = load_params_or_exit(params_path)
+    timings_dir = ProjectPaths(params_path.parent).timings_dir
+    try:
+        result, _ = record_stage_timing(stage, timings_dir, lambda: stage_function(params_obj))
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    return result
