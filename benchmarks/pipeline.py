@@ -5,7 +5,7 @@ cache, so the user's artifacts are never touched):
 
 1. `rlhf run` from nothing: the whole demo pipeline in its own process, as a user runs it.
    Each stage process writes its split into start-up, tracking and compute
-   (`rlhf_core.timing`); overhead = 1 − Σ compute / wall.
+   (`rlhf_core.tracking.timing`); overhead = 1 − Σ compute / wall.
 2. `rlhf run` again with everything up to date (the no-op flow), timed as a whole.
 3. Prefect's own start-up, reported separately: a process that runs an empty flow minus a
    process that only imports Prefect (best of three each by default). The no-op flow's

@@ -1,4 +1,4 @@
-"""Deployments of the retrain flow, served by `rlhf serve` (`rlhf_core.app.orchestration.serve`).
+"""Deployments of the retrain flow, served by `rlhf serve` (`rlhf_core.app.launch.serve`).
 
 One deployment, `rlhf-retrain/retrain`, runs
 - on a cron schedule (params.yaml `orchestration.schedule_cron`, default "0 3 * * *"), and
@@ -16,7 +16,8 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from rlhf_core.app.orchestration import INGESTED_EVENT, ingested_resource_id, load_script
+from rlhf_core.app.launch import load_script
+from rlhf_core.app.store_versioning import INGESTED_EVENT, ingested_resource_id
 from rlhf_core.paths import ProjectPaths
 
 retrain = load_script(Path(__file__).with_name("retrain.py")).retrain

@@ -25,17 +25,16 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rlhf_core.app.orchestration import load_script
+from rlhf_core.app.launch import load_script
 from rlhf_core.app.warm_stages import warm_stages
-from rlhf_core.tracking import (
-    _global_tracking_uri,
+from rlhf_core.tracking.experiment import (
     artifact_location,
     ensure_experiment,
     experiment_name,
-    git_state,
-    read_producer_run_id,
+    global_tracking_uri,
     tracking_uri,
 )
+from rlhf_core.tracking.lineage import git_state, read_producer_run_id
 
 # tasks/ is not a package: load the task module by path, beside this flow's folder.
 dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_stage.py")
@@ -224,7 +223,7 @@ def pipeline_run_name(
 
 def flat_project_params(project_root: Path) -> dict[str, str]:
     """params.yaml flattened to dotted keys (as logged on the pipeline run); {} without it."""
-    from rlhf_core.tracking import flatten_params
+    from rlhf_core.tracking.runs import flatten_params
 
     params_file = project_root / "params.yaml"
     if not params_file.is_file():
@@ -251,7 +250,7 @@ def previous_pipeline_run(client: Any, experiment_id: str) -> Any:
 def data_version(project_root: Path) -> str | None:
     """md5 of data/validated (what the training stages read), or None before validate ran
     (or in a project without one)."""
-    from rlhf_core.tracking import path_md5
+    from rlhf_core.tracking.lineage import path_md5
 
     validated = project_root / "data" / "validated"
     return path_md5(validated) if validated.is_dir() else None
@@ -290,7 +289,7 @@ def parent_run(project_root: Path) -> Iterator[str]:
     if previous is not None:
         tags["previous_pipeline_run"] = previous.info.run_id
     with (
-        _global_tracking_uri(uri),
+        global_tracking_uri(uri),
         mlflow.start_run(
             experiment_id=experiment_id, run_name=f"#{number} (running)", tags=tags
         ) as run,
@@ -379,10 +378,10 @@ def measure_head_to_head(project_root: Path, policy: str, client: Any, champion:
     prompts; judged by the gold judge for demo data, else by the candidate's reward model."""
     from rlhf_core.config import load_params
     from rlhf_core.data.gold import GoldJudge
+    from rlhf_core.evaluation.head_to_head import head_to_head_win_rate
     from rlhf_core.paths import ProjectPaths
-    from rlhf_core.registry import download_model_dir
     from rlhf_core.stages.common import load_validated
-    from rlhf_core.stages.head_to_head import head_to_head_win_rate
+    from rlhf_core.tracking.registry import download_model_dir
 
     params = load_params(project_root / "params.yaml")
     paths = ProjectPaths(project_root)
@@ -416,9 +415,9 @@ def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
     """
     import mlflow
 
-    from rlhf_core import registry
     from rlhf_core.gate import decide, select_candidate
     from rlhf_core.paths import ProjectPaths
+    from rlhf_core.tracking import registry
 
     root = Path(project_root)
     logger = get_run_logger()

@@ -27,9 +27,9 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 
-from rlhf_core.app.orchestration import load_script
+from rlhf_core.app.launch import load_script
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.tracking import path_md5
+from rlhf_core.tracking.lineage import path_md5
 
 pipeline = load_script(Path(__file__).with_name("pipeline.py")).pipeline
 
@@ -186,7 +186,7 @@ def track_preference_store(store: Path) -> str:
     A DVC failure is logged as an error, not raised: the rows are merged either way, the
     pipeline still reads them, and the next tracked ingest versions them too.
     """
-    from rlhf_core.app.orchestration import StoreTrackingError, track_store
+    from rlhf_core.app.store_versioning import StoreTrackingError, track_store
 
     try:
         message = track_store(store).message

@@ -222,7 +222,7 @@ def decide(
               ∧ (no champion ∨ head-to-head win rate vs the champion ≥ min_win_rate_vs_champion).
 
     `head_to_head_win_rate` is the candidate's win rate against the champion (ties half), as
-    measured by `rlhf_core.stages.head_to_head`; with a champion, None fails the gate.
+    measured by `rlhf_core.evaluation.head_to_head`; with a champion, None fails the gate.
     """
     reward_check = reward_model_check(evaluation, settings)
     selection = select_candidate(evaluation, settings)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.losses import sequence_logprobs, shift_for_causal_lm
+from rlhf_core.algorithms.logprobs import sequence_logprobs, shift_for_causal_lm
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
 from rlhf_core.training.settings import (
     SamplingSettings,

@@ -47,7 +47,7 @@ class ProjectPaths:
 
     @property
     def timings_dir(self) -> Path:
-        """Per-stage timing splits (`rlhf_core.timing`); git-ignored, not a DVC output."""
+        """Per-stage timing splits (`rlhf_core.tracking.timing`); git-ignored, not a DVC output."""
         return self.root / "artifacts" / "timings"
 
     @property

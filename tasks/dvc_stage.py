@@ -11,7 +11,7 @@ that produced the current outputs).
 Only transient failures are retried: DVC's "Unable to acquire lock" (another DVC process holds
 the repository) and OS-level hiccups starting a process. A stage that fails on its own is not.
 
-Loaded by path from flows/ (`rlhf_core.app.orchestration.load_script`), never installed.
+Loaded by path from flows/ (`rlhf_core.app.launch.load_script`), never installed.
 Stages are those of the root dvc.yaml (foreach stages as `policy@dpo`).
 """
 
@@ -35,7 +35,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from rlhf_core.app.warm_stages import stage_server_environment
-from rlhf_core.tracking import PARENT_RUN_ENV, read_producer_run_id
+from rlhf_core.tracking.lineage import read_producer_run_id
+from rlhf_core.tracking.runs import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""flows/ (pipeline, retrain, deployments) and rlhf_core/app/orchestration.py on the toy DVC repo.
+"""flows/ (pipeline, retrain, deployments) and rlhf_core/app/launch.py on the toy DVC repo.
 
 One temporary Prefect API for the module (`prefect_test_harness`); the toy project is the one
 of tests/test_tasks_dvc_stage.py (quick Python stages, two of them with MLflow runs).
@@ -14,10 +14,10 @@ import pytest
 import yaml
 from test_tasks_dvc_stage import TOY_ORDER, build_toy_project, calls, init_repo, set_param
 
-from rlhf_core.app import orchestration
-from rlhf_core.app.orchestration import load_entrypoint, load_script
+from rlhf_core.app import launch, mlflow_ui, prefect_server, processes, store_versioning
+from rlhf_core.app.launch import load_entrypoint, load_script
 from rlhf_core.data.store import IngestResult
-from rlhf_core.tracking import path_md5
+from rlhf_core.tracking.lineage import path_md5
 
 REPO = Path(__file__).resolve().parents[1]
 pipeline_module = load_script(REPO / "flows" / "pipeline.py")
@@ -40,7 +40,7 @@ if name == "evaluate":
     Path("artifacts/metrics").mkdir(parents=True, exist_ok=True)
     Path("artifacts/metrics/evaluate.json").write_text(json.dumps(metrics))
 else:
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     out = Path("artifacts/reward" if name == "reward" else "artifacts/policy/dpo")
     with stage_run(name) as run:
@@ -186,7 +186,7 @@ def test_load_entrypoint_loads_each_file_once_and_names_errors(tmp_path):
 
 
 def test_prefect_defaults_keep_home_in_the_project_and_telemetry_off(tmp_path):
-    defaults = orchestration.prefect_defaults(tmp_path)
+    defaults = prefect_server.prefect_defaults(tmp_path)
     assert defaults["PREFECT_HOME"] == str(tmp_path.resolve() / ".prefect")
     assert defaults["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert defaults["DO_NOT_TRACK"] == "1"
@@ -199,13 +199,13 @@ def test_schedule_cron_reads_params_or_defaults():
     class Params:
         orchestration = Section()
 
-    assert orchestration.schedule_cron(Params()) == "*/5 * * * *"
-    assert orchestration.schedule_cron(object()) == orchestration.DEFAULT_SCHEDULE_CRON
+    assert launch.schedule_cron(Params()) == "*/5 * * * *"
+    assert launch.schedule_cron(object()) == launch.DEFAULT_SCHEDULE_CRON
 
 
 def test_mlflow_ui_command_points_at_the_project_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    command = orchestration.mlflow_ui_command(tmp_path, 5123)
+    command = mlflow_ui.mlflow_ui_command(tmp_path, 5123)
     assert command[1:4] == ["-m", "mlflow", "ui"]
     assert command[command.index("--backend-store-uri") + 1] == (
         f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -217,12 +217,12 @@ def test_mlflow_ui_command_points_at_the_project_store(tmp_path, monkeypatch):
 def test_a_configured_prefect_api_that_does_not_answer_is_an_error(tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    dead = f"http://127.0.0.1:{orchestration.free_port()}/api"
-    assert not orchestration.api_is_healthy(dead, timeout_s=1)
+    dead = f"http://127.0.0.1:{processes.free_port()}/api"
+    assert not processes.api_is_healthy(dead, timeout_s=1)
     with (
         temporary_settings(updates={PREFECT_API_URL: dead}),
         pytest.raises(ValueError, match="does not answer"),
-        orchestration.prefect_server(tmp_path),
+        prefect_server.prefect_server(tmp_path),
     ):
         pass
 
@@ -231,8 +231,8 @@ def test_a_configured_prefect_api_that_does_not_answer_is_an_error(tmp_path):
 def test_a_configured_prefect_api_is_used_as_is(prefect_api, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    with orchestration.prefect_server(tmp_path) as api_url:
-        assert api_url == PREFECT_API_URL.value() and orchestration.api_is_healthy(api_url)
+    with prefect_server.prefect_server(tmp_path) as api_url:
+        assert api_url == PREFECT_API_URL.value() and processes.api_is_healthy(api_url)
     assert not (tmp_path / ".prefect").exists()  # no server of its own was started
 
 
@@ -425,8 +425,8 @@ def test_rows_ingested_outside_the_flow_still_trigger_a_retrain(prefect_api, toy
 def test_the_gate_keeps_a_weak_candidate_then_promotes_the_first_champion(
     prefect_api, tmp_path, monkeypatch
 ):
-    from rlhf_core import registry
-    from rlhf_core.tracking import read_producer_run_id
+    from rlhf_core.tracking import registry
+    from rlhf_core.tracking.lineage import read_producer_run_id
 
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID", "RLHF_EXPERIMENT"):
         monkeypatch.delenv(name, raising=False)
@@ -481,8 +481,8 @@ def test_retrain_deployment_has_schedule_trigger_and_a_limit_of_one(prefect_api,
     assert [s.schedule.cron for s in stored.schedules] == ["15 2 * * *"]
     assert stored.global_concurrency_limit.limit == 1
     assert stored.concurrency_options.collision_strategy == "ENQUEUE"
-    assert automation.trigger.expect == {orchestration.INGESTED_EVENT}
-    resource = orchestration.ingested_resource_id(toy / "data" / "preferences")
+    assert automation.trigger.expect == {store_versioning.INGESTED_EVENT}
+    resource = store_versioning.ingested_resource_id(toy / "data" / "preferences")
     assert automation.trigger.match.model_dump() == {"prefect.resource.id": resource}
     [action] = automation.actions
     assert action.type == "run-deployment" and action.deployment_id == deployment_id
@@ -492,10 +492,10 @@ def test_retrain_deployment_has_schedule_trigger_and_a_limit_of_one(prefect_api,
 def test_ingested_event_is_sent_only_when_rows_were_added(prefect_api, tmp_path):
     added = IngestResult(file="a.jsonl", sha256="ab" * 32, status="ingested", added=3)
     nothing = IngestResult(file="b.jsonl", sha256="cd" * 32, status="already_ingested")
-    assert orchestration.emit_ingested_event(tmp_path, [nothing]) is None
-    event = orchestration.emit_ingested_event(tmp_path, [added, nothing])
-    assert event.event == orchestration.INGESTED_EVENT
-    assert event.resource.id == orchestration.ingested_resource_id(tmp_path)
+    assert store_versioning.emit_ingested_event(tmp_path, [nothing]) is None
+    event = store_versioning.emit_ingested_event(tmp_path, [added, nothing])
+    assert event.event == store_versioning.INGESTED_EVENT
+    assert event.resource.id == store_versioning.ingested_resource_id(tmp_path)
     assert event.payload["added"] == 3 and event.payload["files"] == ["a.jsonl"]
 
 
@@ -504,7 +504,7 @@ def test_no_event_without_a_configured_api(tmp_path):
 
     added = IngestResult(file="a.jsonl", sha256="ab" * 32, status="ingested", added=3)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        assert orchestration.emit_ingested_event(tmp_path, [added]) is None
+        assert store_versioning.emit_ingested_event(tmp_path, [added]) is None
 
 
 def test_stage_reasons_skip_up_to_date_stages_unless_something_upstream_ran():

@@ -5,13 +5,13 @@ import math
 import pytest
 
 from rlhf_core.data.gold import GoldJudge
+from rlhf_core.evaluation.head_to_head import head_to_head_win_rate
 from rlhf_core.gate import GateSettings, decide, select_candidate
 from rlhf_core.generation import SamplingSettings
 from rlhf_core.models.loading import load_tokenizer, save_model
 from rlhf_core.models.tiny import build_tiny_llama
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated
-from rlhf_core.stages.head_to_head import head_to_head_win_rate
 
 
 def evaluation(dpo=None, ppo=None, reward_accuracy=0.7):

@@ -1,6 +1,6 @@
 """The servers around the flows, with real processes and sockets: `rlhf ui` on a local store
 and on a tracking server, the tracking store check that runs before any stage
-(rlhf_core/tracking_check.py), and the Prefect server's UI on a port of its own."""
+(rlhf_core/tracking/check.py), and the Prefect server's UI on a port of its own."""
 
 import http.server
 import importlib.util
@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rlhf_core.app import orchestration
-from rlhf_core.tracking_check import (
+from rlhf_core.app import mlflow_ui, prefect_server, processes
+from rlhf_core.tracking.check import (
     TrackingStoreError,
     check_store_uri,
     mask_uri,
@@ -33,7 +33,7 @@ UI_START_S = 180.0  # `mlflow ui` answers after about 8 s on an idle 2-core mach
 
 def closed_port() -> int:
     """A port nothing listens on (bound, then released)."""
-    return orchestration.free_port()
+    return processes.free_port()
 
 
 def rlhf(*args: str, env: dict, cwd: Path, timeout: float = 60) -> tuple:
@@ -242,7 +242,7 @@ def test_ui_of_a_server_prints_its_address_opens_it_and_starts_nothing(
     assert code == 0, stderr
     assert health_server in stdout and "Starting" not in stdout
     assert opened.read_text().strip() == health_server
-    assert not orchestration.port_in_use(port) and seconds < FAST_S
+    assert not mlflow_ui.port_in_use(port) and seconds < FAST_S
 
 
 def test_ui_of_a_server_that_is_down_is_one_error_line(project, local_env):
@@ -298,7 +298,7 @@ def wait_until_answers(url: str, command: subprocess.Popen, timeout_s: float) ->
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert command.poll() is None, "rlhf ui exited before the UI answered"
-        if orchestration.api_is_healthy(url, timeout_s=2):
+        if processes.api_is_healthy(url, timeout_s=2):
             return
         time.sleep(0.5)
     pytest.fail(f"the UI did not answer at {url} within {timeout_s:.0f} s")
@@ -327,7 +327,7 @@ def test_ui_stops_mlflow_ui_and_all_its_workers_on_a_signal(signum, project, loc
             time.sleep(0.2)
         assert opened.read_text().strip() == address
         children = psutil.Process(command.pid).children(recursive=True)
-        (mlflow_ui,) = [c for c in children if c.ppid() == command.pid]
+        (ui_process,) = [c for c in children if c.ppid() == command.pid]
         assert len(children) > 2  # mlflow ui, uvicorn, its job runner and huey consumers
         command.send_signal(signum)
         assert command.wait(timeout=30) == 128 + signum, log.read_text()
@@ -336,8 +336,8 @@ def test_ui_stops_mlflow_ui_and_all_its_workers_on_a_signal(signum, project, loc
             command.kill()
     _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
-    assert group_members(mlflow_ui.pid) == []
-    assert not orchestration.port_in_use(port)
+    assert group_members(ui_process.pid) == []
+    assert not mlflow_ui.port_in_use(port)
     assert "MLflow UI stopped" in log.read_text()
 
 
@@ -350,9 +350,9 @@ def test_a_ui_api_url_the_user_set_is_kept():
     from prefect.settings import PREFECT_UI_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_UI_API_URL: "http://prefect.example/api"}):
-        assert orchestration.ui_api_env("http://127.0.0.1:4321/api") == {}
+        assert prefect_server.ui_api_env("http://127.0.0.1:4321/api") == {}
     with temporary_settings(restore_defaults={PREFECT_UI_API_URL}):
-        assert orchestration.ui_api_env("http://127.0.0.1:4321/api") == {
+        assert prefect_server.ui_api_env("http://127.0.0.1:4321/api") == {
             "PREFECT_UI_API_URL": "http://127.0.0.1:4321/api"
         }
 
@@ -365,7 +365,7 @@ def test_a_started_prefect_server_tells_its_ui_its_own_api_url(tmp_path, monkeyp
         monkeypatch.delenv(name, raising=False)
     with (
         temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_API_URL}),
-        orchestration.prefect_server(tmp_path) as api_url,
+        prefect_server.prefect_server(tmp_path) as api_url,
     ):
         assert not api_url.endswith(":4200/api")
         base = api_url.removesuffix("/api")

@@ -51,7 +51,7 @@ def _pipeline(root: Path, env: dict[str, str]) -> dict:
     """`rlhf run` in its own process, as a user runs it; returns the flow's summary."""
     script = (
         "import json, sys\n"
-        "from rlhf_core.app.orchestration import run_pipeline\n"
+        "from rlhf_core.app.launch import run_pipeline\n"
         "summary = run_pipeline(sys.argv[1])\n"
         "keys = ('stages', 'gate', 'mlflow_run_id')\n"
         "print('SUMMARY=' + json.dumps({k: summary[k] for k in keys}, default=str))\n"
@@ -68,8 +68,10 @@ def _statuses(summary: dict) -> dict[str, str]:
 def test_pipeline_end_to_end(project):
     from mlflow import MlflowClient
 
-    from rlhf_core.registry import CHAMPION, POLICY_MODEL, version_lineage
-    from rlhf_core.tracking import path_md5, tracking_uri
+    from rlhf_core.tracking.experiment import tracking_uri
+    from rlhf_core.tracking.lineage import path_md5
+    from rlhf_core.tracking.registry import CHAMPION, POLICY_MODEL
+    from rlhf_core.tracking.registry_lineage import version_lineage
 
     root, env = project
     expected = ["prepare", "validate", "sft", "reward", "policy@dpo", "policy@ppo", "evaluate"]
@@ -170,7 +172,7 @@ def test_pipeline_end_to_end(project):
 def _retrain(root: Path, env: dict[str, str]) -> dict:
     script = (
         "import json, sys\n"
-        "from rlhf_core.app.orchestration import run_retrain\n"
+        "from rlhf_core.app.launch import run_retrain\n"
         "outcome = run_retrain(sys.argv[1])\n"
         "ran = (outcome['pipeline'] or {}).get('ran')\n"
         "print('OUTCOME=' + json.dumps({'ran': ran, **{k: outcome[k] for k in ('status', "
@@ -203,8 +205,8 @@ def test_retrain_on_new_data_promotes_only_through_the_gate(project):
     """Runs after test_pipeline_end_to_end (same project): a champion exists."""
     from mlflow import MlflowClient
 
-    from rlhf_core.registry import CHAMPION, POLICY_MODEL
-    from rlhf_core.tracking import tracking_uri
+    from rlhf_core.tracking.experiment import tracking_uri
+    from rlhf_core.tracking.registry import CHAMPION, POLICY_MODEL
 
     root, env = project
     client = MlflowClient(tracking_uri(root))
@@ -276,8 +278,8 @@ def test_mlflow_ui_compares_the_pipeline_runs_in_a_real_browser(project):
     from browser import chromium_page, screenshot
     from mlflow import MlflowClient
 
-    from rlhf_core.app.orchestration import free_port
-    from rlhf_core.tracking import experiment_name, tracking_uri
+    from rlhf_core.app.processes import free_port
+    from rlhf_core.tracking.experiment import experiment_name, tracking_uri
 
     root, env = project
     client = MlflowClient(tracking_uri(root))

@@ -1,4 +1,4 @@
-"""The PPO loop: rollouts wired to rlhf_core.ppo, updates, KL control, group modes, resume."""
+"""The PPO loop: rollouts wired to algorithms.ppo, updates, KL control, group modes, resume."""
 
 import math
 import random
@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
+from rlhf_core.algorithms.ppo import compute_gae, group_advantages, shape_rewards, whiten
 from rlhf_core.generation import sequence_logprob_sums
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.models.tiny import build_tiny_llama
 from rlhf_core.models.tokenizer import train_bpe_tokenizer
-from rlhf_core.ppo import compute_gae, group_advantages, shape_rewards, whiten
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.ppo_trainer import (
     PPOTrainSettings,
@@ -133,7 +133,7 @@ def test_prompt_order_uses_every_prompt_once_per_pass_and_depends_on_seed():
 
 
 # ---------------------------------------------------------------------------------------------
-# One rollout, checked against rlhf_core.ppo and rlhf_core.generation directly
+# One rollout, checked against rlhf_core.algorithms.ppo and rlhf_core.generation directly
 # ---------------------------------------------------------------------------------------------
 
 
@@ -172,7 +172,7 @@ def test_experience_wires_rewards_kl_gae_and_whitening_like_the_ppo_functions(to
     before_last = mask.clone()
     before_last[rows, last] = False
     torch.testing.assert_close(experience.rewards[before_last], -0.3 * experience.kl[before_last])
-    # The same tensors through rlhf_core.ppo directly.
+    # The same tensors through rlhf_core.algorithms.ppo directly.
     rewards, _ = shape_rewards(
         experience.scores, experience.old_logps, experience.ref_logps, experience.mask, 0.3
     )

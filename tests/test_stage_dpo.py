@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 import rlhf_core.stages.dpo as dpo_stage
+from rlhf_core.algorithms.logprobs import sequence_logprobs, shift_for_causal_lm
+from rlhf_core.algorithms.preference import dpo_loss, simpo_loss
 from rlhf_core.config import DataParams
-from rlhf_core.losses import dpo_loss, sequence_logprobs, shift_for_causal_lm, simpo_loss
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.dpo import DPOSettings, LoraSettings, run_dpo
-from rlhf_core.tracking import read_producer_run_id
+from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.dpo_task import (
     PreferenceObjective,
     PreferenceTask,

@@ -10,15 +10,15 @@ from mlflow import MlflowClient
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import rlhf_core.training.reward_task as reward_task_module
+from rlhf_core.algorithms.preference import bradley_terry_loss, plackett_luce_loss
 from rlhf_core.config import DataParams
 from rlhf_core.generation import score_token_ids
-from rlhf_core.losses import bradley_terry_loss, plackett_luce_loss
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.reward import RewardSettings, pair_groups, ranking_groups, run_reward
-from rlhf_core.tracking import read_producer_run_id
+from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import TrainSettings, train
 from rlhf_core.training.reward_task import (
     ComparisonGroup,

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import rlhf_core.stages.sft as sft_stage
+from rlhf_core.algorithms.logprobs import sft_loss, shift_for_causal_lm, token_logprobs
 from rlhf_core.config import DataParams
-from rlhf_core.losses import sft_loss, shift_for_causal_lm, token_logprobs
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.sft import SFTSettings, run_sft
-from rlhf_core.tracking import read_producer_run_id
+from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import TrainSettings, train
 from rlhf_core.training.sft_task import (
     SFTTask,

@@ -39,7 +39,8 @@ def test_prepare_and_validate_are_mlflow_runs_and_validate_outputs_are_reproduci
     from mlflow import MlflowClient
 
     from rlhf_core.stages.validate import run_validate
-    from rlhf_core.tracking import path_md5, read_producer_run_id, tracking_uri
+    from rlhf_core.tracking.experiment import tracking_uri
+    from rlhf_core.tracking.lineage import path_md5, read_producer_run_id
 
     paths = ProjectPaths(tiny_project)
     client = MlflowClient(tracking_uri(tiny_project))
@@ -70,7 +71,7 @@ def test_prepare_does_not_read_the_preference_store(tiny_project, tiny_params, t
     tokenizer and base model stay those of the raw data."""
     from rlhf_core.data.store import ingest_files
     from rlhf_core.stages.prepare import run_prepare
-    from rlhf_core.tracking import path_md5
+    from rlhf_core.tracking.lineage import path_md5
 
     paths = ProjectPaths(tiny_project)
     base_before = path_md5(paths.base_model_dir)

@@ -1,5 +1,5 @@
 """The preference store versioned with `dvc add`: by `rlhf ingest` and the retrain flow
-(`rlhf_core.app.orchestration.track_store`), seen by DVC as the validate stage's dependency,
+(`rlhf_core.app.store_versioning.track_store`), seen by DVC as the validate stage's dependency,
 shared with `dvc push` / `dvc pull`, and kept in git by the project's .gitignore.
 
 Each test gets a small git + DVC project with the project's own .gitignore and one stage,
@@ -19,9 +19,10 @@ import yaml
 from typer.testing import CliRunner
 
 from rlhf_core.app.cli import app
-from rlhf_core.app.orchestration import dvc_project_root, load_script, track_store
+from rlhf_core.app.launch import load_script
+from rlhf_core.app.store_versioning import dvc_project_root, track_store
 from rlhf_core.data.store import read_table
-from rlhf_core.tracking import path_md5
+from rlhf_core.tracking.lineage import path_md5
 
 REPO = Path(__file__).resolve().parents[1]
 retrain_module = load_script(REPO / "flows" / "retrain.py")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core.app.orchestration import load_script
-from rlhf_core.tracking import path_md5, read_producer_run_id
+from rlhf_core.app.launch import load_script
+from rlhf_core.tracking.lineage import path_md5, read_producer_run_id
 
 dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_stage.py")
 
@@ -54,7 +54,7 @@ def write():
 
 
 if "--mlflow" in sys.argv:
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     with stage_run(name, params=params) as run:
         write()

@@ -170,7 +170,7 @@ def ingest(
 
 def _track_store(store: Path) -> str | None:
     """Version the store with `dvc add` and say what happened; DVC's error, if it failed."""
-    from rlhf_core.app.orchestration import StoreTrackingError, track_store
+    from rlhf_core.app.store_versioning import StoreTrackingError, track_store
 
     try:
         typer.echo(track_store(store).message)
@@ -181,7 +181,7 @@ def _track_store(store: Path) -> str | None:
 
 def _announce_ingest(store: Path, results) -> None:
     """Tell a served retrain deployment that new rows arrived (no-op without a Prefect API)."""
-    from rlhf_core.app.orchestration import emit_ingested_event
+    from rlhf_core.app.store_versioning import emit_ingested_event
 
     if emit_ingested_event(store, results) is not None:
         typer.echo("sent event rlhf.preferences.ingested: the served retrain deployment will run")
@@ -238,7 +238,7 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow: every DVC stage in order (up-to-date ones are
     skipped), one MLflow parent run, a summary, then the quality gate and promotion."""
-    from rlhf_core.app.orchestration import run_pipeline
+    from rlhf_core.app.launch import run_pipeline
 
     load_params_or_exit(project / "params.yaml")
     try:
@@ -255,7 +255,7 @@ def retrain(
     ),
 ) -> None:
     """Ingest new files from data/incoming, rerun what they touch, promote only if better."""
-    from rlhf_core.app.orchestration import run_retrain
+    from rlhf_core.app.launch import run_retrain
 
     load_params_or_exit(project / "params.yaml")
     try:
@@ -273,7 +273,7 @@ def serve(
 ) -> None:
     """Serve the retrain deployment: on the cron schedule of params.yaml and whenever `rlhf
     ingest` adds rows, one run at a time. Uses PREFECT_API_URL, or starts a local server."""
-    from rlhf_core.app.orchestration import serve as serve_deployments
+    from rlhf_core.app.launch import serve as serve_deployments
 
     params_obj = load_params_or_exit(project / "params.yaml")
     try:
@@ -298,7 +298,7 @@ def ui(
     answers, nothing is started. Exits 2 when the store does not answer or the port is taken,
     with mlflow ui's status (or 1) when it fails.
     """
-    from rlhf_core.app.orchestration import UIError, open_ui
+    from rlhf_core.app.mlflow_ui import UIError, open_ui
 
     try:
         code = open_ui(project, port, open_browser)
@@ -321,7 +321,7 @@ def demo(
 
 
 def _print_where_to_look(summary: dict) -> None:
-    from rlhf_core.stages.summary import print_summary
+    from rlhf_core.app.summary import print_summary
 
     print_summary(summary)
 

@@ -108,7 +108,7 @@ def _run_training_stage(params_path: Path, stage_function, stage: str) -> None:
 def _run_stage(stage_function, params_path: Path, stage: str):
     """Run a stage function; its timing split goes to artifacts/timings/<stage>.json."""
     from rlhf_core.paths import ProjectPaths
-    from rlhf_core.timing import record_stage_timing
+    from rlhf_core.tracking.timing import record_stage_timing
 
     params_obj = load_params_or_exit(params_path)
     timings_dir = ProjectPaths(params_path.parent).timings_dir

@@ -53,7 +53,7 @@ PRELOAD = (
     "matplotlib.pyplot",
     "rlhf_core.app.stage_commands",
     "rlhf_core.config",
-    "rlhf_core.tracking",
+    "rlhf_core.tracking.runs",
     "rlhf_core.models.loading",
     "rlhf_core.training.loop",
     "rlhf_core.training.ppo_trainer",

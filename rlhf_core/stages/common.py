@@ -74,7 +74,7 @@ def run_fingerprint(settings: Any, data: Any, seed: int, inputs: Mapping[str, Pa
     import dataclasses
     import hashlib
 
-    from rlhf_core.tracking import path_md5
+    from rlhf_core.tracking.lineage import path_md5
 
     payload = {
         "settings": dataclasses.asdict(settings),

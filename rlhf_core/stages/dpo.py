@@ -115,7 +115,7 @@ def run_dpo(
 
     Returns the final metrics (also written to artifacts/metrics/dpo.json).
     """
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     paths = ProjectPaths(root)
     frame = load_validated(paths, "preference")

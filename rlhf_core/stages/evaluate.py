@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # rlhf_core.config imports this module for its settings class
     from rlhf_core.data.gold import GoldJudge
     from rlhf_core.generation import Messages, Rollout
     from rlhf_core.models.heads import RewardModel
-    from rlhf_core.tracking import StageRun
+    from rlhf_core.tracking.runs import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def summarise(
 def reward_model_metrics(judge: ResponseJudge, held_out: pd.DataFrame) -> dict[str, Any]:
     """The reward model on held-out preference pairs, and the labels against the gold judge.
 
-    eval_accuracy: share of pairs where r(chosen) > r(rejected) (`losses.reward_accuracy`, ties
+    eval_accuracy: share of pairs where r(chosen) > r(rejected) (`reward_accuracy`, ties
     wrong); eval_margin_mean: mean r(chosen) − r(rejected); annotator_agreement: share of the
     same labels that agree with the gold judge, gold(chosen) > gold(rejected) with ties ½
     (`gold.observed_agreement`), the accuracy a reward model can reach on these labels; None
@@ -257,8 +257,8 @@ def reward_model_metrics(judge: ResponseJudge, held_out: pd.DataFrame) -> dict[s
     """
     import torch
 
+    from rlhf_core.algorithms.preference import reward_accuracy
     from rlhf_core.data.gold import observed_agreement
-    from rlhf_core.losses import reward_accuracy
 
     metrics: dict[str, Any] = {
         "eval_pairs": len(held_out),
@@ -365,7 +365,7 @@ def run_evaluate(
     returns the metrics: {policy: {metric: value}, "reward_model": {...}}.
     """
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     paths = ProjectPaths(root)
     inputs = check_inputs(paths, algorithms)

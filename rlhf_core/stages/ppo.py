@@ -47,7 +47,8 @@ def run_ppo(
 
     from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.tracking import path_md5, stage_run
+    from rlhf_core.tracking.lineage import path_md5
+    from rlhf_core.tracking.runs import stage_run
     from rlhf_core.training.checkpoint import CheckpointManager
     from rlhf_core.training.loop import seed_everything
     from rlhf_core.training.ppo_trainer import reward_model_scorer, train_ppo

@@ -30,7 +30,7 @@ def run_prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     An MLflow run `prepare` records the params, the rows of each set and the base model's
     size, with the user's data files and a local base model as its inputs.
     """
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     started = time.perf_counter()
     paths = ProjectPaths(root)

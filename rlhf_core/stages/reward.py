@@ -113,7 +113,7 @@ def run_reward(
     """
     from rlhf_core.models.heads import RewardModel
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     paths = ProjectPaths(root)
     pairs = load_validated(paths, "preference")

@@ -70,7 +70,7 @@ def run_sft(
     inputs. Returns the final metrics (also written to artifacts/metrics/sft.json).
     """
     from rlhf_core.models.loading import load_causal_lm, save_model
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     paths = ProjectPaths(root)
     frame = load_validated(paths, "sft")

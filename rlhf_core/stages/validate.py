@@ -27,7 +27,7 @@ SUMMARY_KEYS = ("total", "valid", "quarantined", "valid_fraction", "passed", "re
 
 def run_validate(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """Validate each set; write artifacts/metrics/validate.json and return it."""
-    from rlhf_core.tracking import stage_run
+    from rlhf_core.tracking.runs import stage_run
 
     paths = ProjectPaths(root)
     sets = data_set_files(params, paths)

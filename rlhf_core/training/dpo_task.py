@@ -6,8 +6,9 @@ the prompt, tokenised once. A micro-batch of b pairs is ONE forward pass over 2b
 model's sequence log-probabilities are computed once before training (`reference_logps`) and
 looked up by pair index, so a training step never runs a second model.
 
-The loss of each pair composes `rlhf_core.losses` (`dpo_loss` for sigmoid / IPO / hinge,
-`simpo_loss` for SimPO) plus an optional RPO term (`rpo_alpha` · token-mean NLL of y⁺).
+The loss of each pair composes `rlhf_core.algorithms.preference` (`dpo_loss` for sigmoid /
+IPO / hinge, `simpo_loss` for SimPO) plus an optional RPO term (`rpo_alpha` · token-mean NLL
+of y⁺).
 """
 
 from __future__ import annotations
@@ -19,16 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_core.losses import (
-    dpo_loss,
-    shift_for_causal_lm,
-    simpo_loss,
-    token_logprobs,
-)
+from rlhf_core.algorithms.logprobs import shift_for_causal_lm, token_logprobs
+from rlhf_core.algorithms.preference import dpo_loss, simpo_loss
 from rlhf_core.training.buckets import map_length_buckets
 from rlhf_core.training.settings import (
-    LENGTH_NORMALISED_LOSS_TYPES,  # noqa: F401 (moved there; re-exported)
-    LOSS_TYPES,  # noqa: F401 (moved there; re-exported)
     PreferenceObjective,
     default_average_logprobs,  # noqa: F401 (moved there; re-exported)
 )
@@ -74,7 +69,7 @@ class PairOutputs:
             self.chosen_rewards,
             self.rejected_rewards,
             margins,
-            (margins > 0).float(),  # ties count as wrong, as in `losses.reward_accuracy`
+            (margins > 0).float(),  # ties count as wrong, as in `preference.reward_accuracy`
             self.chosen_logps,
             self.rejected_logps,
             self.chosen_nll,

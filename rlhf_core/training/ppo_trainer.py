@@ -20,7 +20,7 @@ With `advantage_estimator` "grpo" or "rloo" there is no critic: each prompt is s
 (`group_advantages` of score − β·Σ_t KL_t, or of the score alone with `kl_in_reward: false`);
 the value head is neither run nor trained.
 
-All math comes from `rlhf_core.ppo` and `rlhf_core.losses`; this module only wires it.
+All math comes from `rlhf_core.algorithms` (`ppo`, `logprobs`); this module only wires it.
 Randomness is derived from `(seed, iteration)`, and a checkpoint holds the policy with its
 value head, the optimizer, the scheduler, the KL coefficient, the RNG states and the history,
 so a resumed run reproduces the uninterrupted one.
@@ -37,10 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.generation import Rollout, SamplingSettings, generate, score_token_ids
-from rlhf_core.losses import shift_for_causal_lm, token_entropy, token_logprobs
-from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
-from rlhf_core.ppo import (
+from rlhf_core.algorithms.logprobs import shift_for_causal_lm, token_entropy, token_logprobs
+from rlhf_core.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
@@ -51,13 +49,12 @@ from rlhf_core.ppo import (
     shape_rewards,
     whiten,
 )
+from rlhf_core.generation import Rollout, SamplingSettings, generate, score_token_ids
+from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
 from rlhf_core.training.schedule import build_scheduler
-from rlhf_core.training.settings import (
-    ADVANTAGE_ESTIMATORS,  # noqa: F401 (moved there; re-exported)
-    PPOTrainSettings,
-)
+from rlhf_core.training.settings import PPOTrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +290,7 @@ def rewards_and_advantages(
     settings: PPOTrainSettings,
     kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`(rewards, kl, advantages, returns)` of a rollout: the rlhf_core.ppo functions, wired.
+    """`(rewards, kl, advantages, returns)` of a rollout: the `algorithms.ppo` functions, wired.
 
     gae: `shape_rewards` (−β·KL_t per response token, the score on the last one), then
     `compute_gae` against `values`. grpo/rloo: each response's shaped reward summed over its

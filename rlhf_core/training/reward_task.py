@@ -24,7 +24,11 @@ from typing import Any
 
 import torch
 
-from rlhf_core.losses import bradley_terry_loss, plackett_luce_loss, reward_accuracy
+from rlhf_core.algorithms.preference import (
+    bradley_terry_loss,
+    plackett_luce_loss,
+    reward_accuracy,
+)
 from rlhf_core.training.buckets import map_length_buckets
 from rlhf_core.training.tokenize import (
     Messages,

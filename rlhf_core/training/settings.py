@@ -10,6 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rlhf_core.algorithms.options import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LENGTH_NORMALISED_LOSS_TYPES,
+    LOSS_TYPES,
+)
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -78,15 +85,6 @@ class TrainSettings:
             raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0")
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-
-
-GROUP_ADVANTAGE_KINDS = ("grpo", "rloo")
-
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-
-
 def _require_batch_size(batch_size: int) -> None:
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer but is {batch_size!r}.")
@@ -144,9 +142,6 @@ class SamplingSettings:
         _require_batch_size(self.batch_size)
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be true or false but is {self.do_sample!r}.")
-
-
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 
 
 @dataclass(frozen=True)
@@ -333,13 +328,6 @@ class PPOTrainSettings:
     def optimizer_steps(self) -> int:
         """Optimizer steps of the whole run (the scheduler's length)."""
         return self.iterations * self.ppo_epochs * (self.rollout_batch_size // self.minibatch_size)
-
-
-LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo")
-
-
-# Loss types whose paper scores sequences by their per-token mean log-probability.
-LENGTH_NORMALISED_LOSS_TYPES = ("ipo", "simpo")
 
 
 def default_average_logprobs(loss_type: str) -> bool:

@@ -2,7 +2,7 @@
 
 Each example is a chat-templated prompt + completion + EOS (`tokenize.tokenize_completion`);
 only the completion tokens and the EOS are targets. The loop's loss unit is one target token,
-so a step's loss is the token mean over every completion token of the step (`losses.sft_loss`
+so a step's loss is the token mean over every completion token of the step (`logprobs.sft_loss`
 semantics), however the step is split into micro-batches.
 
 Packing (optional) concatenates several examples into one row of at most `max_length` tokens.
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rlhf_core.losses import shift_for_causal_lm, token_logprobs
+from rlhf_core.algorithms.logprobs import shift_for_causal_lm, token_logprobs
 from rlhf_core.training.tokenize import Messages, TokenizedCompletion, tokenize_completion
 
 
@@ -115,7 +115,7 @@ class SFTTask:
     """`TrainingTask` for completion-only SFT (see the module docstring).
 
     Units are target tokens; `loss` returns −Σ log p(target) over the micro-batch, i.e.
-    `losses.sft_loss` × units, and the metric sum `token_accuracy` counts targets that are the
+    `logprobs.sft_loss` × units, and the metric sum `token_accuracy` counts targets that are the
     argmax of their logits. `evaluate` gives the held-out `eval_loss` (token mean) and
     `eval_token_accuracy`, on unpacked examples.
     """

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rlhf_core.timing import record_stage_timing, tracking_time
+from rlhf_core.tracking.timing import record_stage_timing, tracking_time
 
 
 @pytest.fixture

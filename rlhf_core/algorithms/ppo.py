@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_core.training.settings import (
-    GROUP_ADVANTAGE_KINDS,
-    KL_ESTIMATORS,
-)
+from rlhf_core.algorithms.options import GROUP_ADVANTAGE_KINDS, KL_ESTIMATORS
 
 
 def _require_same_shape(**tensors: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 Every stage that makes a model logs it with `log_pretrained_model`, which wraps the folder (kept
 byte for byte, safetensors only) as an MLflow "model from code": MLflow copies
-`mlflow_model_code.py` into the model and runs it at load time to get a `PretrainedModel`, so
+`model_code.py` into the model and runs it at load time to get a `PretrainedModel`, so
 nothing is pickled. The folder itself decides what the model predicts:
 
 - a policy (any causal LM folder) takes a DataFrame with a `prompt` column (one user turn,
@@ -41,7 +41,7 @@ POLICY = "policy"
 REWARD = "reward"
 # The name of the save_pretrained folder among the MLflow model's artifacts.
 PRETRAINED_ARTIFACT = "pretrained"
-MODEL_CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
+MODEL_CODE_FILE = Path(__file__).with_name("model_code.py")
 # What the wrapper imports at run time; the versions are the ones installed when it is logged.
 RUNTIME_DISTRIBUTIONS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas")
 _REWARD_MARKER = "reward_model.json"  # written by RewardModel.save_pretrained
@@ -125,7 +125,7 @@ def pretrained_path(mlmodel: Model) -> str:
     if not entry or "path" not in entry:
         raise ValueError(
             f"This MLflow model has no '{PRETRAINED_ARTIFACT}' artifact: it was not logged by "
-            "rlhf_core.mlflow_models.log_pretrained_model."
+            "rlhf_core.tracking.models.log_pretrained_model."
         )
     return entry["path"]
 

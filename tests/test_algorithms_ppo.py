@@ -1,4 +1,5 @@
-"""Tests for rlhf_core.ppo: GAE, whitening, KL estimators and controllers, PPO/GRPO/RLOO math."""
+"""Tests for rlhf_core/algorithms/ppo.py: GAE, whitening, KL estimators and controllers, PPO,
+GRPO and RLOO math."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_core.ppo import (
+from rlhf_core.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,

@@ -1,4 +1,4 @@
-"""The MLflow model of a save_pretrained folder (rlhf_core/mlflow_models.py), as stages log it
+"""The MLflow model of a save_pretrained folder (rlhf_core/tracking/models.py), as stages log it
 with `StageRun.log_model_dir`: code and safetensors only, an explicit signature, and a pyfunc
 that generates like `generation.generate` and scores like `generation.score`."""
 
@@ -13,7 +13,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from rlhf_core.generation import generate, score
-from rlhf_core.mlflow_models import (
+from rlhf_core.models.heads import RewardModel
+from rlhf_core.models.loading import PICKLED_WEIGHT_SUFFIXES, load_causal_lm, load_tokenizer
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.tracking.lineage import path_md5
+from rlhf_core.tracking.models import (
     MODEL_CODE_FILE,
     POLICY,
     REWARD,
@@ -21,10 +25,7 @@ from rlhf_core.mlflow_models import (
     model_signature,
     pretrained_path,
 )
-from rlhf_core.models.heads import RewardModel
-from rlhf_core.models.loading import PICKLED_WEIGHT_SUFFIXES, load_causal_lm, load_tokenizer
-from rlhf_core.paths import ProjectPaths
-from rlhf_core.tracking import path_md5, stage_run
+from rlhf_core.tracking.runs import stage_run
 from rlhf_core.training.settings import SamplingSettings
 
 PROMPTS = ["Review the film.", "Write a short review of the film."]

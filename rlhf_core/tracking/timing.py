@@ -5,7 +5,7 @@
     startup_s    process start -> the stage function starts (interpreter, imports, params)
     import_s     inside the stage function, time in `import` statements that load modules
                  (the heavy libraries are imported lazily, where first needed)
-    tracking_s   inside the stage function, time in MLflow calls (`tracking.stage_run` and
+    tracking_s   inside the stage function, time in MLflow calls (`tracking.runs.stage_run` and
                  every `StageRun` method: runs, params, metrics, artifacts, model copies)
     compute_s    the rest of the stage function: reading data, training, generating,
                  evaluating, writing outputs - the work the stage exists to do

@@ -4,6 +4,6 @@ weights come from the model's `artifacts/` folder (safetensors), read in `load_c
 
 from mlflow.models import set_model
 
-from rlhf_core.mlflow_models import PretrainedModel
+from rlhf_core.tracking.models import PretrainedModel
 
 set_model(PretrainedModel())

@@ -1,33 +1,25 @@
-"""MLflow tracking and lineage: one MLflow run per pipeline stage.
+"""MLflow tracking: one MLflow run per pipeline stage.
 
 Every stage process opens its run through `stage_run`. The run carries the stage's params
 (flattened to dotted keys), the git commit, the md5 of each input (the same value DVC writes
-to dvc.lock) and the id of the run that produced each input. Lineage never depends on an
-orchestrator: at a successful exit the run writes a marker *beside* each output it recorded
-(`artifacts/.sft.run_info.json` for `artifacts/sft`), holding the run id and the output's
-md5, so the next stage, a separate process, finds the producing run there. The marker is not
-part of the output (`.dvcignore` hides it from DVC, `path_md5` skips it): outputs stay a pure
-function of their inputs, and two runs on the same inputs give the same md5. A marker whose
-md5 no longer matches the output (DVC restored another version) is not trusted: the run that
-produced that content is looked up in the tracking store by its `output.<name>.md5` tag.
+to dvc.lock) and the id of the run that produced each input (`tracking.lineage`). Lineage
+never depends on an orchestrator: at a successful exit the run writes a marker beside each
+output it recorded, for the next stage, a separate process, to find the producing run.
 
     with stage_run("sft", params=params.model_dump(), inputs={"train": sft_path}) as run:
         for step, loss in enumerate(losses):
             run.log_metrics({"train/loss": loss}, step=step)
         run.record_output(model_dir)
 
-The store is the project's own `sqlite:///<root>/mlflow.db` with artifacts under
-`<root>/mlruns`, unless `MLFLOW_TRACKING_URI` names another. When the orchestrator sets
-`MLFLOW_PARENT_RUN_ID`, the stage's run is nested under that pipeline run.
+The run goes to the project's store and experiment (`tracking.experiment`). When the
+orchestrator sets `MLFLOW_PARENT_RUN_ID`, the stage's run is nested under that pipeline run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -35,7 +27,15 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_core.timing import counts_as_tracking, tracking_time
+from rlhf_core.tracking.experiment import (
+    artifact_location,
+    ensure_experiment,
+    experiment_name,
+    global_tracking_uri,
+    tracking_uri,
+)
+from rlhf_core.tracking.lineage import git_state, lineage_tags, path_md5, write_run_marker
+from rlhf_core.tracking.timing import counts_as_tracking, tracking_time
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,46 +44,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_NAME = "rlhf"
-EXPERIMENT_ENV = "RLHF_EXPERIMENT"
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
-# The MLflow UI (3.x) reads this experiment tag to choose between its GenAI view (traces,
-# judges) and its model-training view (runs table with metrics, charts); values are in its
-# front end (`mlflow/server/js`): genai_development, custom_model_development, ...
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"
-RUN_INFO_FILE = "run_info.json"  # the suffix of an output's marker: `.<name>.run_info.json`
-UNKNOWN = "unknown"
 
 # A metric buffer is written after this many `log_metrics` calls or this many seconds,
 # whichever comes first, and always at the end of the run.
 FLUSH_EVERY_CALLS = 50
 FLUSH_EVERY_SECONDS = 30.0
-_HASH_BLOCK_BYTES = 1 << 20
-# Remote stores choose their own artifact root; only these schemes get one in the project.
-_SERVER_SCHEMES = ("http://", "https://", "databricks")
 _DATASET_READERS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
-
-
-def tracking_uri(project_root: Path = Path(".")) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else the project's store `sqlite:///<abs root>/mlflow.db`."""
-    from_env = os.environ.get(TRACKING_URI_ENV)
-    if from_env:
-        return from_env
-    return f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
-
-
-def experiment_name() -> str:
-    """The project's one experiment: `RLHF_EXPERIMENT` if set, else `EXPERIMENT_NAME`."""
-    return os.environ.get(EXPERIMENT_ENV) or EXPERIMENT_NAME
-
-
-def artifact_location(project_root: Path, uri: str) -> str | None:
-    """Absolute file URI `<root>/mlruns` for a local store; None lets a server choose."""
-    if uri.startswith(_SERVER_SCHEMES):
-        return None
-    return (Path(project_root).resolve() / "mlruns").as_uri()
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -103,172 +70,6 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
         else:
             flat[dotted] = str(value)
     return flat
-
-
-def file_md5(path: Path) -> str:
-    """Hex md5 of a file's bytes, read in 1 MiB blocks (DVC 3's plain `md5`)."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_HASH_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def path_md5(path: Path) -> str:
-    """md5 of a file, or of a directory the way DVC 3 computes it for dvc.lock.
-
-    A directory's md5 is `md5(json.dumps(entries, sort_keys=True)) + ".dir"`, where entries
-    is `[{"md5": <file md5>, "relpath": <posix path relative to the dir>}, ...]` sorted by
-    relpath. It depends only on file contents and names, never on mtimes; empty
-    subdirectories do not count.
-    """
-    path = Path(path)
-    if path.is_file():
-        return file_md5(path)
-    if not path.is_dir():
-        raise ValueError(f"Cannot hash {path}: it is neither a file nor a directory.")
-    entries = [
-        {"md5": file_md5(file), "relpath": file.relative_to(path).as_posix()}
-        for file in _files_under(path)
-    ]
-    entries.sort(key=lambda entry: entry["relpath"])
-    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(listing).hexdigest() + ".dir"
-
-
-def _files_under(directory: Path) -> Iterator[Path]:
-    for folder, _, names in os.walk(directory):
-        for name in names:
-            if not is_run_marker(name):  # as `.dvcignore` tells DVC
-                yield Path(folder) / name
-
-
-def is_run_marker(name: str) -> bool:
-    """Whether a file name is an output's run marker (`.<output>.run_info.json`)."""
-    return name.startswith(".") and name.endswith(f".{RUN_INFO_FILE}")
-
-
-def run_marker_path(output: Path) -> Path:
-    """Where the run marker of an output lives: beside it, `<parent>/.<name>.run_info.json`."""
-    output = Path(output)
-    return output.parent / f".{output.name}.{RUN_INFO_FILE}"
-
-
-def git_state(project_root: Path) -> tuple[str, str]:
-    """(commit at HEAD, "true"/"false" dirty) of the repo holding project_root, or "unknown".
-
-    Dirty means tracked changes or untracked files that git does not ignore; dvc.lock is left
-    out because `dvc repro` itself rewrites it between stages.
-    """
-    commit = _git(project_root, "rev-parse", "HEAD")
-    if commit is None:
-        return UNKNOWN, UNKNOWN
-    status = _git(project_root, "status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
-    return commit, UNKNOWN if status is None else str(bool(status)).lower()
-
-
-def _git(cwd: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _stat_signature(path: Path) -> list[list[Any]]:
-    """[relative name, size, mtime_ns] of each file of an output: a cheap "unchanged" test."""
-    if path.is_file():
-        stat = path.stat()
-        return [[path.name, stat.st_size, stat.st_mtime_ns]]
-    rows = []
-    for file in _files_under(path):
-        stat = file.stat()
-        rows.append([file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns])
-    return sorted(rows)
-
-
-def write_run_marker(output: Path, run_info: Mapping[str, str]) -> str:
-    """Write the marker beside `output` (its run info, md5 and stat signature); the md5."""
-    output = Path(output)
-    md5 = path_md5(output)
-    marker = {**run_info, "md5": md5, "files": _stat_signature(output)}
-    run_marker_path(output).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    return md5
-
-
-def _read_marker(output: Path) -> dict[str, Any] | None:
-    marker = run_marker_path(output)
-    if not marker.is_file():
-        return None
-    try:
-        content = json.loads(marker.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        content = None
-    if isinstance(content, dict) and content.get("run_id") and content.get("md5"):
-        return content
-    log.warning("Ignoring %s: it is not a run marker written by stage_run.", marker)
-    return None
-
-
-def read_producer_run_id(path: Path) -> str | None:
-    """Id of the run that produced `path` (an output, or a file inside an output directory).
-
-    The marker beside the output names the run; it counts only while the output still has
-    the md5 the marker recorded (unchanged files are recognised by size and mtime without
-    hashing). When DVC restored other content, the run whose `output.<name>.md5` tag has the
-    current md5 is looked up in the tracking store the marker names. None when neither knows.
-    """
-    path = Path(path)
-    output, marker = path, _read_marker(path)
-    if marker is None and path.is_file():
-        output, marker = path.parent, _read_marker(path.parent)
-    if marker is None or not output.exists():
-        return None
-    if marker.get("files") == _stat_signature(output):
-        return marker["run_id"]
-    md5 = path_md5(output)
-    if md5 == marker["md5"]:
-        return marker["run_id"]
-    return _run_with_output_md5(marker, md5)
-
-
-def _run_with_output_md5(marker: Mapping[str, Any], md5: str) -> str | None:
-    """The run in the marker's tracking store whose output `marker["output"]` has `md5`."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    name, uri = marker.get("output"), marker.get("tracking_uri")
-    if not name or not uri:
-        return None
-    try:
-        client = MlflowClient(tracking_uri=uri)
-        runs = client.search_runs(
-            [marker["experiment_id"]],
-            filter_string=f"tags.`output.{name}.md5` = '{md5}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-    except MlflowException as error:
-        log.warning("Cannot look up the run that produced %s (md5 %s): %s", name, md5, error)
-        return None
-    return runs[0].info.run_id if runs else None
-
-
-def lineage_tags(inputs: Mapping[str, Path]) -> dict[str, str]:
-    """Tags `input.<name>.path`, `.md5` and (when known) `.run_id` for each input path."""
-    tags: dict[str, str] = {}
-    for name, path in inputs.items():
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"Input '{name}' does not exist: {path}.")
-        tags[f"input.{name}.path"] = str(path)
-        tags[f"input.{name}.md5"] = path_md5(path)
-        producer = read_producer_run_id(path)
-        if producer is not None:
-            tags[f"input.{name}.run_id"] = producer
-    return tags
 
 
 class StageRun:
@@ -359,7 +160,7 @@ class StageRun:
     def log_model_dir(self, model_dir: Path, artifact_path: str) -> str:
         """Log a `save_pretrained` directory as the MLflow model `artifact_path`; its model id.
 
-        The model is a pyfunc wrapping a copy of the directory (`rlhf_core.mlflow_models`),
+        The model is a pyfunc wrapping a copy of the directory (`tracking.models`),
         so `mlflow.pyfunc.load_model` and `mlflow models serve` work on it and on every
         registry version made from it. Tags `model.<artifact_path>.md5` (the directory's
         DVC md5) and `model.<artifact_path>.model_id` (the logged model, `m-...`).
@@ -379,7 +180,7 @@ class StageRun:
     def _log_pyfunc_model(self, model_dir: Path, name: str) -> str:
         import mlflow
 
-        from rlhf_core.mlflow_models import log_pretrained_model
+        from rlhf_core.tracking.models import log_pretrained_model
 
         active = mlflow.active_run()
         if active is None or active.info.run_id != self._run_id:
@@ -482,52 +283,6 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> str:
-    """Id of experiment `name`, created with artifact root `location` if it does not exist,
-    and marked as model training (EXPERIMENT_KIND_TAG), so the MLflow UI opens it in its
-    runs table with metric columns and charts rather than in its GenAI view."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(
-                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
-            )
-        except MlflowException:
-            # Another stage process created it between our lookup and create.
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage == "deleted":
-        raise ValueError(
-            f"MLflow experiment '{name}' is deleted: restore it (`mlflow experiments restore`) "
-            f"or choose another name with {EXPERIMENT_ENV}."
-        )
-    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag existed, or by hand
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-    return experiment.experiment_id
-
-
-@contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at `uri`, then restore what was there (URI and env var)."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous_uri = getattr(tracking_utils, "_tracking_uri", None)
-    previous_env = os.environ.get(TRACKING_URI_ENV)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_uri)  # this also writes (or unsets) the env var ...
-        if previous_env is None:  # ... which we put back exactly as it was
-            os.environ.pop(TRACKING_URI_ENV, None)
-        else:
-            os.environ[TRACKING_URI_ENV] = previous_env
-
-
 def _parent_run_id(client: MlflowClient, uri: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -584,7 +339,7 @@ def stage_run(
             )
             input_tags = lineage_tags(inputs or {})
             commit, dirty = git_state(root)
-            stack.enter_context(_global_tracking_uri(uri))
+            stack.enter_context(global_tracking_uri(uri))
             active = mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=f"{stage_name} {label}" if label else stage_name,

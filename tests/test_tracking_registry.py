@@ -24,22 +24,21 @@ from rlhf_core.generation import score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.registry import (
+from rlhf_core.tracking.lineage import RUN_INFO_FILE, file_md5, path_md5, run_marker_path
+from rlhf_core.tracking.registry import (
     CANDIDATE,
     CHAMPION,
-    LINEAGE_TAG,
     POLICY_MODEL,
     REWARD_MODEL,
     RegisteredCandidate,
     current_champion,
     download_model_dir,
-    lineage_chain,
     log_decision,
     promote,
     register_candidate,
-    version_lineage,
 )
-from rlhf_core.tracking import RUN_INFO_FILE, file_md5, path_md5, run_marker_path, stage_run
+from rlhf_core.tracking.registry_lineage import LINEAGE_TAG, lineage_chain, version_lineage
+from rlhf_core.tracking.runs import stage_run
 
 EVALUATION = {
     "dpo": {

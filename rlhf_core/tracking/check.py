@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from rlhf_core.tracking import tracking_uri
+from rlhf_core.tracking.experiment import tracking_uri
 
 CHECK_TIMEOUT_S = 5.0
 SERVER_SCHEMES = ("http", "https")

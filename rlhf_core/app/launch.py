@@ -1,0 +1,158 @@
+"""Starting the Prefect flows from the `rlhf` command: find them, configure Prefect, run
+the pipeline or the retrain once, or serve the retrain deployment on a schedule.
+
+flows/ and tasks/ are not installed packages: they live in the project's repository and are
+loaded by path, the way Prefect itself loads a deployment's entrypoint (`load_entrypoint`,
+e.g. "flows/retrain.py:retrain"). A path is looked up in the project root first, then beside
+this package (an editable install of this repository), so a project that only holds data and
+params can still use the flows that came with the code. Prefect is imported inside functions.
+`rlhf run`, `retrain` and `serve` first check that the MLflow tracking store answers.
+
+    rlhf run      -> run_pipeline(root)      the pipeline flow, ephemeral Prefect (no server)
+    rlhf retrain  -> run_retrain(root)       the retrain flow once
+    rlhf serve    -> serve(root, params)     retrain deployments: cron + event trigger
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from rlhf_core.app.prefect_server import configure_prefect, prefect_server
+from rlhf_core.app.store_versioning import INGESTED_EVENT
+from rlhf_core.tracking.check import check_tracking_store
+
+PIPELINE_ENTRYPOINT = "flows/pipeline.py:pipeline"
+RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
+DEPLOYMENTS_ENTRYPOINT = "flows/deployments.py:retrain_deployments"
+DEFAULT_SCHEDULE_CRON = "0 3 * * *"  # every night at 03:00
+
+
+def code_root() -> Path:
+    """The repository this package was installed from (it holds flows/ and tasks/)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def resolve_script(path: str | Path, project_root: str | Path = ".") -> Path:
+    """An absolute script path as is; a relative one in the project root, else beside the
+    package (see the module docstring)."""
+    path = Path(path)
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [Path(project_root).resolve() / path, code_root() / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise ValueError(f"Cannot find {path} (looked at {tried}); run from the project repository.")
+
+
+def load_script(path: str | Path, project_root: str | Path = ".") -> ModuleType:
+    """The module of a Python file loaded by path (found with `resolve_script`).
+
+    Each file is loaded once per process under a name unique to its absolute path
+    (`_rlhf_<stem>_<hash>`), so loading it again returns the same objects, and generic file
+    names (tasks, flows) never shadow or collide with installed packages.
+    """
+    path = resolve_script(path, project_root)
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:10]
+    module_name = f"_rlhf_{path.stem}_{digest}"
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path} is not a loadable Python file.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before exec: dataclasses and pickling look it up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def load_entrypoint(entrypoint: str, project_root: str | Path = ".") -> Any:
+    """The object named by a Prefect-style entrypoint "path/to/file.py:name" (`load_script`)."""
+    script, separator, name = entrypoint.rpartition(":")
+    if not separator or not script.endswith(".py") or not name:
+        raise ValueError(f"Entrypoint {entrypoint!r} must look like 'path/to/file.py:name'.")
+    module = load_script(script, project_root)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ValueError(f"{module.__file__} defines no {name!r}.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf run
+# --------------------------------------------------------------------------------------------
+
+
+def run_pipeline(project_root: str | Path = ".") -> dict[str, Any]:
+    """Run the pipeline flow once and return its summary.
+
+    Prefect runs in ephemeral mode (a temporary local API, no server to start) unless
+    PREFECT_API_URL points at a server, which then records the run. A tracking store that
+    cannot be reached raises TrackingStoreError before anything starts.
+    """
+    root = Path(project_root).resolve()
+    check_tracking_store(root)
+    configure_prefect(root)
+    pipeline = load_entrypoint(PIPELINE_ENTRYPOINT, root)
+    # What is stale, before Prefect starts: when anything is, the warm stage server imports
+    # the training libraries while Prefect's temporary server starts (both take seconds).
+    from rlhf_core.app.warm_stages import warm_stages
+
+    stale = inspect.getmodule(pipeline.fn).dvc_stage.stale_stages(root)
+    with warm_stages(root) as server:
+        if stale:
+            server.start()
+        return pipeline(project_root=str(root), stale=stale)
+
+
+def run_retrain(project_root: str | Path = ".") -> dict[str, Any]:
+    """Run the retrain flow once (ingest data/incoming, reproduce, gate) and return its result.
+    A tracking store that cannot be reached raises TrackingStoreError before anything starts."""
+    root = Path(project_root).resolve()
+    check_tracking_store(root)
+    configure_prefect(root)
+    retrain = load_entrypoint(RETRAIN_ENTRYPOINT, root)
+    return retrain(project_root=str(root))
+
+
+def schedule_cron(params: Any) -> str:
+    """`orchestration.schedule_cron` of the params, or DEFAULT_SCHEDULE_CRON."""
+    section = getattr(params, "orchestration", None)
+    cron = getattr(section, "schedule_cron", None)
+    return cron or DEFAULT_SCHEDULE_CRON
+
+
+def serve(project_root: str | Path, params: Any) -> None:
+    """Serve the retrain deployments (cron schedule + event trigger, one run at a time) until
+    interrupted. Blocking; starts a local Prefect server when PREFECT_API_URL is not set.
+    A tracking store that cannot be reached raises TrackingStoreError before anything starts."""
+    root = Path(project_root).resolve()
+    check_tracking_store(root)
+    configure_prefect(root)
+    cron = schedule_cron(params)
+    with prefect_server(root) as api_url:
+        os.environ["PREFECT_API_URL"] = api_url  # for flow-run subprocesses the runner starts
+        from prefect import serve as serve_deployments
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            deployments = load_entrypoint(DEPLOYMENTS_ENTRYPOINT, root)(str(root), cron)
+            print(
+                f"Serving retrain: cron '{cron}', and on event '{INGESTED_EVENT}'. Ctrl-C stops.",
+                flush=True,
+            )
+            serve_deployments(*deployments)
