@@ -19,6 +19,7 @@ from rlhf_core.models.loading import load_causal_lm, load_tokenizer, save_model
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.evaluate import EvaluateSettings, run_evaluate, select_best_of_n
+from rlhf_core.tracking.lineage import read_producer_run_id, run_marker_path
 
 REQUIRED_POLICY_KEYS = (
     "gold_score_mean",
@@ -80,7 +81,7 @@ def evaluated(tiny_project_template, tmp_path_factory, tracking_store):
         json.loads(line)
         for line in (paths.evaluation_dir / "responses.jsonl").read_text().splitlines()
     ]
-    run_id = json.loads((paths.evaluation_dir / "run_info.json").read_text())["run_id"]
+    run_id = read_producer_run_id(paths.evaluation_dir)
     return SimpleNamespace(
         paths=paths, results=results, metrics=metrics, responses=responses, run_id=run_id
     )
@@ -196,13 +197,14 @@ def test_reports_and_plots_are_written(evaluated):
     for row in rows:
         assert row["kl_to_sft"] == evaluated.metrics[row["policy"]]["kl_to_sft"]
         assert row["gold_score_mean"] == evaluated.metrics[row["policy"]]["gold_score_mean"]
-    assert json.loads((paths.evaluation_dir / "run_info.json").read_text())["stage"] == "evaluate"
+    marker = json.loads(run_marker_path(paths.evaluation_dir).read_text())
+    assert marker["stage"] == "evaluate"
 
 
 def test_mlflow_run_has_metrics_figure_and_lineage(evaluated, tracking_store):
     client = MlflowClient(tracking_uri=tracking_store)
     run = client.get_run(evaluated.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "evaluate"
+    assert run.info.status == "FINISHED" and run.info.run_name == "evaluate best_of_n=2,3"
     for policy in POLICIES:
         for key in REQUIRED_POLICY_KEYS:
             assert run.data.metrics[f"{policy}/{key}"] == pytest.approx(
