@@ -15,15 +15,13 @@ import io
 import json
 import logging
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from rlhf_core.app.launch import load_script
 from rlhf_core.app.warm_stages import warm_stages
@@ -34,10 +32,12 @@ from rlhf_core.tracking.experiment import (
     global_tracking_uri,
     tracking_uri,
 )
-from rlhf_core.tracking.lineage import git_state, read_producer_run_id
+from rlhf_core.tracking.lineage import git_state
 
 # tasks/ is not a package: load the task module by path, beside this flow's folder.
-dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_stage.py")
+TASKS = Path(__file__).resolve().parents[1] / "tasks"
+dvc_stage = load_script(TASKS / "dvc_stage.py")
+gate_task = load_script(TASKS / "quality_gate.py")
 run_stage = dvc_stage.run_stage
 
 SUMMARY_ARTIFACT_DIR = "pipeline"
@@ -349,132 +349,6 @@ def log_summary(
 
 
 # --------------------------------------------------------------------------------------------
-# Quality gate
-# --------------------------------------------------------------------------------------------
-
-
-def gate_settings(project_root: Path, override: Mapping[str, Any] | None = None) -> Any:
-    """GateSettings from `override`, else params.yaml's `gate:` section, else the defaults."""
-    from rlhf_core.gate import GateSettings
-
-    if override:
-        values = dict(override)
-        if "candidate_policies" in values:
-            values["candidate_policies"] = tuple(values["candidate_policies"])
-        return GateSettings(**values)
-    params_file = project_root / "params.yaml"
-    if not params_file.is_file():
-        return GateSettings()
-    from rlhf_core.config import load_params
-
-    section = getattr(load_params(params_file), "gate", None)
-    if section is None or isinstance(section, GateSettings):
-        return section or GateSettings()
-    return gate_settings(project_root, section.model_dump())
-
-
-def measure_head_to_head(project_root: Path, policy: str, client: Any, champion: Any) -> dict:
-    """Win rate of `artifacts/policy/<policy>` against the champion's files on the held-out
-    prompts; judged by the gold judge for demo data, else by the candidate's reward model."""
-    from rlhf_core.config import load_params
-    from rlhf_core.data.gold import GoldJudge
-    from rlhf_core.evaluation.head_to_head import head_to_head_win_rate
-    from rlhf_core.paths import ProjectPaths
-    from rlhf_core.stages.common import load_validated
-    from rlhf_core.tracking.registry import download_model_dir
-
-    params = load_params(project_root / "params.yaml")
-    paths = ProjectPaths(project_root)
-    # The evaluate stage's sampling and prompt budget, when params.yaml has that section.
-    evaluate = getattr(params, "evaluate", None)
-    max_prompts = getattr(evaluate, "max_prompts", None)
-    prompts = load_validated(paths, "eval_prompts")["prompt"].tolist()[:max_prompts]
-    judge = GoldJudge() if params.data.source == "demo" else None
-    with tempfile.TemporaryDirectory(prefix="champion-") as scratch:
-        champion_dir = download_model_dir(client, champion, Path(scratch))
-        return head_to_head_win_rate(
-            paths.policy_dir(policy),
-            champion_dir,
-            prompts,
-            sampling=getattr(evaluate, "sampling", None),
-            seed=params.seed,
-            judge=judge,
-            reward_model_dir=paths.reward_model_dir,
-        )
-
-
-@task(name="quality-gate", cache_policy=NO_CACHE)
-def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
-    """Register the best passing policy as the candidate and promote it if the gate passes.
-
-    With no champion, passing the absolute thresholds is enough (the first champion); with
-    one, the candidate must also win head to head. A candidate that already is the champion
-    (nothing upstream changed) is left alone. The decision goes to the active MLflow run
-    (`registry.log_decision`). Returns the decision as a dict, with "status" promoted |
-    kept | unchanged.
-    """
-    import mlflow
-
-    from rlhf_core.gate import decide, select_candidate
-    from rlhf_core.paths import ProjectPaths
-    from rlhf_core.tracking import registry
-
-    root = Path(project_root)
-    logger = get_run_logger()
-    evaluation = json.loads((root / EVALUATION_METRICS).read_text(encoding="utf-8"))
-    client = registry.registry_client(root)
-    champion = registry.current_champion(client)
-    selection = select_candidate(evaluation, settings)
-    head_to_head = None
-    if champion is not None and selection.candidate is not None:
-        policy_dir = ProjectPaths(root).policy_dir(selection.candidate)
-        if read_producer_run_id(policy_dir) == champion.run_id:
-            reason = (
-                f"{selection.candidate} (run {champion.run_id}) already is the champion "
-                f"({registry.POLICY_MODEL} v{champion.version}): nothing new to gate"
-            )
-            logger.info("gate: %s", reason)
-            mlflow.set_tags({"gate.result": "unchanged", "gate.reasons": reason})
-            return {
-                "status": "unchanged",
-                "promote": False,
-                "candidate": selection.candidate,
-                "reasons": [reason],
-                "champion_version": str(champion.version),
-            }
-        head_to_head = measure_head_to_head(root, selection.candidate, client, champion)
-    win_rate = None if head_to_head is None else head_to_head["win_rate"]
-    decision = decide(evaluation, settings, win_rate, has_champion=champion is not None)
-    candidate = None
-    if decision.candidate is not None:
-        candidate = registry.register_candidate(
-            root, decision.candidate, evaluation, decision, client
-        )
-    registry.log_decision(decision, candidate, client)
-    if decision.promote:
-        registry.promote(client, candidate)
-    for reason in decision.reasons:
-        logger.info("gate: %s", reason)
-    return {
-        "status": "promoted" if decision.promote else "kept",
-        **decision.as_dict(),
-        "head_to_head": head_to_head,
-        "champion_version": None if champion is None else str(champion.version),
-        "policy_version": None if candidate is None else candidate.policy_version,
-        "reward_version": None if candidate is None else candidate.reward_version,
-    }
-
-
-def log_gate_outcome(decision: Mapping[str, Any]) -> None:
-    """The gate's outcome on the active pipeline run: tag `gate.status` (promoted | kept |
-    unchanged | skipped) and metric `gate.promoted` (1 or 0), a column of the runs table."""
-    import mlflow
-
-    mlflow.set_tag("gate.status", decision["status"])
-    mlflow.log_metric("gate.promoted", 1.0 if decision["status"] == "promoted" else 0.0)
-
-
-# --------------------------------------------------------------------------------------------
 # The flow
 # --------------------------------------------------------------------------------------------
 
@@ -564,12 +438,12 @@ def pipeline(
             server.stop()
             table = report(results, root, mlflow_run_id, time.perf_counter() - started)
             if (root / EVALUATION_METRICS).is_file():
-                decision = quality_gate(str(root), gate_settings(root, gate))
+                decision = gate_task.quality_gate(str(root), gate_task.gate_settings(root, gate))
             else:
                 reason = f"no {EVALUATION_METRICS} (no evaluate stage output) to gate"
                 logger.warning("gate skipped: %s", reason)
                 decision = {"status": "skipped", "promote": False, "reasons": [reason]}
-            log_gate_outcome(decision)
+            gate_task.log_gate_outcome(decision)
     return {
         "mlflow_run_id": mlflow_run_id,
         "stages": results,

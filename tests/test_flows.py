@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 pipeline_module = load_script(REPO / "flows" / "pipeline.py")
 retrain_module = load_script(REPO / "flows" / "retrain.py")
 dvc_stage = pipeline_module.dvc_stage
+gate_task = pipeline_module.gate_task
 
 # A second toy pipeline with the layout the gate reads: a reward model and a DPO policy (each
 # a directory with config.json, logged as its run's `model` artifacts) and
@@ -169,9 +170,9 @@ def test_pipeline_run_names_say_what_changed_and_on_which_data():
 def test_gate_settings_override_params_and_defaults(tmp_path):
     from rlhf_core.gate import GateSettings
 
-    settings = pipeline_module.gate_settings(tmp_path, {"max_kl": 3, "candidate_policies": ["dpo"]})
+    settings = gate_task.gate_settings(tmp_path, {"max_kl": 3, "candidate_policies": ["dpo"]})
     assert settings.max_kl == 3 and settings.candidate_policies == ("dpo",)
-    assert pipeline_module.gate_settings(tmp_path) == GateSettings()
+    assert gate_task.gate_settings(tmp_path) == GateSettings()
 
 
 def test_load_entrypoint_loads_each_file_once_and_names_errors(tmp_path):
