@@ -74,3 +74,22 @@ def tiny_params():
     from rlhf_core.config import parse_params
 
     return parse_params(TINY_PARAMS)
+
+
+@pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory):
+    """One migrated sqlite MLflow store per test module (the first migration takes ~2 s),
+    with MLFLOW_TRACKING_URI pointing at it; yields (its folder, an MlflowClient on it)."""
+    from mlflow import MlflowClient
+
+    from rlhf_core.tracking.experiment import EXPERIMENT_NAME, ensure_experiment
+
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+        patch.delenv("RLHF_EXPERIMENT", raising=False)
+        client = MlflowClient(uri)
+        ensure_experiment(client, EXPERIMENT_NAME, (root / "mlruns").as_uri())
+        yield root, client

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_math import F64, log_sum_exp_loop, weighted_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_core.algorithms.logprobs import (
@@ -23,20 +24,9 @@ from rlhf_core.algorithms.logprobs import (
     token_logprobs,
 )
 
-F64 = torch.float64
-
-
 # --------------------------------------------------------------------------------------------
 # Slow references: plain loops over the formula, one scalar at a time.
 # --------------------------------------------------------------------------------------------
-
-
-def log_sum_exp_loop(values) -> torch.Tensor:
-    """log Σ exp(v), written out term by term (inputs are moderate, so no max-shift needed)."""
-    total = 0.0
-    for value in values:
-        total = total + torch.exp(value)
-    return torch.log(total)
 
 
 def token_logprobs_loop(logits, labels, mask) -> torch.Tensor:
@@ -94,15 +84,6 @@ def sft_loss_loop(logits, labels, mask) -> torch.Tensor:
                 total = total - torch.log_softmax(logits[b, t], dim=-1)[labels[b, t]]
                 count += 1
     return total / count
-
-
-def weighted_grads(fn, inputs, seed=0):
-    """Gradients of Σ w · fn(*inputs) for fixed random weights w (so no gradient is trivial)."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    out = fn(*leaves)
-    weights = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    (weights * out).sum().backward()
-    return [leaf.grad for leaf in leaves]
 
 
 def random_batch(batch=3, seq=5, vocab=7, seed=0, ignore_label=-100):

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_math import F64, log_sigmoid_loop, log_sum_exp_loop, weighted_grads
 
 from rlhf_core.algorithms.preference import (
     bradley_terry_loss,
@@ -22,25 +23,9 @@ from rlhf_core.algorithms.preference import (
     simpo_loss,
 )
 
-F64 = torch.float64
-
-
 # --------------------------------------------------------------------------------------------
 # Slow references: plain loops over the formula, one scalar at a time.
 # --------------------------------------------------------------------------------------------
-
-
-def log_sum_exp_loop(values) -> torch.Tensor:
-    """log Σ exp(v), written out term by term (inputs are moderate, so no max-shift needed)."""
-    total = 0.0
-    for value in values:
-        total = total + torch.exp(value)
-    return torch.log(total)
-
-
-def log_sigmoid_loop(x: torch.Tensor) -> torch.Tensor:
-    """log σ(x) = log(1 / (1 + e^(−x))), straight from the definition."""
-    return torch.log(1.0 / (1.0 + torch.exp(-x)))
 
 
 def bradley_terry_loop(chosen, rejected, margin=None) -> torch.Tensor:
@@ -97,15 +82,6 @@ def simpo_loop(pc, pr, len_c, len_r, beta, gamma_beta_ratio, label_smoothing=0.0
         loss = -(1 - label_smoothing) * log_sigmoid_loop(gap)
         losses.append(loss - label_smoothing * log_sigmoid_loop(-gap))
     return torch.stack(losses)
-
-
-def weighted_grads(fn, inputs, seed=0):
-    """Gradients of Σ w · fn(*inputs) for fixed random weights w (so no gradient is trivial)."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    out = fn(*leaves)
-    weights = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    (weights * out).sum().backward()
-    return [leaf.grad for leaf in leaves]
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,9 +5,7 @@ import json
 import os
 
 import pytest
-from mlflow import MlflowClient
 
-from rlhf_core.tracking.experiment import EXPERIMENT_NAME, ensure_experiment
 from rlhf_core.tracking.lineage import (
     RUN_INFO_FILE,
     git_state,
@@ -18,23 +16,10 @@ from rlhf_core.tracking.lineage import (
 from rlhf_core.tracking.runs import stage_run
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One migrated sqlite store for the whole module (the first migration takes ~2 s)."""
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
-        patch.delenv("RLHF_EXPERIMENT", raising=False)
-        client = MlflowClient(uri)
-        ensure_experiment(client, EXPERIMENT_NAME, (root / "mlruns").as_uri())
-        yield root, client
-
-
 @pytest.fixture
-def client(store):
-    return store[1]
+def client(tracking_store):
+    """The MlflowClient of the module's store."""
+    return tracking_store[1]
 
 
 def _md5(data: bytes) -> str:

@@ -16,30 +16,16 @@ from rlhf_core.tracking.experiment import (
     EXPERIMENT_KIND_TAG,
     EXPERIMENT_NAME,
     MODEL_TRAINING,
-    ensure_experiment,
     tracking_uri,
 )
 from rlhf_core.tracking.lineage import git_state, run_marker_path
 from rlhf_core.tracking.runs import FLUSH_EVERY_CALLS, flatten_params, stage_run
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One migrated sqlite store for the whole module (the first migration takes ~2 s)."""
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
-        patch.delenv("RLHF_EXPERIMENT", raising=False)
-        client = MlflowClient(uri)
-        ensure_experiment(client, EXPERIMENT_NAME, (root / "mlruns").as_uri())
-        yield root, client
-
-
 @pytest.fixture
-def client(store):
-    return store[1]
+def client(tracking_store):
+    """The MlflowClient of the module's store."""
+    return tracking_store[1]
 
 
 def _git(repo, *args):
@@ -236,10 +222,10 @@ def test_figures_artifacts_dicts_and_model_dirs_listed(client, tmp_path):
     assert {f.path for f in copied} == {"model/config.json", "model/model.safetensors"}
 
 
-def test_default_store_lives_in_project_whatever_the_cwd(store, tmp_path, monkeypatch):
+def test_default_store_lives_in_project_whatever_the_cwd(tracking_store, tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
-    shutil.copy(store[0] / "mlflow.db", project / "mlflow.db")  # skip a fresh migration
+    shutil.copy(tracking_store[0] / "mlflow.db", project / "mlflow.db")  # skip a fresh migration
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("RLHF_EXPERIMENT", "own-experiment")
     elsewhere = tmp_path / "elsewhere"
@@ -259,11 +245,13 @@ def test_default_store_lives_in_project_whatever_the_cwd(store, tmp_path, monkey
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
-def test_a_stage_run_leaves_no_tracking_uri_in_the_environment(store, tmp_path, monkeypatch):
+def test_a_stage_run_leaves_no_tracking_uri_in_the_environment(
+    tracking_store, tmp_path, monkeypatch
+):
     """MLflow's set_tracking_uri also writes the env var; a leftover global URI must not leak."""
     project = tmp_path / "project"
     project.mkdir()
-    shutil.copy(store[0] / "mlflow.db", project / "mlflow.db")
+    shutil.copy(tracking_store[0] / "mlflow.db", project / "mlflow.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setattr(
         "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{tmp_path}/other.db"
