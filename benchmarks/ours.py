@@ -16,7 +16,7 @@ from benchmarks.workload import base_dir, load_rows
 
 
 def _train_settings(settings: BenchSettings, batch_size: int):
-    from rlhf_core.training.loop import TrainSettings
+    from rlhf_core.training.settings import TrainSettings
 
     return TrainSettings(
         learning_rate=settings.learning_rate,

@@ -15,7 +15,8 @@ from rlhf_core.config import DataParams
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
-from rlhf_core.stages.dpo import DPOSettings, LoraSettings, run_dpo
+from rlhf_core.stages.dpo import run_dpo
+from rlhf_core.stages.settings import DPOSettings, LoraSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.dpo_task import (
     PreferenceObjective,
@@ -26,7 +27,8 @@ from rlhf_core.training.dpo_task import (
     reference_logps,
     tokenize_pairs,
 )
-from rlhf_core.training.loop import TrainSettings, train
+from rlhf_core.training.loop import train
+from rlhf_core.training.settings import TrainSettings
 
 BETA = 0.1
 

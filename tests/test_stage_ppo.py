@@ -8,10 +8,11 @@ import torch
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.ppo import PPOSettings, run_ppo
+from rlhf_core.stages.ppo import run_ppo
+from rlhf_core.stages.settings import PPOSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.tracking.runs import StageRun
-from rlhf_core.training.ppo_trainer import PPOTrainSettings
+from rlhf_core.training.settings import PPOTrainSettings
 
 ITERATIONS = 3
 

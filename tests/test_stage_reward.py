@@ -17,9 +17,10 @@ from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
-from rlhf_core.stages.reward import RewardSettings, pair_groups, ranking_groups, run_reward
+from rlhf_core.stages.reward import pair_groups, ranking_groups, run_reward
+from rlhf_core.stages.settings import RewardSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
-from rlhf_core.training.loop import TrainSettings, train
+from rlhf_core.training.loop import train
 from rlhf_core.training.reward_task import (
     ComparisonGroup,
     RewardTask,
@@ -27,6 +28,7 @@ from rlhf_core.training.reward_task import (
     group_losses,
     tokenize_group,
 )
+from rlhf_core.training.settings import TrainSettings
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,11 @@ from rlhf_core.config import DataParams
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
-from rlhf_core.stages.sft import SFTSettings, run_sft
+from rlhf_core.stages.settings import SFTSettings
+from rlhf_core.stages.sft import run_sft
 from rlhf_core.tracking.lineage import read_producer_run_id
-from rlhf_core.training.loop import TrainSettings, train
+from rlhf_core.training.loop import train
+from rlhf_core.training.settings import TrainSettings
 from rlhf_core.training.sft_task import (
     SFTTask,
     collate_rows,

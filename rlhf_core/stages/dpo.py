@@ -27,7 +27,6 @@ from rlhf_core.stages.common import (
     write_curve_plots,
     write_json,
 )
-from rlhf_core.stages.settings import DPO_DEMO_TRAIN as DEMO_TRAIN  # noqa: F401 (moved there; re-exported)
 from rlhf_core.stages.settings import (
     DPOSettings,
     LoraSettings,

@@ -37,7 +37,6 @@ from rlhf_core.stages.common import (
     write_curve_plots,
     write_json,
 )
-from rlhf_core.stages.settings import REWARD_DEMO_TRAIN as DEMO_TRAIN  # noqa: F401 (moved there; re-exported)
 from rlhf_core.stages.settings import RewardSettings
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import seed_everything, train

@@ -1,5 +1,5 @@
 """The settings of each stage (the `sft`, `reward`, `policy.*` and `evaluate` sections of
-params.yaml), importable without torch; the stage modules re-export them."""
+params.yaml), importable without torch. Import them from here."""
 
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ from rlhf_core.algorithms.preference import dpo_loss, simpo_loss
 from rlhf_core.training.buckets import map_length_buckets
 from rlhf_core.training.settings import (
     PreferenceObjective,
-    default_average_logprobs,  # noqa: F401 (moved there; re-exported)
 )
 from rlhf_core.training.tokenize import (
     TokenizedCompletion,

@@ -1,8 +1,7 @@
 """Typed settings of training and sampling, importable without torch.
 
 `rlhf_core.config` validates params.yaml into these, so reading params (the CLI, the Prefect
-flows) never imports torch or transformers; the modules that use them (the loop, the PPO
-trainer, generation, the DPO task) re-export them under their old names.
+flows) never imports torch or transformers. Import them from here.
 """
 
 from __future__ import annotations
