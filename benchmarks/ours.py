@@ -60,7 +60,7 @@ def _train(model, task, settings: BenchSettings, batch_size: int) -> dict[str, A
 def run_sft(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     """Completion-only SFT (`SFTTask`, unpacked, length-grouped batches)."""
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.training.sft_task import SFTTask, tokenize_sft_rows
+    from rlhf_core.training.objectives.sft import SFTTask, tokenize_sft_rows
 
     model, tokenizer = load_causal_lm(str(base_dir(workspace)))
     rows = load_rows(workspace, "sft")
@@ -75,7 +75,7 @@ def run_reward(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     """Bradley–Terry reward model (`RewardTask`: chosen and rejected in one forward)."""
     from rlhf_core.models.heads import RewardModel
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.training.reward_task import RewardTask, tokenize_group
+    from rlhf_core.training.objectives.reward import RewardTask, tokenize_group
 
     causal_lm, tokenizer = load_causal_lm(str(base_dir(workspace)))
     model = RewardModel.from_causal_lm(causal_lm, seed=settings.seed)
@@ -94,7 +94,7 @@ def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     import time
 
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.training.dpo_task import (
+    from rlhf_core.training.objectives.preference import (
         PreferenceObjective,
         PreferenceTask,
         reference_logps,

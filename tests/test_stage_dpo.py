@@ -18,7 +18,8 @@ from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.dpo import run_dpo
 from rlhf_core.stages.settings import DPOSettings, LoraSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
-from rlhf_core.training.dpo_task import (
+from rlhf_core.training.loop import train
+from rlhf_core.training.objectives.preference import (
     PreferenceObjective,
     PreferenceTask,
     collate_pairs,
@@ -27,7 +28,6 @@ from rlhf_core.training.dpo_task import (
     reference_logps,
     tokenize_pairs,
 )
-from rlhf_core.training.loop import train
 from rlhf_core.training.settings import TrainSettings
 
 BETA = 0.1

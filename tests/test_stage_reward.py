@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import rlhf_core.training.reward_task as reward_task_module
+import rlhf_core.training.objectives.reward as reward_task_module
 from rlhf_core.algorithms.preference import bradley_terry_loss, plackett_luce_loss
 from rlhf_core.config import DataParams
 from rlhf_core.generation import score_token_ids
@@ -21,7 +21,7 @@ from rlhf_core.stages.reward import pair_groups, ranking_groups, run_reward
 from rlhf_core.stages.settings import RewardSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
-from rlhf_core.training.reward_task import (
+from rlhf_core.training.objectives.reward import (
     ComparisonGroup,
     RewardTask,
     collate_groups,

@@ -20,13 +20,13 @@ from rlhf_core.stages.settings import SFTSettings
 from rlhf_core.stages.sft import run_sft
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
-from rlhf_core.training.settings import TrainSettings
-from rlhf_core.training.sft_task import (
+from rlhf_core.training.objectives.sft import (
     SFTTask,
     collate_rows,
     pack_examples,
     tokenize_sft_rows,
 )
+from rlhf_core.training.settings import TrainSettings
 from rlhf_core.training.tokenize import TokenizedCompletion, tokenize_completion
 
 

@@ -32,13 +32,13 @@ from rlhf_core.stages.settings import (
     LoraSettings,
 )
 from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.dpo_task import (
+from rlhf_core.training.loop import seed_everything, train
+from rlhf_core.training.objectives.preference import (
     PreferenceTask,
     TokenizedPair,
     reference_logps,
     tokenize_pairs,
 )
-from rlhf_core.training.loop import seed_everything, train
 
 if TYPE_CHECKING:  # rlhf_core.config imports this module for DPOSettings
     from rlhf_core.config import DataParams

@@ -4,7 +4,7 @@ Inputs: the validated `preference` set, the validated `ranked` set when it exist
 `use_rankings` is on, and the SFT model (artifacts/sft), whose transformer initialises the
 reward model (`RewardModel.from_causal_lm`: the LM head is dropped, a scalar head is added).
 Pairs train with Bradley–Terry (optionally with the data's `margin`), rankings with
-Plackett–Luce, in one likelihood (`training.reward_task`). Output: the reward model at
+Plackett–Luce, in one likelihood (`training.objectives.reward`). Output: the reward model at
 artifacts/reward (`RewardModel.save_pretrained`, with the tokenizer), held-out accuracy and
 margin in artifacts/metrics/reward.json, curves for DVC plots and a PNG, and an MLflow run.
 
@@ -40,7 +40,7 @@ from rlhf_core.stages.common import (
 from rlhf_core.stages.settings import RewardSettings
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import seed_everything, train
-from rlhf_core.training.reward_task import ComparisonGroup, RewardTask, tokenize_group
+from rlhf_core.training.objectives.reward import ComparisonGroup, RewardTask, tokenize_group
 
 if TYPE_CHECKING:  # config imports this module for its settings class
     from rlhf_core.config import DataParams

@@ -2,7 +2,7 @@
 
 Inputs: the validated `sft` set and the base model (artifacts/base). The loss is the
 completion-only next-token loss (prompt tokens masked, EOS kept), token-averaged over each
-optimizer step (`training.sft_task`). Output: the SFT model at artifacts/sft (causal LM +
+optimizer step (`training.objectives.sft`). Output: the SFT model at artifacts/sft (causal LM +
 tokenizer, safetensors), which is the policy's start and the reference for DPO and PPO; plus
 artifacts/metrics/sft.json, per-step curves in artifacts/plots/sft_curves.json (DVC plots)
 and sft_curves.png, and an MLflow run with params, curves, data sets, samples and the model.
@@ -29,7 +29,7 @@ from rlhf_core.stages.common import (
 from rlhf_core.stages.settings import SFTSettings
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import seed_everything, train
-from rlhf_core.training.sft_task import SFTTask, tokenize_sft_rows
+from rlhf_core.training.objectives.sft import SFTTask, tokenize_sft_rows
 
 if TYPE_CHECKING:  # config imports this module for its settings class
     from rlhf_core.config import DataParams
