@@ -13,12 +13,13 @@ from mlflow import MlflowClient
 
 from rlhf_core.config import DataParams
 from rlhf_core.data.gold import GoldJudge
+from rlhf_core.evaluation.comparison import select_best_of_n
 from rlhf_core.generation import Rollout, SamplingSettings, score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer, save_model
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
-from rlhf_core.stages.evaluate import run_evaluate, select_best_of_n
+from rlhf_core.stages.evaluate import run_evaluate
 from rlhf_core.stages.settings import EvaluateSettings
 from rlhf_core.tracking.lineage import read_producer_run_id, run_marker_path
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlhf_core.files import write_json
 from rlhf_core.models.loading import atomic_directory, load_causal_lm, save_model
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import (
@@ -25,7 +26,6 @@ from rlhf_core.stages.common import (
     train_eval_split,
     training_curves,
     write_curve_plots,
-    write_json,
 )
 from rlhf_core.stages.settings import (
     DPOSettings,

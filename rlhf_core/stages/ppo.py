@@ -19,8 +19,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_core.files import write_json
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split, write_json
+from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.settings import PPOSettings
 from rlhf_core.training.ppo_trainer import PPOTrainResult
 

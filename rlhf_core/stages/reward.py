@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from rlhf_core.files import write_json
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import (
     eval_metric_name,
@@ -35,7 +36,6 @@ from rlhf_core.stages.common import (
     training_curves,
     training_label,
     write_curve_plots,
-    write_json,
 )
 from rlhf_core.stages.settings import RewardSettings
 from rlhf_core.training.checkpoint import CheckpointManager

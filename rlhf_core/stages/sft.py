@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_core.files import write_json
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import (
     eval_metric_name,
@@ -24,7 +25,6 @@ from rlhf_core.stages.common import (
     training_curves,
     training_label,
     write_curve_plots,
-    write_json,
 )
 from rlhf_core.stages.settings import SFTSettings
 from rlhf_core.training.checkpoint import CheckpointManager
