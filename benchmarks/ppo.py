@@ -34,7 +34,8 @@ def run_ppo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
 
     from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.training.ppo_trainer import reward_model_scorer, train_ppo
+    from rlhf_core.training.ppo_trainer import train_ppo
+    from rlhf_core.training.rollout import reward_model_scorer
     from rlhf_core.training.settings import PPOTrainSettings
 
     source = str(base_dir(workspace))

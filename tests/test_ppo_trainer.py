@@ -13,12 +13,9 @@ from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.models.tiny import build_tiny_llama
 from rlhf_core.models.tokenizer import train_bpe_tokenizer
 from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.ppo_trainer import (
-    PPOTrainSettings,
-    iteration_prompt_indices,
-    make_experience,
-    train_ppo,
-)
+from rlhf_core.training.ppo_trainer import train_ppo
+from rlhf_core.training.rollout import iteration_prompt_indices, make_experience
+from rlhf_core.training.settings import PPOTrainSettings
 
 WORDS = ["the", "film", "was", "great", "dull", "plot", "scene", "actor", "good", "bad"]
 # Small and fast: 8 responses of at most 6 tokens, 2 minibatches of 2 micro-batches each.

@@ -56,6 +56,7 @@ PRELOAD = (
     "rlhf_core.tracking.runs",
     "rlhf_core.models.loading",
     "rlhf_core.training.loop",
+    "rlhf_core.training.rollout",
     "rlhf_core.training.ppo_trainer",
     "rlhf_core.generation",
     "rlhf_core.stages.prepare",

@@ -52,7 +52,8 @@ def run_ppo(
     from rlhf_core.tracking.runs import stage_run
     from rlhf_core.training.checkpoint import CheckpointManager
     from rlhf_core.training.loop import seed_everything
-    from rlhf_core.training.ppo_trainer import reward_model_scorer, train_ppo
+    from rlhf_core.training.ppo_trainer import train_ppo
+    from rlhf_core.training.rollout import reward_model_scorer
 
     paths = ProjectPaths(Path(root))
     inputs = {

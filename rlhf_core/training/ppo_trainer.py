@@ -28,7 +28,6 @@ so a resumed run reproduces the uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,54 +36,32 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.algorithms.logprobs import shift_for_causal_lm, token_entropy, token_logprobs
+from rlhf_core.algorithms.logprobs import token_entropy
 from rlhf_core.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
-    compute_gae,
-    group_advantages,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
-    shape_rewards,
-    whiten,
 )
-from rlhf_core.generation import Rollout, SamplingSettings, generate, score_token_ids
-from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
+from rlhf_core.generation import SamplingSettings, generate
+from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
+from rlhf_core.training.rollout import (
+    Experience,
+    Messages,
+    Scorer,
+    derived_seed,
+    forward_token_stats,
+    inference_token_stats,
+    iteration_prompt_indices,
+    make_experience,
+)
 from rlhf_core.training.schedule import build_scheduler
 from rlhf_core.training.settings import PPOTrainSettings
 
 log = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
-Scorer = Callable[[Rollout], torch.Tensor]  # rollout -> one score per response, (n,)
-
-
-@dataclass
-class Experience:
-    """One iteration's rollout as training tensors; per-token tensors are aligned with actions.
-
-    Token tensors are `(n, seq - 1)`: entry t belongs to the token `input_ids[:, t + 1]`, scored
-    by the logits at position t (see `shift_for_causal_lm`); `mask` is 1 exactly on response
-    tokens (EOS included). `values` is None for the group estimators.
-    """
-
-    rollout: Rollout
-    input_ids: torch.Tensor  # (n, seq) long, [pad… prompt | response …pad]
-    attention_mask: torch.Tensor  # (n, seq) long
-    mask: torch.Tensor  # (n, seq - 1) long, response tokens
-    old_logps: torch.Tensor  # (n, seq - 1) policy log-probs at sampling time
-    ref_logps: torch.Tensor  # (n, seq - 1) reference log-probs
-    values: torch.Tensor | None  # (n, seq - 1) value estimates, None without a critic
-    raw_scores: torch.Tensor  # (n,) scorer output
-    scores: torch.Tensor  # (n,) after the missing-EOS penalty
-    kl: torch.Tensor  # (n, seq - 1) per-token KL estimate (kl_estimator), 0 off the mask
-    rewards: torch.Tensor  # (n, seq - 1) shaped per-token rewards
-    advantages: torch.Tensor  # (n, seq - 1), whitened if configured
-    returns: torch.Tensor | None  # (n, seq - 1) value targets, None without a critic
-    ended: torch.Tensor  # (n,) bool, response emitted EOS
 
 
 @dataclass
@@ -100,224 +77,6 @@ class PPOTrainResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Rollouts and scoring
-# --------------------------------------------------------------------------------------------
-
-
-def reward_model_scorer(reward_model: RewardModel, pad_id: int, batch_size: int = 64) -> Scorer:
-    """A scorer reading the reward model's score at the end of each sampled sequence.
-
-    The reward model sees exactly the sampled tokens, `prompt_ids + response_ids`
-    (`score_token_ids`), so a response cut by the length limit is scored as it is.
-    """
-
-    def score_rollout(rollout: Rollout) -> torch.Tensor:
-        sequences = [p + r for p, r in zip(rollout.prompt_ids, rollout.response_ids, strict=True)]
-        return score_token_ids(reward_model, sequences, pad_id, batch_size)
-
-    return score_rollout
-
-
-def derived_seed(seed: int, stream: str, index: int = 0) -> int:
-    """A seed for one random stream of a run (`stream`, `index`), independent of the others.
-
-    The first 8 bytes of sha256(f"{seed}/{stream}/{index}"), as a non-negative int63.
-    """
-    digest = hashlib.sha256(f"{seed}/{stream}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def iteration_prompt_indices(num_prompts: int, count: int, iteration: int, seed: int) -> list[int]:
-    """Indices of the `count` prompts of iteration `iteration` (0-based).
-
-    The prompt set is walked in a seeded random order, pass after pass (a fresh permutation
-    per pass), so every prompt is used once before any is used twice. Pure: no state to save.
-    """
-    if num_prompts < 1:
-        raise ValueError("There are no prompts to roll out; the prompts set is empty.")
-    indices, permutations = [], {}
-    for position in range(iteration * count, (iteration + 1) * count):
-        pass_index, offset = divmod(position, num_prompts)
-        if pass_index not in permutations:
-            generator = torch.Generator().manual_seed(derived_seed(seed, "prompts", pass_index))
-            permutations[pass_index] = torch.randperm(num_prompts, generator=generator).tolist()
-        indices.append(permutations[pass_index][offset])
-    return indices
-
-
-def _temperature_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature
-
-
-def _forward_token_stats(
-    model: PolicyWithValueHead | PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float,
-    with_values: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Aligned `(logps, values or None, logits, mask)` for one batch; gradients flow.
-
-    logps, values, mask: (b, seq - 1); logits (b, seq - 1, vocab), tempered.
-    """
-    if isinstance(model, PolicyWithValueHead):
-        logits, values = model(input_ids, attention_mask)  # (b, seq, vocab), (b, seq)
-    else:
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).logits
-        values = None
-    logits = _temperature_logits(logits, temperature)
-    shifted_logits, labels, mask = shift_for_causal_lm(logits, input_ids, response_mask)
-    logps = token_logprobs(shifted_logits, labels, mask=mask)  # (b, seq - 1)
-    values = values[:, :-1] if with_values and values is not None else None
-    return logps, values, shifted_logits, mask
-
-
-@torch.inference_mode()
-def _inference_token_stats(
-    model: PolicyWithValueHead | PreTrainedModel,
-    padded: dict[str, torch.Tensor],
-    temperature: float,
-    with_values: bool,
-    batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and values) for every row of a padded rollout, in eval mode, in batches."""
-    was_training = model.training
-    model.eval()
-    logps_parts, value_parts = [], []
-    try:
-        for start in range(0, padded["input_ids"].shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            logps, values, _, _ = _forward_token_stats(
-                model,
-                padded["input_ids"][rows],
-                padded["attention_mask"][rows],
-                padded["response_mask"][rows],
-                temperature,
-                with_values,
-            )
-            logps_parts.append(logps.float())
-            if values is not None:
-                value_parts.append(values.float())
-    finally:
-        model.train(was_training)
-    values = torch.cat(value_parts) if value_parts else None
-    return torch.cat(logps_parts), values
-
-
-def make_experience(
-    policy: PolicyWithValueHead,
-    reference: PreTrainedModel,
-    scorer: Scorer,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Messages],
-    settings: PPOTrainSettings,
-    kl_coef: float,
-    seed: int,
-) -> tuple[Experience, dict[str, float]]:
-    """Sample responses for `prompts` and turn them into PPO training tensors.
-
-    For grpo/rloo each prompt is repeated `group_size` times in a row (the groups of
-    `group_advantages`). Returns the experience and the seconds spent generating and scoring
-    (`generation_s`, `scoring_s`; scoring includes the log-prob and value passes).
-    """
-    if settings.uses_groups:
-        prompts = [prompt for prompt in prompts for _ in range(settings.group_size)]
-    started = time.perf_counter()
-    sampling = SamplingSettings(
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        batch_size=len(prompts),
-    )
-    rollout = generate(policy, tokenizer, prompts, sampling, seed=seed)
-    generated = time.perf_counter()
-    padded = rollout.to_padded(tokenizer.pad_token_id)
-    device = next(policy.parameters()).device
-    tensors = {k: v.to(device) for k, v in padded.items() if isinstance(v, torch.Tensor)}
-    forward_batch = settings.micro_batch_size_or_minibatch
-    with_values = not settings.uses_groups
-    old_logps, values = _inference_token_stats(
-        policy, tensors, settings.temperature, with_values, forward_batch
-    )
-    ref_logps, _ = _inference_token_stats(
-        reference, tensors, settings.temperature, False, forward_batch
-    )
-    raw_scores = scorer(rollout).to(device=device, dtype=torch.float32)
-    if raw_scores.shape != (len(rollout),):
-        raise ValueError(
-            f"The scorer returned shape {tuple(raw_scores.shape)} for {len(rollout)} responses; "
-            "it must return one score per response."
-        )
-    ended = torch.tensor(rollout.ended, device=device)
-    scores = raw_scores - settings.missing_eos_penalty * (~ended).float()
-    mask = tensors["response_mask"][:, 1:]  # (n, seq - 1)
-    rewards, kl, advantages, returns = rewards_and_advantages(
-        scores, old_logps, ref_logps, values, mask, settings, kl_coef
-    )
-    experience = Experience(
-        rollout=rollout,
-        input_ids=tensors["input_ids"],
-        attention_mask=tensors["attention_mask"],
-        mask=mask,
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        values=values,
-        raw_scores=raw_scores,
-        scores=scores,
-        kl=kl,
-        rewards=rewards,
-        advantages=advantages,
-        returns=returns,
-        ended=ended,
-    )
-    return experience, {
-        "generation_s": generated - started,
-        "scoring_s": time.perf_counter() - generated,
-    }
-
-
-def rewards_and_advantages(
-    scores: torch.Tensor,
-    old_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    values: torch.Tensor | None,
-    mask: torch.Tensor,
-    settings: PPOTrainSettings,
-    kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`(rewards, kl, advantages, returns)` of a rollout: the `algorithms.ppo` functions, wired.
-
-    gae: `shape_rewards` (−β·KL_t per response token, the score on the last one), then
-    `compute_gae` against `values`. grpo/rloo: each response's shaped reward summed over its
-    tokens (score − β Σ_t KL_t; the score alone with `kl_in_reward: false`) goes through
-    `group_advantages` and is spread over the response's tokens; returns are None. Either way
-    the advantages are then whitened over the batch if `whiten_advantages`. Token tensors are
-    `(n, seq - 1)`, scores `(n,)`.
-    """
-    use_kl = kl_coef if (not settings.uses_groups or settings.kl_in_reward) else 0.0
-    rewards, kl = shape_rewards(scores, old_logps, ref_logps, mask, use_kl, settings.kl_estimator)
-    if settings.uses_groups:
-        sequence_rewards = rewards.sum(dim=1)  # (n,)
-        per_sequence = group_advantages(
-            sequence_rewards, settings.group_size, settings.advantage_estimator
-        )
-        advantages = per_sequence[:, None] * mask.float()  # (n, seq - 1)
-        returns = None
-    else:
-        if values is None:
-            raise ValueError("GAE needs the value head's values; pass values for every token.")
-        advantages, returns = compute_gae(rewards, values, mask, settings.gamma, settings.lam)
-    if settings.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return rewards, kl, advantages, returns
-
-
-# --------------------------------------------------------------------------------------------
 # The update
 # --------------------------------------------------------------------------------------------
 
@@ -330,7 +89,7 @@ def _micro_batch_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Token-mean loss of one micro-batch, its detached stats and its response-token count."""
     mask = experience.mask[rows]
-    logps, values, logits, _ = _forward_token_stats(
+    logps, values, logits, _ = forward_token_stats(
         policy,
         experience.input_ids[rows],
         experience.attention_mask[rows],
@@ -442,8 +201,8 @@ def evaluate_policy(
     device = next(policy.parameters()).device
     tensors = {k: v.to(device) for k, v in padded.items() if isinstance(v, torch.Tensor)}
     batch = settings.micro_batch_size_or_minibatch
-    logps, _ = _inference_token_stats(policy, tensors, settings.temperature, False, batch)
-    ref_logps, _ = _inference_token_stats(reference, tensors, settings.temperature, False, batch)
+    logps, _ = inference_token_stats(policy, tensors, settings.temperature, False, batch)
+    ref_logps, _ = inference_token_stats(reference, tensors, settings.temperature, False, batch)
     scores = scorer(rollout).float()
     return {
         "score_mean": float(scores.mean()),
