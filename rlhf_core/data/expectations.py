@@ -24,12 +24,11 @@ import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rlhf_core.data.validation_settings import ValidationSettings
 from rlhf_core.data.schemas import (
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
@@ -39,6 +38,7 @@ from rlhf_core.data.schemas import (
     content_hash,
     prompt_key,
 )
+from rlhf_core.data.validation_settings import ValidationSettings
 
 # Primary reason = the first failing code in this order.
 REASON_PRIORITY = (
@@ -415,119 +415,3 @@ def add_split_leak_flags(rows: list[Mapping[str, Any]], findings: list[RowFindin
             found.notes["prompt_in_train_and_eval"] = (
                 "this eval row's prompt also appears in the train split"
             )
-
-
-def _in_true(column: str, code: str, description: str) -> Any:
-    import great_expectations.expectations as gxe
-
-    return gxe.ExpectColumnValuesToBeInSet(
-        column=column, value_set=[True], meta={"reason_code": code}, description=description
-    )
-
-
-def _between(column: str, code: str, description: str, **bounds: int) -> Any:
-    import great_expectations.expectations as gxe
-
-    return gxe.ExpectColumnValuesToBeBetween(
-        column=column, meta={"reason_code": code}, description=description, **bounds
-    )
-
-
-def row_expectations(
-    kind: str, settings: ValidationSettings, *, with_tokens: bool, with_split: bool
-) -> list[Any]:
-    """The GX expectations of the row suite of `kind`; each `meta["reason_code"]` names its code.
-
-    `missing_field` has one not-null expectation per required field; every other code has
-    exactly one expectation on its derived column.
-    """
-    import great_expectations.expectations as gxe
-
-    expectations: list[Any] = [
-        gxe.ExpectColumnValuesToNotBeNull(
-            column=name,
-            meta={"reason_code": "missing_field"},
-            description=f"Required field `{name}` is present (missing_field).",
-        )
-        for name in REQUIRED_FIELDS[kind]
-    ]
-    expectations.append(
-        _in_true("has_expected_types", "wrong_type", "Fields have their schema types.")
-    )
-    if kind == "preference":
-        expectations.append(
-            _in_true("margin_is_valid", "invalid_margin", "Margin is a finite number or null.")
-        )
-    expectations += [
-        _in_true("text_is_valid", "invalid_text", "No control characters or lone surrogates."),
-        _in_true("text_is_nonempty", "empty_text", "No text is empty after stripping."),
-        _between(
-            "longest_text_chars",
-            "too_long_chars",
-            "Every text is within max_chars characters.",
-            max_value=settings.max_chars,
-        ),
-    ]
-    if with_tokens:
-        expectations += [
-            _between(
-                "longest_sequence_tokens",
-                "too_long_tokens",
-                "Prompt plus longest response is within max_tokens tokens.",
-                max_value=settings.max_tokens,
-            ),
-            _between(
-                "shortest_text_tokens",
-                "too_short_tokens",
-                "The shortest response has at least min_tokens tokens.",
-                min_value=settings.min_tokens,
-            ),
-        ]
-    expectations.append(
-        _in_true("roles_are_valid", "invalid_role", "Roles are known; the prompt ends with user.")
-    )
-    if kind == "preference":
-        expectations.append(
-            _in_true(
-                "chosen_differs_from_rejected",
-                "chosen_equals_rejected",
-                "Chosen and rejected differ after stripping whitespace.",
-            )
-        )
-    if kind == "ranked":
-        expectations += [
-            _between("response_count", "too_few_responses", "At least 2 responses.", min_value=2),
-            _in_true("responses_are_distinct", "duplicate_response", "Responses are distinct."),
-        ]
-    if settings.check_duplicates:
-        expectations.append(
-            _in_true("is_first_occurrence", "duplicate_row", "No row repeats an earlier row.")
-        )
-    if with_split:
-        expectations.append(
-            _in_true(
-                "prompt_not_in_train_split",
-                "prompt_in_train_and_eval",
-                "No eval prompt appears in the train split.",
-            )
-        )
-    return expectations
-
-
-def length_bias_expectations(settings: ValidationSettings) -> list[Any]:
-    """Dataset-level GX expectations: chosen is longer (or shorter) in at most the threshold."""
-    import great_expectations.expectations as gxe
-
-    return [
-        gxe.ExpectColumnMeanToBeBetween(
-            column=column,
-            min_value=0.0,
-            max_value=settings.length_bias_threshold,
-            meta={"warning_code": "length_bias"},
-            description=f"Fraction of valid pairs where {label} is at most the bias threshold.",
-        )
-        for column, label in (
-            ("chosen_is_longer", "chosen is longer than rejected"),
-            ("chosen_is_shorter", "chosen is shorter than rejected"),
-        )
-    ]

@@ -39,9 +39,14 @@ from rlhf_core.data.expectations import (
     add_token_counts,
     inspect_row,
     is_missing,
-    length_bias_expectations,
     plain,
+)
+from rlhf_core.data.gx_suite import (
+    DOCS_SITE,
+    length_bias_warnings,
+    new_context,
     row_expectations,
+    run_suite,
 )
 from rlhf_core.data.schemas import SPLIT_FIELD, canonical_json, check_kind
 from rlhf_core.data.validation_settings import ValidationSettings
@@ -51,7 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DOCS_SITE = "rlhf_validation"
 # Stored as JSON text in Parquet unless already a string (as `readers.to_hf_dataset` does):
 # Arrow needs one type per column and these are free-form.
 _FREE_FORM_FIELDS = ("meta",)
@@ -93,80 +97,6 @@ class ValidationOutcome:
         return dict(counts)
 
 
-def _great_expectations() -> Any:
-    """The `great_expectations` module, imported with analytics off."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations
-
-    return great_expectations
-
-
-def _new_context(docs_dir: Path | None = None) -> Any:
-    """A fresh ephemeral GX context without progress bars, with a Data Docs site in `docs_dir`."""
-    gx = _great_expectations()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    if docs_dir is not None:
-        context.add_data_docs_site(
-            site_name=DOCS_SITE,
-            site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-    return context
-
-
-def _exception_messages(info: dict[str, Any] | None) -> list[str]:
-    """Messages of the exceptions GX caught; `info` is flat or keyed by metric id."""
-    if not info:
-        return []
-    if "raised_exception" in info:
-        return [str(info.get("exception_message"))] if info["raised_exception"] else []
-    return [
-        message
-        for nested in info.values()
-        if isinstance(nested, dict)
-        for message in _exception_messages(nested)
-    ]
-
-
-def _run_suite(context: Any, name: str, expectations: list[Any], frame: pd.DataFrame) -> Any:
-    """Run `expectations` as suite `name` over `frame`, failing rows listed by `ROW_NUMBER`.
-
-    GX records an expectation it could not evaluate as failed without listing any rows; that
-    would let bad rows through, so it is raised as a RuntimeError instead.
-    """
-    gx = _great_expectations()
-    batch = (
-        context.data_sources.add_pandas(name)
-        .add_dataframe_asset(name)
-        .add_batch_definition_whole_dataframe("whole frame")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=name, data=batch, suite=suite)
-    )
-    result = definition.run(
-        batch_parameters={"dataframe": frame},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_NUMBER]},
-    )
-    for outcome in result.results:
-        messages = _exception_messages(outcome.exception_info)
-        if messages:
-            raise RuntimeError(
-                f"Great Expectations could not evaluate {outcome.expectation_config.type} in "
-                f"suite {name}: {messages[0]}"
-            )
-    return result
-
-
 def _derived_column(values: list[Any]) -> pd.Series:
     """Bool checks as an object column (True/False/None); counts as float (NaN where None)."""
     if any(isinstance(value, bool) for value in values):
@@ -200,45 +130,6 @@ def _failing_codes(result: Any) -> dict[int, set[str]]:
         for item in outcome.result.get("unexpected_index_list") or []:
             failing.setdefault(int(item[ROW_NUMBER]), set()).add(code)
     return failing
-
-
-def _length_bias_warnings(
-    context: Any,
-    kind: str,
-    valid_findings: list[RowFindings],
-    settings: ValidationSettings,
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Run the data-set suite on the valid preference pairs; warn when it fails."""
-    if kind != "preference" or not valid_findings:
-        return [], None
-    frame = pd.DataFrame(
-        {
-            ROW_NUMBER: np.arange(len(valid_findings), dtype="int64"),
-            "chosen_is_longer": [row.values["chosen_is_longer"] for row in valid_findings],
-            "chosen_is_shorter": [row.values["chosen_is_shorter"] for row in valid_findings],
-        }
-    )
-    result = _run_suite(context, f"rlhf_{kind}_dataset", length_bias_expectations(settings), frame)
-    warnings = []
-    for outcome in result.results:
-        fraction = outcome.result.get("observed_value")
-        if outcome.success or fraction is None:
-            continue
-        column = outcome.expectation_config.kwargs["column"]
-        direction = "longer" if column == "chosen_is_longer" else "shorter"
-        warnings.append(
-            {
-                "code": "length_bias",
-                "detail": (
-                    f"chosen is {direction} than rejected in {fraction:.0%} of "
-                    f"{len(valid_findings)} valid pairs, above length_bias_threshold="
-                    f"{settings.length_bias_threshold}; a reward model may learn length "
-                    "instead of quality"
-                ),
-                "value": float(fraction),
-            }
-        )
-    return warnings, result.to_json_dict()
 
 
 def _quarantine_columns(
@@ -285,7 +176,7 @@ def _validate_in_context(
     expectations = row_expectations(
         kind, settings, with_tokens=tokenizer is not None, with_split=SPLIT_FIELD in frame.columns
     )
-    result = _run_suite(
+    result = run_suite(
         context, suite_name, expectations, _check_frame(frame, findings, expectations)
     )
     failing = _failing_codes(result)
@@ -294,7 +185,7 @@ def _validate_in_context(
     for name, values in _quarantine_columns(failing, findings).items():
         quarantined[name] = pd.Series(values, index=quarantined.index, dtype=object)
     good_positions = [position for position in range(len(frame)) if position not in failing]
-    warnings, dataset_result = _length_bias_warnings(
+    warnings, dataset_result = length_bias_warnings(
         context, kind, [findings[position] for position in good_positions], settings
     )
     if not len(frame):
@@ -331,7 +222,7 @@ def validate_frame(
     lengths are not checked. Raises ValueError for an unknown `kind`.
     """
     settings = settings or ValidationSettings()
-    return _validate_in_context(_new_context(), frame, kind, settings, tokenizer)
+    return _validate_in_context(new_context(), frame, kind, settings, tokenizer)
 
 
 def _md5(path: Path) -> str:
@@ -541,7 +432,7 @@ def validate_files(
             if "source_file" in table.columns:
                 table["source_file"] = table["source_file"].map(lambda n: renamed.get(n, n))
         names = [renamed[name] for name in names]
-    context = _new_context(docs if data_docs else None)
+    context = new_context(docs if data_docs else None)
     outcome = _validate_in_context(context, read.frame, kind, settings, tokenizer)
     bad = _quarantine_records(
         outcome.quarantined, read.rejected, {name: index for index, name in enumerate(names)}
