@@ -17,18 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf_core.data import demo
+from rlhf_core.data import demo_grammar
 from rlhf_core.data.demo import (
     DemoData,
     DemoSettings,
     corpus_texts,
     created_at,
-    fluent_review,
     generate_demo,
-    sample_prompt,
     sample_response,
     write_demo,
 )
+from rlhf_core.data.demo_grammar import fluent_review, sample_prompt
 from rlhf_core.data.gold import FILM_WORDS, GoldJudge, expected_agreement, words_of
 from rlhf_core.data.texts import corpus_from_rows
 
@@ -199,7 +198,9 @@ def test_eval_prompts_are_disjoint_from_training_prompts(default_data: DemoData)
     training_prompts = {prompt_text(row) for row in training_rows}
     eval_prompts = {prompt_text(row) for row in default_data.eval_prompts}
     assert not training_prompts & eval_prompts
-    eval_titles = {title for title in demo.ALL_TITLES if any(title in p for p in eval_prompts)}
+    eval_titles = {
+        title for title in demo_grammar.ALL_TITLES if any(title in p for p in eval_prompts)
+    }
     assert eval_titles
     training_text = "\n".join(corpus_from_rows(training_rows))
     assert not any(title in training_text for title in eval_titles)
@@ -211,9 +212,11 @@ def test_prompt_sets_hold_distinct_prompts(default_data: DemoData) -> None:
 
 
 def test_title_split_is_fixed_and_holds_out_about_a_fifth() -> None:
-    assert not set(demo.TRAIN_TITLES) & set(demo.EVAL_TITLES)
-    assert len(demo.TRAIN_TITLES) + len(demo.EVAL_TITLES) == len(demo.ALL_TITLES)
-    assert 0.1 < len(demo.EVAL_TITLES) / len(demo.ALL_TITLES) < 0.3
+    assert not set(demo_grammar.TRAIN_TITLES) & set(demo_grammar.EVAL_TITLES)
+    assert len(demo_grammar.TRAIN_TITLES) + len(demo_grammar.EVAL_TITLES) == len(
+        demo_grammar.ALL_TITLES
+    )
+    assert 0.1 < len(demo_grammar.EVAL_TITLES) / len(demo_grammar.ALL_TITLES) < 0.3
 
 
 # ---------------------------------------------------------------- annotators on the demo
@@ -301,12 +304,12 @@ def test_preference_pairs_are_not_a_length_contest(default_data: DemoData) -> No
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 10**6), st.sampled_from(demo.SENTIMENTS))
+@given(st.integers(0, 10**6), st.sampled_from(demo_grammar.SENTIMENTS))
 def test_fluent_reviews_are_well_formed(seed: int, sentiment: str) -> None:
     rng = random.Random(seed)
-    film = sample_prompt(rng, demo.TRAIN_TITLES)
+    film = sample_prompt(rng, demo_grammar.TRAIN_TITLES)
     review = fluent_review(rng, film, sentiment)
-    assert demo.REVIEW_WORDS[0] <= len(review.split()) <= demo.REVIEW_WORDS[1]
+    assert demo_grammar.REVIEW_WORDS[0] <= len(review.split()) <= demo_grammar.REVIEW_WORDS[1]
     assert review.endswith((".", "!", "?"))
     assert film.title in review
     assert FILM_WORDS & set(words_of(review))
@@ -316,9 +319,10 @@ def test_fluent_reviews_are_well_formed(seed: int, sentiment: str) -> None:
 def test_sentiment_classes_order_by_gold(judge: GoldJudge) -> None:
     rng = random.Random(0)
     means = {}
-    for sentiment in demo.SENTIMENTS:
+    for sentiment in demo_grammar.SENTIMENTS:
         reviews = [
-            fluent_review(rng, sample_prompt(rng, demo.TRAIN_TITLES), sentiment) for _ in range(200)
+            fluent_review(rng, sample_prompt(rng, demo_grammar.TRAIN_TITLES), sentiment)
+            for _ in range(200)
         ]
         means[sentiment] = statistics.fmean(judge.score_batch(reviews))
     assert means["positive"] > 0.5 > means["mixed"] > -0.5 > means["negative"]
@@ -326,9 +330,11 @@ def test_sentiment_classes_order_by_gold(judge: GoldJudge) -> None:
 
 def test_every_degenerate_kind_is_penalised(judge: GoldJudge) -> None:
     rng = random.Random(1)
-    for kind in demo.DEGENERATE_KINDS:
+    for kind in demo_grammar.DEGENERATE_KINDS:
         for _ in range(50):
-            text = demo.degenerate_review(rng, sample_prompt(rng, demo.TRAIN_TITLES), kind)
+            text = demo_grammar.degenerate_review(
+                rng, sample_prompt(rng, demo_grammar.TRAIN_TITLES), kind
+            )
             assert text.strip()
             assert judge.breakdown(text).quality < 1.0, (kind, text)
 
@@ -338,26 +344,29 @@ def test_scenery_words_carry_no_sentiment() -> None:
     lexicon = SentimentIntensityAnalyzer().lexicon
     scenery = " ".join(
         [
-            *demo.ALL_TITLES,
-            *demo.GENRES,
-            *demo.CHARACTERS,
-            *demo.PLOTS,
-            *demo.ASPECTS,
-            *demo.OFF_TOPIC_SENTENCES,
-            *demo.PROMPT_TEMPLATES,
+            *demo_grammar.ALL_TITLES,
+            *demo_grammar.GENRES,
+            *demo_grammar.CHARACTERS,
+            *demo_grammar.PLOTS,
+            *demo_grammar.ASPECTS,
+            *demo_grammar.OFF_TOPIC_SENTENCES,
+            *demo_grammar.PROMPT_TEMPLATES,
         ]
     )
     assert not {word for word in words_of(scenery) if word in lexicon}
-    assert all(word in lexicon for word in demo.POSITIVE_ADJECTIVES + demo.NEGATIVE_ADJECTIVES)
+    assert all(
+        word in lexicon
+        for word in demo_grammar.POSITIVE_ADJECTIVES + demo_grammar.NEGATIVE_ADJECTIVES
+    )
 
 
 def test_every_aspect_is_a_film_word() -> None:
-    assert all(FILM_WORDS & set(words_of(aspect)) for aspect in demo.ASPECTS)
+    assert all(FILM_WORDS & set(words_of(aspect)) for aspect in demo_grammar.ASPECTS)
 
 
 def test_sample_response_respects_the_degenerate_probability(judge: GoldJudge) -> None:
     rng = random.Random(2)
-    film = sample_prompt(rng, demo.TRAIN_TITLES)
+    film = sample_prompt(rng, demo_grammar.TRAIN_TITLES)
     fluent_only = DemoSettings(degenerate_prob=0.0)
     assert all(
         judge.breakdown(sample_response(rng, film, fluent_only)).quality == 1.0 for _ in range(200)
