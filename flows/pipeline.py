@@ -43,6 +43,7 @@ run_stage = dvc_stage.run_stage
 SUMMARY_ARTIFACT_DIR = "pipeline"
 RUN_NUMBER_TAG = "pipeline.number"
 DATA_VERSION_TAG = "data_version"
+VALIDATED_DATA = "data/validated"  # the validate stage's output, as dvc.yaml names it
 NO_PARAM_CHANGE = "no change"
 HEADLINE_POLICY_METRICS = ("gold_win_rate_vs_sft", "rm_win_rate_vs_sft", "kl_to_sft")
 EVALUATION_METRICS = Path("artifacts") / "metrics" / "evaluate.json"
@@ -247,13 +248,13 @@ def previous_pipeline_run(client: Any, experiment_id: str) -> Any:
     return runs[0] if runs else None
 
 
-def data_version(project_root: Path) -> str | None:
-    """md5 of data/validated (what the training stages read), or None before validate ran
-    (or in a project without one)."""
-    from rlhf_core.tracking.lineage import path_md5
-
-    validated = project_root / "data" / "validated"
-    return path_md5(validated) if validated.is_dir() else None
+def data_version(results: list[dict[str, Any]]) -> str:
+    """md5 of data/validated (what the training stages read), as dvc.lock records it among
+    the stage results' outputs; "none" in a project without it."""
+    for result in results:
+        if VALIDATED_DATA in result["outputs"]:
+            return result["outputs"][VALIDATED_DATA]
+    return "none"
 
 
 @contextmanager
@@ -302,8 +303,8 @@ def parent_run(project_root: Path) -> Iterator[str]:
         yield run.info.run_id
 
 
-def name_pipeline_run(project_root: Path, run_id: str) -> str:
-    """Give the pipeline run its final name (number, data version, what changed since the
+def name_pipeline_run(run_id: str, version: str) -> str:
+    """Give the pipeline run its final name (number, data `version`, what changed since the
     previous pipeline run) and tag its data version; returns the name."""
     import mlflow
     from mlflow import MlflowClient
@@ -312,7 +313,6 @@ def name_pipeline_run(project_root: Path, run_id: str) -> str:
     run = client.get_run(run_id)
     previous_id = run.data.tags.get("previous_pipeline_run")
     previous = client.get_run(previous_id) if previous_id else None
-    version = data_version(project_root) or "none"
     changes = param_changes(
         project_params(run.data.params), project_params(previous.data.params) if previous else None
     )
@@ -392,7 +392,7 @@ def report(results: list[dict[str, Any]], root: Path, mlflow_run_id: str, second
 
     metrics = dvc_metrics(root, results)
     rows = summary_rows(results, metrics)
-    name = name_pipeline_run(root, mlflow_run_id)
+    name = name_pipeline_run(mlflow_run_id, data_version(results))
     table = render_table(rows, title=f"{name} (MLflow run {mlflow_run_id})")
     print(table)
     evaluation = metrics.get(EVALUATION_METRICS.as_posix()) or {}

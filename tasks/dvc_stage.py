@@ -5,7 +5,7 @@ up-to-date stage is `skipped` without running DVC's repro. A stale one runs thro
 `dvc repro --single-item <stage>` in a subprocess whose output is streamed line by line to
 the run logger; it `ran`, or DVC's run-cache `restored` its outputs without running the
 command. Either way the result carries the outputs' md5 from dvc.lock (the stage's version)
-and the MLflow run id in the `run_info.json` of its outputs (for a skipped stage, the run
+and the MLflow run id from the run markers beside its outputs (for a skipped stage, the run
 that produced the current outputs).
 
 Only transient failures are retried: DVC's "Unable to acquire lock" (another DVC process holds
@@ -254,7 +254,8 @@ def locked_outputs(project_root: str | Path, stage: str) -> dict[str, str]:
 
 
 def producer_run_id(project_root: str | Path, outputs: Iterable[str]) -> str | None:
-    """The MLflow run id in the first output directory that has a run_info.json."""
+    """The MLflow run that produced the first output directory whose run marker (beside it,
+    `tracking.lineage.read_producer_run_id`) still matches its content."""
     for path in outputs:
         full = Path(project_root) / path
         if full.is_dir():
