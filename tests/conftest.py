@@ -93,3 +93,32 @@ def tracking_store(tmp_path_factory):
         client = MlflowClient(uri)
         ensure_experiment(client, EXPERIMENT_NAME, (root / "mlruns").as_uri())
         yield root, client
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for nano models: they are all overhead, two threads contend on a
+    busy 2-core machine and run far slower. Modules opt in with `usefixtures`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One migrated sqlite MLflow store for a module's stage runs (a new store migrates ~10 s)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+@pytest.fixture
+def mlflow_store(mlflow_uri, monkeypatch):
+    """`mlflow_uri` as this test's MLFLOW_TRACKING_URI."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    return mlflow_uri

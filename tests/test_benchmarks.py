@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from tiny_models import two_layer_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from benchmarks.flops import (
     forward_flops_per_token,
@@ -21,18 +22,8 @@ from benchmarks.report import README_BEGIN, README_END, evaluate_targets, markdo
 
 
 def _tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return two_layer_llama(32, tie_word_embeddings=False)
 
 
 # ------------------------------------------------------------------------------------ FLOPs

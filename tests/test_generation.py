@@ -1,11 +1,11 @@
 """Tests for rlhf_core/generation.py: rendering, sampling, EOS cutting, padding, scoring."""
 
 import copy
-import random
 from dataclasses import replace
 
 import pytest
 import torch
+from tiny_models import FILM_WORDS, word_tokenizer
 from torch import nn
 
 from rlhf_core.generation import (
@@ -20,17 +20,14 @@ from rlhf_core.generation import (
 )
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
 from rlhf_core.models.tiny import build_tiny_llama
-from rlhf_core.models.tokenizer import train_bpe_tokenizer
 
-WORDS = ["the", "film", "was", "great", "dull", "plot", "scene", "actor", "good", "bad"]
+WORDS = FILM_WORDS
 GREEDY = SamplingSettings(max_new_tokens=6, do_sample=False, batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(200)]
-    return train_bpe_tokenizer(corpus, vocab_size=320)
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")

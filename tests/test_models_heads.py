@@ -1,12 +1,12 @@
 """Tests for rlhf_core/models/heads.py: pooling indices, reward model, policy with value head."""
 
 import json
-import random
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import word_tokenizer
 from transformers import GPT2Config, GPT2Model
 
 from rlhf_core.models.heads import (
@@ -18,17 +18,13 @@ from rlhf_core.models.heads import (
 )
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer
 from rlhf_core.models.tiny import build_tiny_llama
-from rlhf_core.models.tokenizer import train_bpe_tokenizer
 
 SEQUENCE_LENGTHS = (3, 6, 9)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rng = random.Random(0)
-    words = ["the", "film", "was", "great", "dull", "plot", "scene", "actor", "good", "bad"]
-    corpus = [" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(200)]
-    return train_bpe_tokenizer(corpus, vocab_size=320)
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Tests for rlhf_core/models/loading.py: local dirs, GGUF files, hub ids offline, atomic saves."""
 
 import json
-import random
 import socket
 from pathlib import Path
 
@@ -9,23 +8,24 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_models import word_tokenizer
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_core.models import loading
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer, save_model
 from rlhf_core.models.tiny import build_tiny_llama
-from rlhf_core.models.tokenizer import CHAT_TEMPLATE, DEFAULT_CHAT_TEMPLATE, train_bpe_tokenizer
+from rlhf_core.models.tokenizer import CHAT_TEMPLATE, DEFAULT_CHAT_TEMPLATE
 
 SAMPLE_TEXT = "<|user|>The café scene was naïve 🎬<|end|><|assistant|>It was great.<|end|>"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rng = random.Random(0)
-    words = ["the", "film", "was", "great", "dull", "café", "scene", "naïve", "plot", "🎬"]
-    corpus = [" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(200)]
-    return train_bpe_tokenizer(corpus, vocab_size=350)
+    return word_tokenizer(
+        ["the", "film", "was", "great", "dull", "café", "scene", "naïve", "plot", "🎬"],
+        vocab_size=350,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,21 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from rlhf_core.config import DataParams
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import EvaluateSettings
 from rlhf_core.data.gold import GoldJudge
 from rlhf_core.evaluation.comparison import select_best_of_n
+from rlhf_core.evaluation.metrics import POLICY_SUMMARY_KEYS
 from rlhf_core.generation import Rollout, SamplingSettings, score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer, save_model
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.evaluate import run_evaluate
-from rlhf_core.stages.settings import EvaluateSettings
 from rlhf_core.tracking.lineage import read_producer_run_id, run_marker_path
 
-REQUIRED_POLICY_KEYS = (
-    "gold_score_mean",
-    "rm_score_mean",
-    "gold_win_rate_vs_sft",
-    "rm_win_rate_vs_sft",
-    "kl_to_sft",
-    "mean_length",
-)
+# Every policy's summary holds these (distinct-n too, checked in test_evaluation_metrics).
+REQUIRED_POLICY_KEYS = tuple(k for k in POLICY_SUMMARY_KEYS if not k.startswith("distinct"))
 REWARD_MODEL_KEYS = ("eval_accuracy", "eval_margin_mean", "annotator_agreement")
 BEST_OF_N = (2, 3)
 PROMPTS, SAMPLES_PER_PROMPT, SAMPLES_IN_REPORT = 4, 2, 3
@@ -42,7 +37,7 @@ SETTINGS = EvaluateSettings(
     samples_in_report=SAMPLES_IN_REPORT,
     batch_size=16,
 )
-DATA = DataParams(eval_fraction=0.2)  # the demo task, so the gold judge is on
+DATA = DataSettings(eval_fraction=0.2)  # the demo task, so the gold judge is on
 POLICIES = ("sft", "dpo", "ppo", *(f"bon_{n}" for n in BEST_OF_N))
 
 
@@ -237,7 +232,7 @@ def test_without_a_gold_judge_gold_metrics_are_null(tiny_project, tracking_store
     results = run_evaluate(
         settings,
         algorithms=[],
-        data=DataParams(source="files", eval_fraction=0.2),
+        data=DataSettings(source="files", eval_fraction=0.2),
         seed=0,
         root=tiny_project,
         show_progress=False,

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import two_layer_llama
+from transformers import LlamaForCausalLM
 
 from rlhf_core.training.buckets import length_buckets, map_length_buckets
 
@@ -41,17 +42,8 @@ def test_buckets_by_hand():
 
 
 def _model() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return two_layer_llama(40)
 
 
 def test_bucketed_forward_equals_one_padded_pass_values_and_gradients():
