@@ -16,9 +16,9 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from rlhf_core.app.launch import load_script
 from rlhf_core.app.store_versioning import INGESTED_EVENT, ingested_resource_id
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.scripts import load_script
 
 retrain = load_script(Path(__file__).with_name("retrain.py")).retrain
 

@@ -27,8 +27,8 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 
-from rlhf_core.app.launch import load_script
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.scripts import load_script
 from rlhf_core.tracking.lineage import path_md5
 
 pipeline = load_script(Path(__file__).with_name("pipeline.py")).pipeline
@@ -199,7 +199,7 @@ def track_preference_store(store: Path) -> str:
 
 def validation_settings(project_root: Path) -> Any:
     """data.validation of params.yaml (the defaults when there is no params.yaml)."""
-    from rlhf_core.data.validation_settings import ValidationSettings
+    from rlhf_core.config.data import ValidationSettings
 
     params_file = project_root / "params.yaml"
     if not params_file.is_file():

@@ -11,7 +11,7 @@ that produced the current outputs).
 Only transient failures are retried: DVC's "Unable to acquire lock" (another DVC process holds
 the repository) and OS-level hiccups starting a process. A stage that fails on its own is not.
 
-Loaded by path from flows/ (`rlhf_core.app.launch.load_script`), never installed.
+Loaded by path from flows/ (`rlhf_core.scripts.load_script`), never installed.
 Stages are those of the root dvc.yaml (foreach stages as `policy@dpo`).
 """
 

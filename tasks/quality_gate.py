@@ -3,7 +3,7 @@
 Registers the best passing policy as the candidate (`rlhf-policy`, its reward model in
 `rlhf-reward`), measures it head to head against the champion when there is one, and moves
 the alias `champion` only when the gate passes. Loaded by path from flows/
-(`rlhf_core.app.launch.load_script`), never installed.
+(`rlhf_core.scripts.load_script`), never installed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ EVALUATION_METRICS = Path("artifacts") / "metrics" / "evaluate.json"
 
 def gate_settings(project_root: Path, override: Mapping[str, Any] | None = None) -> Any:
     """GateSettings from `override`, else params.yaml's `gate:` section, else the defaults."""
-    from rlhf_core.gate import GateSettings
+    from rlhf_core.config.gate import GateSettings
 
     if override:
         values = dict(override)

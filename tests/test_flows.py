@@ -15,8 +15,9 @@ import yaml
 from test_tasks_dvc_stage import TOY_ORDER, build_toy_project, calls, init_repo, set_param
 
 from rlhf_core.app import launch, mlflow_ui, prefect_server, processes, store_versioning
-from rlhf_core.app.launch import load_entrypoint, load_script
+from rlhf_core.app.launch import load_entrypoint
 from rlhf_core.data.store import IngestResult
+from rlhf_core.scripts import load_script
 from rlhf_core.tracking.lineage import path_md5
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def test_pipeline_run_names_say_what_changed_and_on_which_data():
 
 
 def test_gate_settings_override_params_and_defaults(tmp_path):
-    from rlhf_core.gate import GateSettings
+    from rlhf_core.config.gate import GateSettings
 
     settings = gate_task.gate_settings(tmp_path, {"max_kl": 3, "candidate_policies": ["dpo"]})
     assert settings.max_kl == 3 and settings.candidate_policies == ("dpo",)
@@ -251,8 +252,8 @@ def test_incoming_files_ignore_hidden_files_and_folders(tmp_path):
 
 @pytest.mark.slow
 def test_ingest_incoming_moves_good_files_to_processed_and_unreadable_ones_aside(tmp_path):
+    from rlhf_core.config.data import ValidationSettings
     from rlhf_core.data.store import read_table
-    from rlhf_core.data.validation_settings import ValidationSettings
 
     incoming, store = tmp_path / "incoming", tmp_path / "store"
     incoming.mkdir()

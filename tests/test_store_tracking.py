@@ -19,9 +19,9 @@ import yaml
 from typer.testing import CliRunner
 
 from rlhf_core.app.cli import app
-from rlhf_core.app.launch import load_script
 from rlhf_core.app.store_versioning import dvc_project_root, track_store
 from rlhf_core.data.store import read_table
+from rlhf_core.scripts import load_script
 from rlhf_core.tracking.lineage import path_md5
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core.app.launch import load_script
+from rlhf_core.scripts import load_script
 from rlhf_core.tracking.lineage import path_md5, read_producer_run_id
 
 dvc_stage = load_script(Path(__file__).resolve().parents[1] / "tasks" / "dvc_stage.py")

@@ -15,69 +15,20 @@ params can still use the flows that came with the code. Prefect is imported insi
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rlhf_core.app.prefect_server import configure_prefect, prefect_server
 from rlhf_core.app.store_versioning import INGESTED_EVENT
+from rlhf_core.scripts import load_script
 from rlhf_core.tracking.check import check_tracking_store
 
 PIPELINE_ENTRYPOINT = "flows/pipeline.py:pipeline"
 RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
 DEPLOYMENTS_ENTRYPOINT = "flows/deployments.py:retrain_deployments"
 DEFAULT_SCHEDULE_CRON = "0 3 * * *"  # every night at 03:00
-
-
-def code_root() -> Path:
-    """The repository this package was installed from (it holds flows/ and tasks/)."""
-    return Path(__file__).resolve().parents[2]
-
-
-def resolve_script(path: str | Path, project_root: str | Path = ".") -> Path:
-    """An absolute script path as is; a relative one in the project root, else beside the
-    package (see the module docstring)."""
-    path = Path(path)
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [Path(project_root).resolve() / path, code_root() / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise ValueError(f"Cannot find {path} (looked at {tried}); run from the project repository.")
-
-
-def load_script(path: str | Path, project_root: str | Path = ".") -> ModuleType:
-    """The module of a Python file loaded by path (found with `resolve_script`).
-
-    Each file is loaded once per process under a name unique to its absolute path
-    (`_rlhf_<stem>_<hash>`), so loading it again returns the same objects, and generic file
-    names (tasks, flows) never shadow or collide with installed packages.
-    """
-    path = resolve_script(path, project_root)
-    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:10]
-    module_name = f"_rlhf_{path.stem}_{digest}"
-    module = sys.modules.get(module_name)
-    if module is not None:
-        return module
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"{path} is not a loadable Python file.")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # before exec: dataclasses and pickling look it up
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
 
 
 def load_entrypoint(entrypoint: str, project_root: str | Path = ".") -> Any:
