@@ -16,7 +16,7 @@ from benchmarks.workload import base_dir, load_rows
 
 
 def _train_settings(settings: BenchSettings, batch_size: int):
-    from rlhf_core.training.settings import TrainSettings
+    from rlhf_core.config.training import TrainSettings
 
     return TrainSettings(
         learning_rate=settings.learning_rate,
@@ -58,24 +58,24 @@ def _train(model, task, settings: BenchSettings, batch_size: int) -> dict[str, A
 
 
 def run_sft(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
-    """Completion-only SFT (`SFTTask`, unpacked, length-grouped batches)."""
+    """Completion-only SFT (`SFTObjective`, unpacked, length-grouped batches)."""
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.training.objectives.sft import SFTTask, tokenize_sft_rows
+    from rlhf_core.training.objectives.sft import SFTObjective, tokenize_sft_rows
 
     model, tokenizer = load_causal_lm(str(base_dir(workspace)))
     rows = load_rows(workspace, "sft")
     examples = tokenize_sft_rows(
         tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], settings.max_length
     )
-    task = SFTTask(examples, [], tokenizer.pad_token_id)
+    task = SFTObjective(examples, [], tokenizer.pad_token_id)
     return {**_train(model, task, settings, settings.sft_batch_size), "model": model}
 
 
 def run_reward(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
-    """Bradley–Terry reward model (`RewardTask`: chosen and rejected in one forward)."""
+    """Bradley–Terry reward model (`RewardObjective`: chosen and rejected in one forward)."""
     from rlhf_core.models.heads import RewardModel
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.training.objectives.reward import RewardTask, tokenize_group
+    from rlhf_core.training.objectives.reward import RewardObjective, tokenize_group
 
     causal_lm, tokenizer = load_causal_lm(str(base_dir(workspace)))
     model = RewardModel.from_causal_lm(causal_lm, seed=settings.seed)
@@ -85,7 +85,7 @@ def run_reward(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
         tokenize_group(tokenizer, r["prompt"], [r["chosen"], r["rejected"]], settings.max_length)
         for r in rows
     ]
-    task = RewardTask(groups, [], tokenizer.pad_token_id)
+    task = RewardObjective(groups, [], tokenizer.pad_token_id)
     return {**_train(model, task, settings, settings.pair_batch_size), "model": model}
 
 
@@ -93,10 +93,10 @@ def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     """Sigmoid DPO, β = 0.1: reference log-probs computed once, pairs in one forward."""
     import time
 
+    from rlhf_core.config.stages import DPOSettings
     from rlhf_core.models.loading import load_causal_lm
     from rlhf_core.training.objectives.preference import (
         PreferenceObjective,
-        PreferenceTask,
         reference_logps,
         tokenize_pairs,
     )
@@ -115,7 +115,7 @@ def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     cached = reference_logps(reference, pairs, tokenizer.pad_token_id)
     reference_s = time.perf_counter() - started
     del reference
-    objective = PreferenceObjective(loss_type="sigmoid", beta=0.1)
-    task = PreferenceTask(objective, pairs, tokenizer.pad_token_id, train_reference=cached)
+    pair_loss = DPOSettings(loss_type="sigmoid", beta=0.1, rpo_alpha=0.0).pair_loss()
+    task = PreferenceObjective(pair_loss, pairs, tokenizer.pad_token_id, train_reference=cached)
     trained = _train(model, task, settings, settings.pair_batch_size)
     return {**trained, "model": model, "reference_s": reference_s}

@@ -32,11 +32,11 @@ def run_ppo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     """PPO (GAE, value head, adaptive KL) for `settings.ppo_iterations` iterations."""
     import torch
 
+    from rlhf_core.config.training import PPOTrainSettings
     from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
     from rlhf_core.models.loading import load_causal_lm
     from rlhf_core.training.ppo_trainer import train_ppo
     from rlhf_core.training.rollout import reward_model_scorer
-    from rlhf_core.training.settings import PPOTrainSettings
 
     source = str(base_dir(workspace))
     lm, tokenizer = load_causal_lm(source)

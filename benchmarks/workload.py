@@ -82,7 +82,8 @@ def build_workspace(settings: BenchSettings, out_dir: str | Path) -> dict[str, A
     """Write the shared tokenizer, initial weights and data under `out_dir` (see module doc)."""
     import torch
 
-    from rlhf_core.data.demo import DemoSettings, corpus_texts, generate_demo
+    from rlhf_core.config.data import DemoSettings
+    from rlhf_core.data.demo import corpus_texts, generate_demo
     from rlhf_core.models.loading import save_model
     from rlhf_core.models.tiny import build_tiny_llama, count_parameters
     from rlhf_core.models.tokenizer import train_bpe_tokenizer

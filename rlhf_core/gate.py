@@ -20,59 +20,17 @@ reward model's version of the metric and says so in its reasons and checks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from rlhf_core.config.gate import GateSettings, is_finite_number
 
 REWARD_MODEL_KEY = "reward_model"
 KL_METRIC = "kl_to_sft"
 REWARD_ACCURACY_METRIC = "eval_accuracy"
 
 Evaluation = Mapping[str, Mapping[str, Any]]
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """Thresholds of the quality gate.
-
-    Attributes:
-        policy_metric: the evaluate metric a policy must raise (default
-            "gold_win_rate_vs_sft", the gold judge's win rate over SFT); also the metric that
-            ranks the candidates.
-        fallback_metric: used instead when `policy_metric` is null, as gold metrics are for data
-            without a gold judge (default "rm_win_rate_vs_sft"); None means no fallback.
-        min_policy_metric: the least `policy_metric` a policy needs (default 0.6: it beats SFT
-            on 60% of held-out prompts).
-        max_kl: the largest KL(policy ‖ SFT) in nats a policy may have (default 25.0); a
-            policy far from SFT has likely learned to exploit the reward model.
-        min_reward_accuracy: the least held-out pairwise accuracy of the reward model
-            (default 0.6).
-        min_win_rate_vs_champion: the least head-to-head win rate of the candidate against the
-            current champion (default 0.55, ties counting half).
-        candidate_policies: the policies that may become the candidate (default dpo, ppo).
-    """
-
-    policy_metric: str = "gold_win_rate_vs_sft"
-    fallback_metric: str | None = "rm_win_rate_vs_sft"
-    min_policy_metric: float = 0.6
-    max_kl: float = 25.0
-    min_reward_accuracy: float = 0.6
-    min_win_rate_vs_champion: float = 0.55
-    candidate_policies: tuple[str, ...] = ("dpo", "ppo")
-
-    def __post_init__(self) -> None:
-        for name in ("min_policy_metric", "max_kl", "min_reward_accuracy"):
-            if not _is_finite_number(getattr(self, name)):
-                raise ValueError(f"GateSettings.{name} must be a finite number.")
-        if not _is_finite_number(self.min_win_rate_vs_champion) or not (
-            0.0 <= self.min_win_rate_vs_champion <= 1.0
-        ):
-            raise ValueError("GateSettings.min_win_rate_vs_champion must lie in [0, 1].")
-        if self.max_kl < 0:
-            raise ValueError("GateSettings.max_kl must be non-negative (KL is never below 0).")
-        if isinstance(self.candidate_policies, str) or not self.candidate_policies:
-            raise ValueError("GateSettings.candidate_policies must be a non-empty tuple of names.")
 
 
 @dataclass(frozen=True)
@@ -268,8 +226,4 @@ def _verdict(promote: bool, candidate: str | None, reward_ok: bool, has_champion
 
 def _number(value: Any) -> float | None:
     """A finite float, or None for null, NaN, infinities and non-numbers."""
-    return float(value) if _is_finite_number(value) else None
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if is_finite_number(value) else None

@@ -24,11 +24,11 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.algorithms.logprobs import sequence_logprobs, shift_for_causal_lm
-from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
-from rlhf_core.training.settings import (
+from rlhf_core.config.training import (
     SamplingSettings,
-    _require_batch_size,
+    require_batch_size,
 )
+from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def score_token_ids(
     `prompt_ids + response_ids` of its rollouts, so the reward model sees exactly the sampled
     tokens.
     """
-    _require_batch_size(batch_size)
+    require_batch_size(batch_size)
     sequences = [[int(token) for token in ids] for ids in input_ids_list]
     empty = [i for i, ids in enumerate(sequences) if not ids]
     if empty:
@@ -327,7 +327,7 @@ def sequence_logprob_sums(
             dict from `Rollout.to_padded` (needs input_ids, attention_mask, response_mask).
         batch_size: rows per forward pass.
     """
-    _require_batch_size(batch_size)
+    require_batch_size(batch_size)
     lm = model.lm if isinstance(model, PolicyWithValueHead) else model
     device = _device_of(lm)
     sums: list[tuple[list[int], torch.Tensor]] = []

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rlhf_core.app.cli import app
+from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.store import (
     file_sha256,
     ingest_files,
@@ -15,7 +16,6 @@ from rlhf_core.data.store import (
     read_table,
     rebuild_store,
 )
-from rlhf_core.data.validation_settings import ValidationSettings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

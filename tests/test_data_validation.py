@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.validation import validate_files, validate_frame
-from rlhf_core.data.validation_settings import ValidationSettings
 
 BAD_INPUTS = Path(__file__).parent / "data" / "bad_inputs"
 

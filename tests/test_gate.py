@@ -4,9 +4,10 @@ import math
 
 import pytest
 
+from rlhf_core.config.gate import GateSettings
 from rlhf_core.data.gold import GoldJudge
 from rlhf_core.evaluation.head_to_head import head_to_head_win_rate
-from rlhf_core.gate import GateSettings, decide, select_candidate
+from rlhf_core.gate import decide, select_candidate
 from rlhf_core.generation import SamplingSettings
 from rlhf_core.models.loading import load_tokenizer, save_model
 from rlhf_core.models.tiny import build_tiny_llama

@@ -5,19 +5,19 @@ import random
 
 import pytest
 import torch
+from tiny_models import FILM_WORDS, word_tokenizer
 
 from rlhf_core.algorithms.ppo import compute_gae, group_advantages, shape_rewards, whiten
+from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.generation import sequence_logprob_sums
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.models.tiny import build_tiny_llama
-from rlhf_core.models.tokenizer import train_bpe_tokenizer
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.ppo_trainer import train_ppo
 from rlhf_core.training.rollout import iteration_prompt_indices, make_experience
-from rlhf_core.training.settings import PPOTrainSettings
 
-WORDS = ["the", "film", "was", "great", "dull", "plot", "scene", "actor", "good", "bad"]
+WORDS = FILM_WORDS
 # Small and fast: 8 responses of at most 6 tokens, 2 minibatches of 2 micro-batches each.
 SMALL = dict(
     iterations=2,
@@ -32,25 +32,16 @@ SMALL = dict(
     checkpoint_every=0,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def small_settings(**overrides) -> PPOTrainSettings:
     return PPOTrainSettings(**{**SMALL, **overrides})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Nano models are all overhead: one thread is faster, and fair to a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(200)]
-    return train_bpe_tokenizer(corpus, vocab_size=320)
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")

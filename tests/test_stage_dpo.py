@@ -9,40 +9,28 @@ import torch
 from safetensors.torch import load_file
 
 import rlhf_core.stages.dpo as dpo_stage
+import rlhf_core.stages.training_stage as training_stage
 from rlhf_core.algorithms.logprobs import sequence_logprobs, shift_for_causal_lm
 from rlhf_core.algorithms.preference import dpo_loss, simpo_loss
-from rlhf_core.config import DataParams
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import DPOSettings, LoraSettings
+from rlhf_core.config.training import TrainSettings
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.dpo import run_dpo
-from rlhf_core.stages.settings import DPOSettings, LoraSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
 from rlhf_core.training.objectives.preference import (
     PreferenceObjective,
-    PreferenceTask,
     collate_pairs,
     completion_logp_sums,
     preference_outputs,
     reference_logps,
     tokenize_pairs,
 )
-from rlhf_core.training.settings import TrainSettings
 
 BETA = 0.1
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """One MLflow store for the module: creating its tables takes seconds."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-@pytest.fixture
-def mlflow_store(mlflow_uri, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    return mlflow_uri
 
 
 @pytest.fixture
@@ -66,12 +54,17 @@ def _settings(**overrides):
     return TrainSettings(**{**base, **overrides})
 
 
+def _loss(loss_type="sigmoid", beta=BETA, **knobs):
+    """Section settings for a loss; RPO off unless asked for (the section's default is 0.5)."""
+    return DPOSettings(loss_type=loss_type, beta=beta, **{"rpo_alpha": 0.0, **knobs})
+
+
 def _task(objective, model, pad_id, train_pairs, eval_pairs=()):
     reference = None
     if objective.needs_reference:
         reference = reference_logps(model, [*train_pairs, *eval_pairs], pad_id, batch_size=16)
-    return PreferenceTask(
-        objective,
+    return PreferenceObjective(
+        objective.pair_loss(),
         train_pairs,
         pad_id,
         train_reference=None if reference is None else reference[: len(train_pairs)],
@@ -106,12 +99,10 @@ def _direct_logp(model, tokenized):
 
 
 def test_settings_resolve_length_normalisation_per_loss_type_and_reject_bad_values():
-    assert not DPOSettings().objective().average_logprobs
-    assert DPOSettings(loss_type="ipo").objective().average_logprobs
-    assert DPOSettings(loss_type="simpo", beta=2.0).objective().average_logprobs
-    assert (
-        DPOSettings(loss_type="ipo", average_logprobs=False).objective().average_logprobs is False
-    )
+    assert not DPOSettings().length_normalised
+    assert DPOSettings(loss_type="ipo").length_normalised
+    assert DPOSettings(loss_type="simpo", beta=2.0).length_normalised
+    assert DPOSettings(loss_type="ipo", average_logprobs=False).length_normalised is False
     for bad in (
         dict(loss_type="kto"),
         dict(beta=0.0),
@@ -168,11 +159,10 @@ def test_training_runs_one_policy_forward_per_micro_batch_and_never_the_referenc
     policy, tokenizer, pairs, eval_pairs = sft_and_pairs
     reference, _ = load_causal_lm(policy.name_or_path)  # a second copy of the SFT model
     reference_calls, reference_handle = _count_forwards(reference)
-    objective = PreferenceObjective()
     cached = reference_logps(reference, [*pairs, *eval_pairs], tokenizer.pad_token_id, 64)
     calls_before_training = len(reference_calls)
-    task = PreferenceTask(
-        objective,
+    task = PreferenceObjective(
+        _loss().pair_loss(),
         pairs,
         tokenizer.pad_token_id,
         train_reference=cached[: len(pairs)],
@@ -199,10 +189,10 @@ def test_training_runs_one_policy_forward_per_micro_batch_and_never_the_referenc
 @pytest.mark.parametrize(
     "objective, expected",
     [
-        (PreferenceObjective("sigmoid", BETA), math.log(2.0)),
-        (PreferenceObjective("sigmoid", BETA, label_smoothing=0.2), math.log(2.0)),
-        (PreferenceObjective("ipo", BETA, average_logprobs=True), (1 / (2 * BETA)) ** 2),
-        (PreferenceObjective("hinge", BETA), 1.0),
+        (_loss("sigmoid"), math.log(2.0)),
+        (_loss("sigmoid", label_smoothing=0.2), math.log(2.0)),
+        (_loss("ipo"), (1 / (2 * BETA)) ** 2),
+        (_loss("hinge"), 1.0),
     ],
     ids=["sigmoid", "conservative", "ipo", "hinge"],
 )
@@ -224,7 +214,7 @@ def test_step_zero_loss_is_the_core_formula_at_policy_equals_reference(
 
 def test_simpo_needs_no_reference_and_its_step_zero_loss_is_the_core_formula(sft_and_pairs):
     model, tokenizer, pairs, _ = sft_and_pairs
-    objective = PreferenceObjective("simpo", beta=2.0, average_logprobs=True)
+    objective = _loss("simpo", beta=2.0)
     calls, handle = _count_forwards(model)
     task = _task(objective, model, tokenizer.pad_token_id, pairs)
     assert task.reference is None and not calls  # no reference pass at all
@@ -246,8 +236,8 @@ def test_rpo_adds_alpha_times_the_token_mean_nll_of_the_chosen_response():
     logp_sums = torch.tensor([[-12.0, -30.0], [-20.0, -10.0]])  # (2, pairs): chosen row first
     counts = torch.tensor([[4, 10], [5, 2]])
     reference = torch.tensor([[-11.0, -31.0], [-19.0, -12.0]])
-    plain = preference_outputs(PreferenceObjective(), logp_sums, counts, reference)
-    with_rpo = preference_outputs(PreferenceObjective(rpo_alpha=0.5), logp_sums, counts, reference)
+    plain = preference_outputs(_loss().pair_loss(), logp_sums, counts, reference)
+    with_rpo = preference_outputs(_loss(rpo_alpha=0.5).pair_loss(), logp_sums, counts, reference)
     token_mean_nll = torch.tensor([12.0 / 4, 30.0 / 10])
     torch.testing.assert_close(with_rpo.losses - plain.losses, 0.5 * token_mean_nll)
     torch.testing.assert_close(with_rpo.chosen_rewards, plain.chosen_rewards)
@@ -258,9 +248,7 @@ def test_rpo_keeps_the_chosen_likelihood_higher_than_plain_dpo(sft_and_pairs):
     chosen_logps = {}
     for alpha in (0.0, 1.0):
         policy, _ = load_causal_lm(model.name_or_path)
-        task = _task(
-            PreferenceObjective(rpo_alpha=alpha), policy, tokenizer.pad_token_id, pairs[:8]
-        )
+        task = _task(_loss(rpo_alpha=alpha), policy, tokenizer.pad_token_id, pairs[:8])
         train(policy, task, _settings(max_steps=3, learning_rate=3e-3), show_progress=False)
         with torch.no_grad():
             sums, _ = completion_logp_sums(policy, task.collate(list(range(8))))
@@ -276,7 +264,7 @@ def test_rpo_keeps_the_chosen_likelihood_higher_than_plain_dpo(sft_and_pairs):
 def test_gradient_accumulation_is_invariant(sft_and_pairs):
     """Micro-batches of 3 + 3 + 2 pairs give the gradient of one batch of 8 (loss per pair)."""
     model, tokenizer, pairs, _ = sft_and_pairs
-    task = _task(PreferenceObjective(rpo_alpha=0.3), model, tokenizer.pad_token_id, pairs[:8])
+    task = _task(_loss(rpo_alpha=0.3), model, tokenizer.pad_token_id, pairs[:8])
 
     def gradients(micro_batches):
         model.zero_grad(set_to_none=True)
@@ -300,9 +288,7 @@ def test_dpo_learns_a_fixed_token_preference(sft_and_pairs):
     pairs = tokenize_pairs(
         tokenizer, prompts, ["The film was great."] * 40, ["The film was awful."] * 40, 256
     )
-    task = _task(
-        PreferenceObjective(beta=0.5), model, tokenizer.pad_token_id, pairs[:32], pairs[32:]
-    )
+    task = _task(_loss(beta=0.5), model, tokenizer.pad_token_id, pairs[:32], pairs[32:])
     assert task.evaluate(model)["rewards/accuracies"] == 0.0  # all ties at the start
     result = train(model, task, _settings(max_steps=8, learning_rate=5e-3), show_progress=False)
     margins = [row["rewards/margins"] for row in result.history]
@@ -329,7 +315,7 @@ def _stage_settings(max_steps=None, **overrides):
 
 
 def _data(tiny_params):
-    return DataParams(eval_fraction=tiny_params.data.eval_fraction)
+    return DataSettings(eval_fraction=tiny_params.data.eval_fraction)
 
 
 def test_run_dpo_trains_saves_and_tracks_everything(tiny_project, tiny_params, mlflow_store):
@@ -414,7 +400,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
         settings, data=_data(tiny_params), seed=0, root=uninterrupted, show_progress=False
     )
 
-    real_train = dpo_stage.train
+    real_train = training_stage.train
 
     def train_then_crash(*args, on_log, **kwargs):
         def log_and_crash(step, metrics):
@@ -424,12 +410,12 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
 
         return real_train(*args, on_log=log_and_crash, **kwargs)
 
-    monkeypatch.setattr(dpo_stage, "train", train_then_crash)
+    monkeypatch.setattr(training_stage, "train", train_then_crash)
     with pytest.raises(Crash):
         run_dpo(settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False)
     paths = ProjectPaths(tiny_project)
     assert paths.checkpoints_dir("dpo").is_dir()
-    monkeypatch.setattr(dpo_stage, "train", real_train)
+    monkeypatch.setattr(training_stage, "train", real_train)
     resumed = run_dpo(
         settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False
     )
@@ -446,10 +432,10 @@ def test_changed_settings_never_resume_a_stale_checkpoint(tiny_project, tiny_par
     paths = ProjectPaths(tiny_project)
     inputs = {"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir}
     data = _data(tiny_params)
-    base = dpo_stage.run_fingerprint(_stage_settings(), data, 0, inputs)
-    assert base == dpo_stage.run_fingerprint(_stage_settings(), data, 0, inputs)
-    assert base != dpo_stage.run_fingerprint(_stage_settings(beta=0.2), data, 0, inputs)
-    assert base != dpo_stage.run_fingerprint(_stage_settings(), data, 1, inputs)
+    base = training_stage.run_fingerprint(_stage_settings(), data, 0, inputs)
+    assert base == training_stage.run_fingerprint(_stage_settings(), data, 0, inputs)
+    assert base != training_stage.run_fingerprint(_stage_settings(beta=0.2), data, 0, inputs)
+    assert base != training_stage.run_fingerprint(_stage_settings(), data, 1, inputs)
 
 
 def test_lora_saves_a_merged_model_and_its_adapter(tiny_project, tiny_params, mlflow_store):

@@ -5,16 +5,18 @@ import json
 import pytest
 import torch
 
+from rlhf_core.config.stages import PPOSettings
+from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.ppo import run_ppo
-from rlhf_core.stages.settings import PPOSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.tracking.runs import StageRun
-from rlhf_core.training.settings import PPOTrainSettings
 
 ITERATIONS = 3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_settings(**overrides) -> PPOSettings:
@@ -30,15 +32,6 @@ def tiny_settings(**overrides) -> PPOSettings:
         checkpoint_every=1,
     )
     return PPOSettings(train=PPOTrainSettings(**{**train, **overrides}), max_eval_prompts=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Nano models are all overhead: one thread is faster, and fair to a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

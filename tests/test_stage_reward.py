@@ -7,45 +7,30 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from training_checks import assert_same_step, train_one_step
 
 import rlhf_core.training.objectives.reward as reward_task_module
 from rlhf_core.algorithms.preference import bradley_terry_loss, plackett_luce_loss
-from rlhf_core.config import DataParams
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import RewardSettings
+from rlhf_core.config.training import TrainSettings
 from rlhf_core.generation import score_token_ids
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
 from rlhf_core.stages.reward import pair_groups, ranking_groups, run_reward
-from rlhf_core.stages.settings import RewardSettings
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
 from rlhf_core.training.objectives.reward import (
     ComparisonGroup,
-    RewardTask,
+    RewardObjective,
     collate_groups,
     group_losses,
     tokenize_group,
 )
-from rlhf_core.training.settings import TrainSettings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads contend and run far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """One migrated MLflow store for the module's stage runs (a new store migrates ~10 s)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    MlflowClient(uri).search_experiments()
-    return uri
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -67,39 +52,6 @@ def _reward_model(causal_lm, seed=0):
     return RewardModel.from_causal_lm(copy.deepcopy(causal_lm), seed=seed)
 
 
-def _train_one_step(model, task, settings):
-    """Run `train` for one step; return the gradients the optimizer stepped with, by name."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    gradients = {}
-
-    def capture(optimizer, args, kwargs):
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                gradients[names[id(parameter)]] = parameter.grad.detach().clone()
-
-    handle = register_optimizer_step_pre_hook(capture)
-    try:
-        train(model, task, settings, show_progress=False)
-    finally:
-        handle.remove()
-    return gradients
-
-
-def _assert_same_step(whole, accumulated, whole_grads, accumulated_grads, learning_rate):
-    """Equal gradients; equal parameters wherever Adam's first step is well defined.
-
-    Adam's first update is lr · g / (|g| + eps), about lr · sign(g): float noise on a gradient
-    that is numerically zero (|g| ~ eps) can flip it, so those elements are not compared (a
-    reward model's bias has such a gradient: its losses see only reward differences).
-    """
-    assert set(whole_grads) == set(accumulated_grads) == {n for n, _ in whole.named_parameters()}
-    for name, gradient in whole_grads.items():
-        torch.testing.assert_close(accumulated_grads[name], gradient, rtol=1e-4, atol=1e-6)
-    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters(), strict=True):
-        defined = whole_grads[name].abs() > 1e-5
-        torch.testing.assert_close(a[defined], b[defined], rtol=0, atol=1e-3 * learning_rate)
-
-
 def _settings(**overrides):
     base = dict(learning_rate=1e-2, warmup_steps=0, batch_size=8, max_steps=1, seed=0)
     return TrainSettings(**{**base, **overrides})
@@ -113,7 +65,7 @@ def _settings(**overrides):
 def test_bucketed_forwards_score_every_sequence_once_and_units_count_choices(sft_and_groups):
     model, tokenizer, pairs, rankings = sft_and_groups
     groups = [pairs[0], rankings[0], pairs[1]]
-    task = RewardTask(groups, [], tokenizer.pad_token_id)
+    task = RewardObjective(groups, [], tokenizer.pad_token_id)
     batch = task.collate([0, 1, 2])
     k = len(rankings[0].sequences)
     assert batch["input_ids"].shape[0] == 4 + k
@@ -206,21 +158,21 @@ def test_groups_reject_malformed_comparisons():
 def test_gradient_accumulation_is_invariant_with_pairs_and_rankings(sft_and_groups):
     """One batch of 8 mixed comparisons and eight micro-batches of 1 make the same step."""
     model, tokenizer, pairs, rankings = sft_and_groups
-    task = RewardTask(pairs[:5] + rankings[:3], [], tokenizer.pad_token_id)
+    task = RewardObjective(pairs[:5] + rankings[:3], [], tokenizer.pad_token_id)
     whole, accumulated = _reward_model(model), _reward_model(model)
     settings = _settings(max_grad_norm=0.0)
-    whole_grads = _train_one_step(whole, task, settings)
-    accumulated_grads = _train_one_step(
+    whole_grads = train_one_step(whole, task, settings)
+    accumulated_grads = train_one_step(
         accumulated, task, _settings(max_grad_norm=0.0, micro_batch_size=1)
     )
-    _assert_same_step(whole, accumulated, whole_grads, accumulated_grads, settings.learning_rate)
+    assert_same_step(whole, accumulated, whole_grads, accumulated_grads, settings.learning_rate)
 
 
 def test_every_parameter_with_a_gradient_changes(sft_and_groups):
     model, tokenizer, pairs, rankings = sft_and_groups
     reward_model = _reward_model(model)
     before = {name: p.detach().clone() for name, p in reward_model.named_parameters()}
-    task = RewardTask(pairs[:16] + rankings[:4], [], tokenizer.pad_token_id)
+    task = RewardObjective(pairs[:16] + rankings[:4], [], tokenizer.pad_token_id)
     train(reward_model, task, _settings(max_steps=3), show_progress=False)
     assert "lm_head" not in " ".join(before)  # the LM head is dropped
     # Bradley-Terry and Plackett-Luce see only reward differences, so the score head's bias
@@ -243,7 +195,7 @@ def test_accuracy_reaches_one_when_chosen_carries_a_marker(sft_and_groups, tiny_
             for i in rows
         ]
 
-    task = RewardTask(
+    task = RewardObjective(
         marked_pairs(range(0, 40)), marked_pairs(range(41, 61)), tokenizer.pad_token_id
     )
     reward_model = _reward_model(model)
@@ -263,7 +215,7 @@ def test_saved_reward_model_scores_exactly_as_before(sft_and_groups, tmp_path):
     reward_model = _reward_model(model, seed=3)
     train(
         reward_model,
-        RewardTask(pairs[:8], [], tokenizer.pad_token_id),
+        RewardObjective(pairs[:8], [], tokenizer.pad_token_id),
         _settings(),
         show_progress=False,
     )
@@ -303,7 +255,7 @@ def test_run_reward_trains_on_pairs_and_rankings_saves_and_tracks(
             checkpoint_every=2,
         )
     )
-    data = DataParams(eval_fraction=tiny_params.data.eval_fraction)
+    data = DataSettings(eval_fraction=tiny_params.data.eval_fraction)
     metrics = run_reward(settings, data=data, seed=0, root=tiny_project, show_progress=False)
 
     assert pl_calls, "the ranked set must train with Plackett-Luce"
@@ -320,7 +272,7 @@ def test_run_reward_trains_on_pairs_and_rankings_saves_and_tracks(
     pairs = load_validated(paths, "preference")
     train_pairs, eval_pairs = train_eval_split(pairs, data.eval_fraction)
     eval_groups = pair_groups(tokenizer, eval_pairs, 256, False)
-    again = RewardTask(eval_groups, eval_groups, tokenizer.pad_token_id).evaluate(reloaded)
+    again = RewardObjective(eval_groups, eval_groups, tokenizer.pad_token_id).evaluate(reloaded)
     assert again["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
     assert again["eval_margin_mean"] == pytest.approx(metrics["eval_margin_mean"], rel=1e-4)
     rankings, _ = train_eval_split(load_validated(paths, "ranked"), data.eval_fraction)

@@ -8,43 +8,28 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from training_checks import assert_same_step, train_one_step
 
 import rlhf_core.stages.sft as sft_stage
 from rlhf_core.algorithms.logprobs import sft_loss, shift_for_causal_lm, token_logprobs
-from rlhf_core.config import DataParams
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import SFTSettings
+from rlhf_core.config.training import TrainSettings
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
-from rlhf_core.stages.settings import SFTSettings
 from rlhf_core.stages.sft import run_sft
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
 from rlhf_core.training.objectives.sft import (
-    SFTTask,
+    SFTObjective,
     collate_rows,
     pack_examples,
     tokenize_sft_rows,
 )
-from rlhf_core.training.settings import TrainSettings
 from rlhf_core.training.tokenize import TokenizedCompletion, tokenize_completion
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads contend and run far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """One migrated MLflow store for the module's stage runs (a new store migrates ~10 s)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    MlflowClient(uri).search_experiments()
-    return uri
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -75,45 +60,7 @@ def _stage_settings(**train_overrides):
 
 
 def _data(params):
-    return DataParams(eval_fraction=params.data.eval_fraction)
-
-
-def _train_one_step(model, task, settings):
-    """Run `train` for one step; return the gradients the optimizer stepped with, by name."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    gradients = {}
-
-    def capture(optimizer, args, kwargs):
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                gradients[names[id(parameter)]] = parameter.grad.detach().clone()
-
-    handle = register_optimizer_step_pre_hook(capture)
-    try:
-        train(model, task, settings, show_progress=False)
-    finally:
-        handle.remove()
-    return gradients
-
-
-def _assert_same_step(whole, accumulated, whole_grads, accumulated_grads, learning_rate):
-    """Equal gradients; equal parameters wherever Adam's first step is well defined.
-
-    Adam's first update is lr · g / (|g| + eps), about lr · sign(g): float noise on a gradient
-    that is numerically zero (|g| ~ eps) can flip it, so those elements are not compared (a
-    reward model's bias has such a gradient: its losses see only reward differences).
-    """
-    assert set(whole_grads) == set(accumulated_grads) == {n for n, _ in whole.named_parameters()}
-    for name, gradient in whole_grads.items():
-        torch.testing.assert_close(accumulated_grads[name], gradient, rtol=1e-4, atol=1e-6)
-    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters(), strict=True):
-        defined = whole_grads[name].abs() > 1e-5
-        torch.testing.assert_close(a[defined], b[defined], rtol=0, atol=1e-3 * learning_rate)
-
-
-# --------------------------------------------------------------------------------------------
-# The task
-# --------------------------------------------------------------------------------------------
+    return DataSettings(eval_fraction=params.data.eval_fraction)
 
 
 def test_loss_is_the_sum_of_completion_and_eos_nlls_even_when_pad_is_eos(base_and_rows):
@@ -121,7 +68,7 @@ def test_loss_is_the_sum_of_completion_and_eos_nlls_even_when_pad_is_eos(base_an
     tokenizer.pad_token = tokenizer.eos_token  # padding now has the EOS id
     rows = train_frame.iloc[:3]
     examples = _examples(tokenizer, rows)
-    task = SFTTask(examples, [], tokenizer.pad_token_id)
+    task = SFTObjective(examples, [], tokenizer.pad_token_id)
     batch = task.collate([0, 1, 2])
     assert batch["input_ids"].shape[1] > min(map(len, examples))  # some rows are padded
 
@@ -159,8 +106,8 @@ def test_packed_rows_match_examples_run_one_by_one(base_and_rows):
     # An example without a prompt: its first completion token has nothing before it.
     examples.append(tokenize_completion(tokenizer, [], "A plain completion.", 256))
     max_length = 2 * max(map(len, examples))
-    packed = SFTTask(examples, [], tokenizer.pad_token_id, packing=True, max_length=max_length)
-    plain = SFTTask(examples, [], tokenizer.pad_token_id)
+    packed = SFTObjective(examples, [], tokenizer.pad_token_id, packing=True, max_length=max_length)
+    plain = SFTObjective(examples, [], tokenizer.pad_token_id)
     assert len(packed.lengths) < len(examples)  # rows really hold several examples
     assert max(packed.lengths) <= max_length
     assert sorted(i for row in packed.rows for i in row) == list(range(len(examples)))
@@ -197,15 +144,15 @@ def test_collate_restarts_positions_and_never_targets_a_first_token(base_and_row
 def test_gradient_accumulation_is_invariant_through_the_task(base_and_rows):
     """One batch of 8 and eight accumulated micro-batches of 1 make the same step."""
     model, tokenizer, train_frame, _ = base_and_rows
-    task = SFTTask(_examples(tokenizer, train_frame.iloc[:8]), [], tokenizer.pad_token_id)
+    task = SFTObjective(_examples(tokenizer, train_frame.iloc[:8]), [], tokenizer.pad_token_id)
     whole, accumulated = copy.deepcopy(model), copy.deepcopy(model)
     settings = TrainSettings(
         learning_rate=1e-2, batch_size=8, max_steps=1, warmup_steps=0, max_grad_norm=0.0
     )
-    whole_grads = _train_one_step(whole, task, settings)
+    whole_grads = train_one_step(whole, task, settings)
     micro = TrainSettings(**{**settings.__dict__, "micro_batch_size": 1})
-    accumulated_grads = _train_one_step(accumulated, task, micro)
-    _assert_same_step(whole, accumulated, whole_grads, accumulated_grads, settings.learning_rate)
+    accumulated_grads = train_one_step(accumulated, task, micro)
+    assert_same_step(whole, accumulated, whole_grads, accumulated_grads, settings.learning_rate)
     for name, parameter in whole.named_parameters():  # every trainable parameter moved
         assert not torch.equal(parameter, dict(model.named_parameters())[name]), name
 
@@ -213,7 +160,7 @@ def test_gradient_accumulation_is_invariant_through_the_task(base_and_rows):
 def test_held_out_loss_falls_on_a_learnable_toy(base_and_rows):
     model, tokenizer, train_frame, _ = base_and_rows
     examples = _examples(tokenizer, train_frame.iloc[:2])
-    task = SFTTask(examples * 4, examples, tokenizer.pad_token_id)
+    task = SFTObjective(examples * 4, examples, tokenizer.pad_token_id)
     model.eval()
     before = task.evaluate(model)
     settings = TrainSettings(learning_rate=1e-2, batch_size=4, epochs=15, warmup_steps=2)
@@ -229,9 +176,9 @@ def test_settings_reject_bad_values():
             SFTSettings(**bad)
     example = TokenizedCompletion(input_ids=[4, 9, 2], completion_mask=[0, 1, 1], prompt_length=1)
     with pytest.raises(ValueError, match="packing needs max_length"):
-        SFTTask([example], [], 0, packing=True)
+        SFTObjective([example], [], 0, packing=True)
     with pytest.raises(ValueError, match="no SFT training examples"):
-        SFTTask([], [example], 0)
+        SFTObjective([], [example], 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +246,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     settings = _stage_settings(epochs=1.5, eval_every=0)
     reference = run_sft(settings, data=_data(tiny_params), seed=0, root=other, show_progress=False)
 
-    original_loss = sft_stage.SFTTask.loss
+    original_loss = sft_stage.SFTObjective.loss
     calls = []
 
     def crash_at_step_6(self, model, batch):
@@ -308,13 +255,13 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
             raise Crash
         return original_loss(self, model, batch)
 
-    monkeypatch.setattr(sft_stage.SFTTask, "loss", crash_at_step_6)
+    monkeypatch.setattr(sft_stage.SFTObjective, "loss", crash_at_step_6)
     with pytest.raises(Crash):
         run_sft(settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False)
     saved = sorted(p.name for p in ProjectPaths(tiny_project).checkpoints_dir("sft").iterdir())
     assert saved == ["step-00000002", "step-00000004"]
 
-    monkeypatch.setattr(sft_stage.SFTTask, "loss", original_loss)
+    monkeypatch.setattr(sft_stage.SFTObjective, "loss", original_loss)
     resumed = run_sft(
         settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False
     )

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
+from rlhf_core.config.training import SamplingSettings
 from rlhf_core.generation import generate, score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import PICKLED_WEIGHT_SUFFIXES, load_causal_lm, load_tokenizer
@@ -26,7 +27,6 @@ from rlhf_core.tracking.models import (
     pretrained_path,
 )
 from rlhf_core.tracking.runs import stage_run
-from rlhf_core.training.settings import SamplingSettings
 
 PROMPTS = ["Review the film.", "Write a short review of the film."]
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from rlhf_core.gate import GateSettings, decide
+from rlhf_core.config.gate import GateSettings
+from rlhf_core.gate import decide
 from rlhf_core.generation import score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from rlhf_core.config.training import TrainSettings
 from rlhf_core.training.batching import plan_epoch, split_micro_batches
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import total_steps, train
 from rlhf_core.training.schedule import lr_multiplier
-from rlhf_core.training.settings import TrainSettings
 
 
 class SequenceRegression:

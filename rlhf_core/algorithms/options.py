@@ -1,6 +1,6 @@
 """Names of the algorithm variants this package implements, importable without torch.
 
-`rlhf_core.training.settings` validates params.yaml against these, and reading params (the
+`rlhf_core.config.training` validates params.yaml against these, and reading params (the
 CLI, the Prefect flows) must not import torch, so the names live here rather than beside the
 torch code that implements them.
 """

@@ -8,6 +8,8 @@ its docstring says otherwise. Sequence log-probabilities come from
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -263,6 +265,112 @@ def simpo_loss(
     gamma = gamma_beta_ratio * beta
     losses = _smoothed_logistic_loss(chosen_rewards - rejected_rewards - gamma, label_smoothing)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+class PairLoss(NamedTuple):
+    """Per-pair results of a sequence-level preference loss, each (pairs,).
+
+    `scores` are the sequence scores that entered the loss (sums, or means when length-
+    normalised); everything but `losses` is detached.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    chosen_scores: Tensor
+    rejected_scores: Tensor
+
+
+def reference_pair_loss(
+    logp_sums: Tensor,
+    token_counts: Tensor,
+    reference_sums: Tensor | None,
+    *,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float = 0.0,
+    average_logprobs: bool = False,
+    rpo_alpha: float = 0.0,
+) -> PairLoss:
+    """A DPO-family loss (`dpo_loss`) from summed completion log-probs, plus the RPO term.
+
+    With s = Σₜ log π(yₜ | x, y<ₜ) and n = |y| for chosen (+) and rejected (−) responses, the
+    sequence score is ℓ = s, or s / n with `average_logprobs` (IPO's choice), and
+
+        L = dpo_loss(ℓ⁺, ℓ⁻, ℓ_ref⁺, ℓ_ref⁻) + α · (−s⁺ / n⁺)
+
+    where the last term is RPO's token-mean NLL of y⁺ (Pang et al. 2024, arXiv:2404.19733).
+
+    Args:
+        logp_sums: (2, pairs) summed completion log-probs under the policy, row 0 chosen.
+        token_counts: (2, pairs) completion token counts, same layout.
+        reference_sums: (2, pairs) summed log-probs under the reference model.
+    """
+    if reference_sums is None:
+        raise ValueError(f"loss_type {loss_type!r} needs reference log-probs.")
+    scale = token_counts.to(logp_sums.dtype) if average_logprobs else 1.0
+    chosen_scores, rejected_scores = logp_sums / scale
+    reference_chosen, reference_rejected = reference_sums.to(logp_sums) / scale
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen_scores,
+        rejected_scores,
+        reference_chosen,
+        reference_rejected,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+    )
+    return PairLoss(
+        _add_rpo(losses, logp_sums, token_counts, rpo_alpha),
+        chosen_rewards,
+        rejected_rewards,
+        chosen_scores.detach(),
+        rejected_scores.detach(),
+    )
+
+
+def simpo_pair_loss(
+    logp_sums: Tensor,
+    token_counts: Tensor,
+    reference_sums: Tensor | None = None,
+    *,
+    beta: float,
+    gamma_beta_ratio: float = 0.5,
+    label_smoothing: float = 0.0,
+    rpo_alpha: float = 0.0,
+) -> PairLoss:
+    """`simpo_loss` from summed completion log-probs, plus the RPO term (see
+    `reference_pair_loss`); reference-free, so `reference_sums` is ignored.
+
+        L = simpo_loss(s⁺, s⁻, n⁺, n⁻) + α · (−s⁺ / n⁺)
+
+    The scores are the length-normalised log-probs s / n.
+    """
+    chosen_counts, rejected_counts = token_counts.to(logp_sums.dtype)
+    losses, chosen_rewards, rejected_rewards = simpo_loss(
+        logp_sums[0],
+        logp_sums[1],
+        chosen_counts,
+        rejected_counts,
+        beta=beta,
+        gamma_beta_ratio=gamma_beta_ratio,
+        label_smoothing=label_smoothing,
+    )
+    chosen_scores, rejected_scores = (logp_sums / token_counts.to(logp_sums.dtype)).detach()
+    return PairLoss(
+        _add_rpo(losses, logp_sums, token_counts, rpo_alpha),
+        chosen_rewards,
+        rejected_rewards,
+        chosen_scores,
+        rejected_scores,
+    )
+
+
+def _add_rpo(losses: Tensor, logp_sums: Tensor, token_counts: Tensor, rpo_alpha: float) -> Tensor:
+    """losses + α · (−s⁺ / n⁺), RPO's token-mean NLL of the chosen responses."""
+    if not rpo_alpha:
+        return losses
+    return losses + rpo_alpha * (-logp_sums[0] / token_counts[0].to(logp_sums.dtype))
 
 
 def reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:

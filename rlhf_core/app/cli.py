@@ -92,8 +92,8 @@ def validate(
 
 
 def _run_validation(paths, kind, out, settings, tokenizer_path):
+    from rlhf_core.config.data import ValidationSettings
     from rlhf_core.data.validation import validate_files
-    from rlhf_core.data.validation_settings import ValidationSettings
 
     tokenizer = None
     if tokenizer_path is not None:

@@ -42,83 +42,10 @@ from rlhf_core.data.gold import (
     observed_agreement,
     words_of,
 )
+from rlhf_core.config.data import DemoSettings
 from rlhf_core.data.texts import corpus_from_rows
 
 CREATED_AT_BASE = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-# ---------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class DemoSettings:
-    """Sizes, noise and response mix of the demo task (the `demo:` section of params.yaml).
-
-    seed: seeds every draw; the same settings give byte-identical files.
-    n_sft: SFT rows (prompt + one completion from the SFT-like response distribution).
-    n_preference_prompts: preference pairs, one prompt each, two responses labelled by an annotator.
-    n_ranked: K-wise ranked examples (0 writes no rankings file).
-    ranking_k: responses per ranked example.
-    n_ppo_prompts: distinct prompts for PPO rollouts (training titles).
-    n_eval_prompts: distinct held-out prompts (evaluation titles, never seen in training).
-    annotator_temperature: Bradley-Terry / Plackett-Luce temperature T on gold scores in
-        [-1, 1]; 0 is noiseless. 0.2 gives an agreement ceiling of about 0.87-0.88 here.
-    n_annotators: size of the simulated annotator pool (ids recorded per pair).
-    positive_prob, negative_prob: share of positive and negative reviews in the response
-        distribution; the rest are mixed. Equal shares keep the SFT policy near neutral.
-    degenerate_prob: share of degenerate responses (repetition, truncation, off-topic).
-    """
-
-    seed: int = 0
-    n_sft: int = 2000
-    n_preference_prompts: int = 1500
-    n_ranked: int = 0
-    ranking_k: int = 4
-    n_ppo_prompts: int = 512
-    n_eval_prompts: int = 200
-    annotator_temperature: float = 0.2
-    n_annotators: int = 5
-    positive_prob: float = 0.3
-    negative_prob: float = 0.3
-    degenerate_prob: float = 0.1
-
-    def __post_init__(self) -> None:
-        minimums = {
-            "n_sft": 1,
-            "n_preference_prompts": 1,
-            "n_ranked": 0,
-            "ranking_k": 2,
-            "n_ppo_prompts": 0,
-            "n_eval_prompts": 1,
-            "n_annotators": 1,
-        }
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"demo.seed must be an integer, got {self.seed!r}.")
-        for name, minimum in minimums.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"demo.{name} must be an integer >= {minimum}, got {value!r}.")
-        temperature = self.annotator_temperature
-        if not isinstance(temperature, int | float) or not math.isfinite(temperature):
-            raise ValueError(f"demo.annotator_temperature must be a number, got {temperature!r}.")
-        if temperature < 0:
-            raise ValueError(
-                f"demo.annotator_temperature must be >= 0 (0 = noiseless), got {temperature}."
-            )
-        for name in ("positive_prob", "negative_prob", "degenerate_prob"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"demo.{name} must be a probability in [0, 1], got {value!r}.")
-        for name, titles in (("n_ppo_prompts", TRAIN_TITLES), ("n_eval_prompts", EVAL_TITLES)):
-            available = distinct_prompt_count(titles)
-            if getattr(self, name) > available:
-                raise ValueError(
-                    f"demo.{name} must be at most {available}, the number of distinct prompts "
-                    f"the demo can write about its titles, got {getattr(self, name)}."
-                )
-        if self.positive_prob + self.negative_prob > 1.0:
-            raise ValueError(
-                "demo.positive_prob + demo.negative_prob must be at most 1 (the rest are mixed "
-                f"reviews), got {self.positive_prob} + {self.negative_prob}."
-            )
 
 
 def sample_response(rng: random.Random, film: FilmPrompt, settings: DemoSettings) -> str:

@@ -38,7 +38,7 @@ from rlhf_core.data.schemas import (
     content_hash,
     prompt_key,
 )
-from rlhf_core.data.validation_settings import ValidationSettings
+from rlhf_core.config.data import ValidationSettings
 
 # Primary reason = the first failing code in this order.
 REASON_PRIORITY = (

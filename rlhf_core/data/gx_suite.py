@@ -13,7 +13,7 @@ import pandas as pd
 
 from rlhf_core.data.expectations import ROW_NUMBER, RowFindings
 from rlhf_core.data.schemas import REQUIRED_FIELDS
-from rlhf_core.data.validation_settings import ValidationSettings
+from rlhf_core.config.data import ValidationSettings
 
 DOCS_SITE = "rlhf_validation"
 

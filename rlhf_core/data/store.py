@@ -32,7 +32,7 @@ import pandas as pd
 
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
 from rlhf_core.data.validation import validate_files
-from rlhf_core.data.validation_settings import ValidationSettings
+from rlhf_core.config.data import ValidationSettings
 
 TABLES = {"preference": "pairs.parquet", "ranked": "rankings.parquet"}
 MANIFEST = "manifest.jsonl"

@@ -49,7 +49,7 @@ from rlhf_core.data.gx_suite import (
     run_suite,
 )
 from rlhf_core.data.schemas import SPLIT_FIELD, canonical_json, check_kind
-from rlhf_core.data.validation_settings import ValidationSettings
+from rlhf_core.config.data import ValidationSettings
 
 if TYPE_CHECKING:
     from rlhf_core.data.readers import ReadResult

@@ -18,8 +18,8 @@ from rlhf_core.files import write_json
 from rlhf_core.paths import ProjectPaths
 
 if TYPE_CHECKING:
+    from rlhf_core.config.stages import EvaluateSettings
     from rlhf_core.generation import Messages
-    from rlhf_core.stages.settings import EvaluateSettings
     from rlhf_core.tracking.runs import StageRun
 
 

@@ -1,10 +1,7 @@
-"""Small pieces every training and evaluation stage uses: validated data in, metrics out."""
+"""Validated data in: the pieces every training and evaluation stage reads its sets with."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -44,54 +41,6 @@ def train_eval_split(
     return train.reset_index(drop=True), held_out.reset_index(drop=True)
 
 
-def run_fingerprint(settings: Any, data: Any, seed: int, inputs: Mapping[str, Path]) -> str:
-    """sha256 of a stage's settings, seed, split and input md5s: a changed run never resumes
-    a stale checkpoint."""
-    import dataclasses
-    import hashlib
-
-    from rlhf_core.tracking.lineage import path_md5
-
-    payload = {
-        "settings": dataclasses.asdict(settings),
-        "seed": seed,
-        "split": [data.eval_fraction, data.split_salt],
-        "inputs": {name: path_md5(Path(path)) for name, path in sorted(inputs.items())},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def training_label(train: Any) -> str:
-    """The key knobs of a training run, for its MLflow run name: `lr=0.005 epochs=8`."""
-    return f"lr={train.learning_rate:g} epochs={train.epochs:g}"
-
-
-def eval_metric_name(name: str) -> str:
-    """MLflow key of a held-out metric: eval_loss -> eval/loss."""
-    return f"eval/{name.removeprefix('eval_')}"
-
-
-def training_curves(
-    history: Sequence[Mapping[str, float]], eval_history: Sequence[Mapping[str, float]]
-) -> dict[str, list[tuple[int, float]]]:
-    """{series: [(step, value)]} of the per-step and held-out metrics (held-out as eval/…)."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for rows, rename in ((history, str), (eval_history, eval_metric_name)):
-        for row in rows:
-            for name, value in row.items():
-                if name not in ("step", "tokens"):
-                    curves.setdefault(rename(name), []).append((int(row["step"]), float(value)))
-    return curves
-
-
-def write_curve_plots(
-    run: Any, curves: dict, paths: ProjectPaths, stage: str, shown: Sequence[str], title: str
-) -> None:
-    """artifacts/plots/<stage>_curves.json (every series, for `dvc plots`) and a PNG of the
-    `shown` series, also logged to the stage's MLflow run."""
-    from rlhf_core.evaluation.report import curves_figure, write_curves_json
-
-    write_curves_json(curves, paths.plots_dir / f"{stage}_curves.json")
-    figure = curves_figure({k: v for k, v in curves.items() if k in shown}, title)
-    figure.savefig(paths.plots_dir / f"{stage}_curves.png", dpi=100)
-    run.log_figure(figure, f"plots/{stage}_curves.png")
+def load_split(paths: ProjectPaths, set_name: str, data: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train and held-out rows of a validated set, split as `data` (DataSettings) says."""
+    return train_eval_split(load_validated(paths, set_name), data.eval_fraction, data.split_salt)

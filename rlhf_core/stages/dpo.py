@@ -13,35 +13,22 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from rlhf_core.files import write_json
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import DPOSettings, LoraSettings
 from rlhf_core.models.loading import atomic_directory, load_causal_lm, save_model
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import (
-    load_validated,
-    run_fingerprint,
-    train_eval_split,
-    training_curves,
-    write_curve_plots,
-)
-from rlhf_core.stages.settings import (
-    DPOSettings,
-    LoraSettings,
-)
-from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.loop import seed_everything, train
+from rlhf_core.stages.common import load_split
+from rlhf_core.stages.training_stage import LoggedDataset, run_training_stage, training_curves
 from rlhf_core.training.objectives.preference import (
-    PreferenceTask,
+    PreferenceObjective,
     TokenizedPair,
     reference_logps,
     tokenize_pairs,
 )
-
-if TYPE_CHECKING:  # rlhf_core.config imports this module for DPOSettings
-    from rlhf_core.config import DataParams
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +92,7 @@ def _pairs(tokenizer: Any, frame: Any, max_length: int) -> list[TokenizedPair]:
 def run_dpo(
     settings: DPOSettings,
     *,
-    data: DataParams,
+    data: DataSettings,
     seed: int,
     root: Path = Path("."),
     show_progress: bool = True,
@@ -114,44 +101,35 @@ def run_dpo(
 
     Returns the final metrics (also written to artifacts/metrics/dpo.json).
     """
-    from rlhf_core.tracking.runs import stage_run
-
     paths = ProjectPaths(root)
-    frame = load_validated(paths, "preference")
-    train_frame, eval_frame = train_eval_split(frame, data.eval_fraction, data.split_salt)
+    train_frame, eval_frame = load_split(paths, "preference", data)
     if len(train_frame) == 0:
         raise ValueError(
             "the preference set has no training pairs; add data or lower eval_fraction"
         )
-    inputs = {"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir}
     if not paths.sft_model_dir.is_dir():
         raise FileNotFoundError(f"{paths.sft_model_dir}: not found; run `rlhf stage sft` first")
-    train_settings = dataclasses.replace(settings.train, seed=seed)
-    objective = settings.objective()
-    params = {
-        STAGE: dataclasses.asdict(settings),
-        "data.eval_fraction": data.eval_fraction,
-        "data.split_salt": data.split_salt,
-        "seed": seed,
-    }
-    with stage_run(
+    source = paths.validated_set("preference") / "valid.parquet"
+    with run_training_stage(
         STAGE,
-        project_root=root,
-        params=params,
-        inputs=inputs,
+        settings,
+        data=data,
+        seed=seed,
+        root=root,
+        inputs={"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir},
         label=f"{settings.loss_type} beta={settings.beta:g} lr={settings.train.learning_rate:g}",
-    ) as run:
-        source = paths.validated_set("preference") / "valid.parquet"
-        run.log_dataset(train_frame, "preference_train", context="training", source=source)
-        if len(eval_frame):
-            run.log_dataset(eval_frame, "preference_eval", context="evaluation", source=source)
-        seed_everything(seed)
+        datasets=(
+            LoggedDataset("preference_train", train_frame, "training", source),
+            LoggedDataset("preference_eval", eval_frame, "evaluation", source),
+        ),
+        keep_checkpoints=settings.train.keep_checkpoints,
+    ) as stage:
         model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         train_pairs = _pairs(tokenizer, train_frame, settings.max_length)
         eval_pairs = _pairs(tokenizer, eval_frame, settings.max_length)
         train_reference = eval_reference = None
         reference_started = time.perf_counter()
-        if objective.needs_reference:
+        if settings.needs_reference:
             # The untrained model IS the reference: score every pair with it once, now.
             cached = reference_logps(
                 model,
@@ -161,13 +139,16 @@ def run_dpo(
                 show_progress,
             )
             train_reference, eval_reference = cached[: len(train_pairs)], cached[len(train_pairs) :]
+            log.info(
+                "reference log-probs of %d pairs in %.1f s",
+                len(cached),
+                time.perf_counter() - reference_started,
+            )
         reference_seconds = time.perf_counter() - reference_started
-        if objective.needs_reference:
-            log.info("reference log-probs of %d pairs in %.1f s", len(cached), reference_seconds)
         if settings.lora.enabled:
             model = apply_lora(model, settings.lora)
-        task = PreferenceTask(
-            objective,
+        objective = PreferenceObjective(
+            settings.pair_loss(),
             train_pairs,
             tokenizer.pad_token_id,
             train_reference=train_reference,
@@ -176,25 +157,10 @@ def run_dpo(
             eval_batch_size=settings.inference_batch_size,
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        checkpoints = CheckpointManager(
-            paths.checkpoints_dir(STAGE),
-            keep=train_settings.keep_checkpoints,
-            fingerprint=run_fingerprint(settings, data, seed, inputs),
-        )
-
-        def on_log(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics({k: v for k, v in metrics.items() if k != "tokens"}, step)
-
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-
-        result = train(
+        result = stage.train(
             model,
-            task,
-            train_settings,
-            checkpoints=checkpoints,
-            on_log=on_log,
-            on_eval=on_eval,
+            objective,
+            dataclasses.replace(settings.train, seed=seed),
             description=f"dpo ({settings.loss_type})",
             show_progress=show_progress,
         )
@@ -203,26 +169,17 @@ def run_dpo(
         metrics = {
             "train_pairs": len(train_pairs),
             "eval_pairs": len(eval_pairs),
-            "steps": result.global_step,
-            "resumed_from": result.resumed_from,
+            **result.summary(),
             "trainable_parameters": trainable,
             "reference_seconds": round(reference_seconds, 3),
-            "train_seconds": round(result.train_seconds, 3),
-            "tokens_per_s": result.tokens / result.train_seconds if result.train_seconds else 0.0,
             "train/loss": result.history[-1]["loss"] if result.history else None,
             **{f"eval/{k}": v for k, v in result.final_eval.items() if k != "step"},
         }
-        write_json(paths.metrics_file(STAGE), metrics)
-        write_curve_plots(
-            run,
+        return stage.finish(
+            metrics,
+            result.global_step,
             training_curves(result.history, result.eval_history),
-            paths,
-            STAGE,
-            ("loss", "eval/loss", "rewards/margins", "rewards/accuracies"),
-            f"DPO ({settings.loss_type}, beta={settings.beta})",
+            out_dir,
+            shown=("loss", "eval/loss", "rewards/margins", "rewards/accuracies"),
+            title=f"DPO ({settings.loss_type}, beta={settings.beta})",
         )
-        run.log_artifact(paths.metrics_file(STAGE), "metrics")
-        run.log_model_dir(out_dir, "model")
-        run.record_output(out_dir)
-    checkpoints.clear()
-    return metrics

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_core.config.stages import EvaluateSettings
 from rlhf_core.evaluation.comparison import (
     BEST_OF_N_PREFIX,
     REWARD_MODEL,
@@ -38,12 +39,11 @@ from rlhf_core.evaluation.comparison_report import comparison_markdown, log_to_r
 from rlhf_core.generation import SamplingSettings
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import load_validated, train_eval_split
-from rlhf_core.stages.settings import EvaluateSettings
 
-if TYPE_CHECKING:  # rlhf_core.config imports this module for its settings class
+if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from rlhf_core.config import DataParams
+    from rlhf_core.config import DataSettings
     from rlhf_core.data.gold import GoldJudge
     from rlhf_core.generation import Messages
 
@@ -124,7 +124,7 @@ def run_evaluate(
     settings: EvaluateSettings,
     *,
     algorithms: Sequence[str],
-    data: DataParams,
+    data: DataSettings,
     seed: int,
     root: Path = Path("."),
     show_progress: bool = True,
@@ -242,7 +242,7 @@ def run_evaluate(
     return results
 
 
-def _gold_judge(data: DataParams) -> GoldJudge | None:
+def _gold_judge(data: DataSettings) -> GoldJudge | None:
     if data.source != "demo":
         return None
     from rlhf_core.data.gold import GoldJudge

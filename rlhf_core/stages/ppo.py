@@ -12,21 +12,16 @@ uses (`data.eval_fraction`); the `eval_prompts` set stays unseen for the evaluat
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rlhf_core.files import write_json
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import PPOSettings
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split
-from rlhf_core.stages.settings import PPOSettings
+from rlhf_core.stages.common import load_split
+from rlhf_core.stages.training_stage import LoggedDataset, run_training_stage, training_curves
 from rlhf_core.training.ppo_trainer import PPOTrainResult
-
-if TYPE_CHECKING:  # rlhf_core.config imports this module for its settings class
-    from rlhf_core.config import DataParams
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +33,7 @@ PLOTTED_CURVES = ("reward/score_mean", "kl/mean", "eval/score_mean")
 def run_ppo(
     settings: PPOSettings,
     *,
-    data: DataParams,
+    data: DataSettings,
     seed: int,
     root: Path = Path("."),
     show_progress: bool = True,
@@ -48,10 +43,6 @@ def run_ppo(
 
     from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.tracking.lineage import path_md5
-    from rlhf_core.tracking.runs import stage_run
-    from rlhf_core.training.checkpoint import CheckpointManager
-    from rlhf_core.training.loop import seed_everything
     from rlhf_core.training.ppo_trainer import train_ppo
     from rlhf_core.training.rollout import reward_model_scorer
 
@@ -63,43 +54,36 @@ def run_ppo(
     }
     _require_inputs(inputs)
     prompts_file = inputs["prompts"] / "valid.parquet"
-    frame = load_validated(paths, "prompts")
-    train_frame, eval_frame = train_eval_split(frame, data.eval_fraction, data.split_salt)
+    train_frame, eval_frame = load_split(paths, "prompts", data)
     if train_frame.empty:
         raise ValueError(
             f"{prompts_file}: no training prompts are left after the held-out split; "
             "add prompts or lower data.eval_fraction."
         )
     eval_frame = eval_frame.head(settings.max_eval_prompts)
-    seed_everything(seed)
-    policy_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
-    reference, _ = load_causal_lm(str(paths.sft_model_dir))
-    policy = PolicyWithValueHead(policy_lm, seed=seed)
-    with torch.no_grad():  # V ≈ 0 at the start: no value estimate before any return is seen
-        policy.value_head.weight.mul_(0.01)
-    reward_model = RewardModel.from_pretrained(paths.reward_model_dir).eval()
-    reward_model.requires_grad_(False)
-    scorer = reward_model_scorer(reward_model, tokenizer.pad_token_id, settings.scorer_batch_size)
-    fingerprint = _fingerprint(settings, data, seed, {k: path_md5(p) for k, p in inputs.items()})
-    checkpoints = CheckpointManager(
-        paths.checkpoints_dir(STAGE), settings.train.keep_checkpoints, fingerprint
-    )
-    params = {
-        STAGE: dataclasses.asdict(settings),
-        "data.eval_fraction": data.eval_fraction,
-        "seed": seed,
-    }
-    out_dir = paths.policy_dir(STAGE)
-    with stage_run(
+    with run_training_stage(
         STAGE,
-        project_root=paths.root,
-        params=params,
+        settings,
+        data=data,
+        seed=seed,
+        root=paths.root,
         inputs=inputs,
         label=ppo_run_label(settings.train),
-    ) as run:
-        run.log_dataset(train_frame, "ppo_prompts_train", "training", source=prompts_file)
-        if not eval_frame.empty:
-            run.log_dataset(eval_frame, "ppo_prompts_eval", "evaluation", source=prompts_file)
+        datasets=(
+            LoggedDataset("ppo_prompts_train", train_frame, "training", prompts_file),
+            LoggedDataset("ppo_prompts_eval", eval_frame, "evaluation", prompts_file),
+        ),
+        keep_checkpoints=settings.train.keep_checkpoints,
+    ) as stage:
+        policy_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
+        reference, _ = load_causal_lm(str(paths.sft_model_dir))
+        policy = PolicyWithValueHead(policy_lm, seed=seed)
+        with torch.no_grad():  # V ≈ 0 at the start: no value estimate before any return is seen
+            policy.value_head.weight.mul_(0.01)
+        reward_model = RewardModel.from_pretrained(paths.reward_model_dir).eval()
+        scorer = reward_model_scorer(
+            reward_model, tokenizer.pad_token_id, settings.scorer_batch_size
+        )
         result = train_ppo(
             policy,
             reference,
@@ -109,18 +93,22 @@ def run_ppo(
             settings.train,
             seed=seed,
             eval_prompts=list(eval_frame["prompt"]),
-            checkpoints=checkpoints,
-            on_log=lambda step, metrics: run.log_metrics(metrics, step),
-            on_eval=lambda step, metrics: run.log_metrics(_prefixed(metrics), step),
+            checkpoints=stage.checkpoint_manager(),
+            on_log=stage.log_step,
+            on_eval=stage.log_eval,
             show_progress=show_progress,
         )
+        stage.run.set_tags({"resumed_from": result.resumed_from})
+        out_dir = paths.policy_dir(STAGE)
         policy.save_pretrained(out_dir, tokenizer=tokenizer)
-        metrics = final_metrics(result, len(train_frame), len(eval_frame))
-        write_json(paths.metrics_file(STAGE), metrics)
-        _write_curves(run, result, paths)
-        run.log_model_dir(out_dir, "model")
-        run.record_output(out_dir)
-    checkpoints.clear()
+        metrics = stage.finish(
+            final_metrics(result, len(train_frame), len(eval_frame)),
+            result.iterations,
+            training_curves(result.history, result.eval_history),
+            out_dir,
+            shown=PLOTTED_CURVES,
+            title="PPO: reward-model score and KL to SFT",
+        )
     log.info(
         "ppo: %d iterations in %.0f s; final score %.3f, KL %.2f",
         result.iterations,
@@ -169,48 +157,8 @@ def final_metrics(result: PPOTrainResult, train_prompts: int, eval_prompts: int)
     return metrics
 
 
-def curves(result: PPOTrainResult) -> dict[str, list[tuple[int, float]]]:
-    """Every logged series as {name: [(iteration, value), ...]}; eval series as `eval/<name>`."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in result.history:
-        for key, value in row.items():
-            if key != "step":
-                series.setdefault(key, []).append((int(row["step"]), float(value)))
-    for row in result.eval_history:
-        for key, value in row.items():
-            if key != "step":
-                series.setdefault(f"eval/{key}", []).append((int(row["step"]), float(value)))
-    return series
-
-
-def _write_curves(run, result: PPOTrainResult, paths: ProjectPaths) -> None:
-    from rlhf_core.evaluation.report import curves_figure, write_curves_json
-
-    history = curves(result)
-    curves_file = write_curves_json(history, paths.plots_dir / f"{STAGE}_curves.json")
-    run.log_artifact(curves_file, "plots")
-    plotted = {name: history[name] for name in PLOTTED_CURVES if name in history}
-    figure = curves_figure(plotted, "PPO: reward-model score and KL to SFT")
-    png = paths.plots_dir / f"{STAGE}_curves.png"
-    figure.savefig(png, dpi=100)
-    run.log_figure(figure, f"plots/{STAGE}_curves.png")
-
-
 def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
     return {f"eval/{key}": value for key, value in metrics.items()}
-
-
-def _fingerprint(
-    settings: PPOSettings, data: DataParams, seed: int, input_md5s: dict[str, str]
-) -> str:
-    """sha256 of everything that shapes the run, so a changed run never resumes a stale one."""
-    payload = {
-        "settings": dataclasses.asdict(settings),
-        "data": {"eval_fraction": data.eval_fraction, "split_salt": data.split_salt},
-        "seed": seed,
-        "inputs": input_md5s,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _require_inputs(inputs: dict[str, Path]) -> None:

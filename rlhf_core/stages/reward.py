@@ -21,29 +21,22 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import torch
 
-from rlhf_core.files import write_json
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import RewardSettings
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import (
-    eval_metric_name,
-    load_validated,
-    run_fingerprint,
-    train_eval_split,
+from rlhf_core.stages.common import load_split
+from rlhf_core.stages.training_stage import (
+    LoggedDataset,
+    run_training_stage,
     training_curves,
     training_label,
-    write_curve_plots,
 )
-from rlhf_core.stages.settings import RewardSettings
-from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.loop import seed_everything, train
-from rlhf_core.training.objectives.reward import ComparisonGroup, RewardTask, tokenize_group
-
-if TYPE_CHECKING:  # config imports this module for its settings class
-    from rlhf_core.config import DataParams
+from rlhf_core.training.objectives.reward import ComparisonGroup, RewardObjective, tokenize_group
 
 log = logging.getLogger(__name__)
 
@@ -100,34 +93,25 @@ def center_score_head(reward_model: Any, groups: Sequence[ComparisonGroup], pad_
 def run_reward(
     settings: RewardSettings,
     *,
-    data: DataParams,
+    data: DataSettings,
     seed: int,
     root: Path = Path("."),
     show_progress: bool = True,
 ) -> dict:
     """Train the reward model from the SFT model; write the model, metrics and curves.
 
-    Resumes from the newest checkpoint of an interrupted run with the same settings and
-    inputs. Returns the final metrics (also written to artifacts/metrics/reward.json).
+    Resumes an interrupted run (`training_stage`); returns the metrics of reward.json.
     """
     from rlhf_core.models.heads import RewardModel
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.tracking.runs import stage_run
 
     paths = ProjectPaths(root)
-    pairs = load_validated(paths, "preference")
-    train_pairs, eval_pairs = train_eval_split(pairs, data.eval_fraction, data.split_salt)
+    train_pairs, eval_pairs = load_split(paths, "preference", data)
     inputs = {"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir}
-    rankings = pd.DataFrame()
-    ranked_file = paths.validated_set("ranked") / "valid.parquet"
-    if settings.use_rankings and ranked_file.is_file():
-        rankings = load_validated(paths, "ranked")
+    train_rankings = eval_rankings = pd.DataFrame()
+    if settings.use_rankings and (paths.validated_set("ranked") / "valid.parquet").is_file():
+        train_rankings, eval_rankings = load_split(paths, "ranked", data)
         inputs["ranked"] = paths.validated_set("ranked")
-    train_rankings, eval_rankings = (
-        train_eval_split(rankings, data.eval_fraction, data.split_salt)
-        if len(rankings)
-        else (rankings, rankings)
-    )
     if len(train_pairs) + len(train_rankings) == 0:
         raise ValueError(
             "no training comparisons: the preference (and ranked) sets are empty or all "
@@ -135,70 +119,49 @@ def run_reward(
         )
     if not paths.sft_model_dir.is_dir():
         raise FileNotFoundError(f"{paths.sft_model_dir}: not found; run `rlhf stage sft` first")
-    train_settings = dataclasses.replace(settings.train, seed=seed)
-    params = {
-        STAGE: dataclasses.asdict(settings),
-        "data.eval_fraction": data.eval_fraction,
-        "data.split_salt": data.split_salt,
-        "seed": seed,
-    }
-    with stage_run(
+    datasets = [
+        LoggedDataset(name, frame, context, paths.validated_set(kind) / "valid.parquet")
+        for name, kind, frame, context in (
+            ("preference_train", "preference", train_pairs, "training"),
+            ("preference_eval", "preference", eval_pairs, "evaluation"),
+            ("ranked_train", "ranked", train_rankings, "training"),
+            ("ranked_eval", "ranked", eval_rankings, "evaluation"),
+        )
+    ]
+    with run_training_stage(
         STAGE,
-        project_root=root,
-        params=params,
+        settings,
+        data=data,
+        seed=seed,
+        root=root,
         inputs=inputs,
         label=training_label(settings.train),
-    ) as run:
-        for name, frame, context in (
-            ("preference_train", train_pairs, "training"),
-            ("preference_eval", eval_pairs, "evaluation"),
-            ("ranked_train", train_rankings, "training"),
-            ("ranked_eval", eval_rankings, "evaluation"),
-        ):
-            if len(frame):
-                kind = name.split("_")[0]
-                source = paths.validated_set(kind) / "valid.parquet"
-                run.log_dataset(frame, name, context=context, source=source)
-        seed_everything(seed)
+        datasets=datasets,
+        keep_checkpoints=settings.train.keep_checkpoints,
+    ) as stage:
         causal_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         reward_model = RewardModel.from_causal_lm(causal_lm, seed=seed)
         del causal_lm  # its LM head is not part of the reward model
 
         train_groups = pair_groups(tokenizer, train_pairs, settings.max_length, settings.use_margin)
         eval_groups = pair_groups(tokenizer, eval_pairs, settings.max_length, settings.use_margin)
-        if len(rankings):
+        if len(train_rankings) + len(eval_rankings):
             train_groups += ranking_groups(tokenizer, train_rankings, settings.max_length)
             eval_groups += ranking_groups(tokenizer, eval_rankings, settings.max_length)
-        task = RewardTask(
+        objective = RewardObjective(
             train_groups,
             eval_groups,
             tokenizer.pad_token_id,
             use_margin=settings.use_margin,
             eval_batch_size=settings.eval_batch_size,
         )
-        checkpoints = CheckpointManager(
-            paths.checkpoints_dir(STAGE),
-            keep=train_settings.keep_checkpoints,
-            fingerprint=run_fingerprint(settings, data, seed, inputs),
-        )
-
-        def on_log(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics({k: v for k, v in metrics.items() if k != "tokens"}, step)
-
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics({eval_metric_name(k): v for k, v in metrics.items()}, step)
-
-        result = train(
+        result = stage.train(
             reward_model,
-            task,
-            train_settings,
-            checkpoints=checkpoints,
-            on_log=on_log,
-            on_eval=on_eval,
+            objective,
+            dataclasses.replace(settings.train, seed=seed),
             description="reward",
             show_progress=show_progress,
         )
-        run.set_tags({"resumed_from": result.resumed_from})
         centering = (
             center_score_head(reward_model, train_groups, tokenizer.pad_token_id)
             if settings.center_rewards
@@ -212,31 +175,17 @@ def run_reward(
             "train_rankings": len(train_rankings),
             "eval_pairs": len(eval_pairs),
             "eval_rankings": len(eval_rankings),
-            "steps": result.global_step,
-            "resumed_from": result.resumed_from,
-            "train_seconds": round(result.train_seconds, 3),
-            "mean_tokens_per_s": (
-                result.tokens / result.train_seconds if result.train_seconds else 0.0
-            ),
+            **result.summary(),
             "train_loss": last.get("loss"),
             "train_accuracy": last.get("accuracy"),
             **{k: v for k, v in result.final_eval.items() if k != "step"},
             **centering,
         }
-        write_json(paths.metrics_file(STAGE), metrics)
-        run.log_metrics(
-            {k: v for k, v in metrics.items() if isinstance(v, int | float)}, result.global_step
-        )
-        write_curve_plots(
-            run,
+        return stage.finish(
+            metrics,
+            result.global_step,
             training_curves(result.history, result.eval_history),
-            paths,
-            STAGE,
-            ("loss", "accuracy", "eval/loss", "eval/accuracy"),
-            "Reward model",
+            out_dir,
+            shown=("loss", "accuracy", "eval/loss", "eval/accuracy"),
+            title="Reward model",
         )
-        run.log_artifact(paths.metrics_file(STAGE), "metrics")
-        run.log_model_dir(out_dir, "model")
-        run.record_output(out_dir)
-    checkpoints.clear()
-    return metrics

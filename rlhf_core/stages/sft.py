@@ -13,26 +13,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rlhf_core.files import write_json
+from rlhf_core.config import DataSettings
+from rlhf_core.config.stages import SFTSettings
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import (
-    eval_metric_name,
-    load_validated,
-    run_fingerprint,
-    train_eval_split,
+from rlhf_core.stages.common import load_split
+from rlhf_core.stages.training_stage import (
+    LoggedDataset,
+    run_training_stage,
     training_curves,
     training_label,
-    write_curve_plots,
 )
-from rlhf_core.stages.settings import SFTSettings
-from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.loop import seed_everything, train
-from rlhf_core.training.objectives.sft import SFTTask, tokenize_sft_rows
-
-if TYPE_CHECKING:  # config imports this module for its settings class
-    from rlhf_core.config import DataParams
+from rlhf_core.training.objectives.sft import SFTObjective, tokenize_sft_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,46 +51,38 @@ def _samples(model: Any, tokenizer: Any, prompts: list, settings: SFTSettings, s
 def run_sft(
     settings: SFTSettings,
     *,
-    data: DataParams,
+    data: DataSettings,
     seed: int,
     root: Path = Path("."),
     show_progress: bool = True,
 ) -> dict:
     """Fine-tune the base model on the SFT set; write the model, metrics, curves and samples.
 
-    Resumes from the newest checkpoint of an interrupted run with the same settings and
-    inputs. Returns the final metrics (also written to artifacts/metrics/sft.json).
+    Resumes an interrupted run (`training_stage`); returns the metrics of sft.json.
     """
     from rlhf_core.models.loading import load_causal_lm, save_model
-    from rlhf_core.tracking.runs import stage_run
 
     paths = ProjectPaths(root)
-    frame = load_validated(paths, "sft")
-    train_frame, eval_frame = train_eval_split(frame, data.eval_fraction, data.split_salt)
+    train_frame, eval_frame = load_split(paths, "sft", data)
     if len(train_frame) == 0:
         raise ValueError("the sft set has no training examples; add data or lower eval_fraction")
     if not paths.base_model_dir.is_dir():
         raise FileNotFoundError(f"{paths.base_model_dir}: not found; run `rlhf stage prepare`")
-    inputs = {"sft": paths.validated_set("sft"), "base_model": paths.base_model_dir}
-    train_settings = dataclasses.replace(settings.train, seed=seed)
-    params = {
-        STAGE: dataclasses.asdict(settings),
-        "data.eval_fraction": data.eval_fraction,
-        "data.split_salt": data.split_salt,
-        "seed": seed,
-    }
-    with stage_run(
+    source = paths.validated_set("sft") / "valid.parquet"
+    with run_training_stage(
         STAGE,
-        project_root=root,
-        params=params,
-        inputs=inputs,
+        settings,
+        data=data,
+        seed=seed,
+        root=root,
+        inputs={"sft": paths.validated_set("sft"), "base_model": paths.base_model_dir},
         label=training_label(settings.train),
-    ) as run:
-        source = paths.validated_set("sft") / "valid.parquet"
-        run.log_dataset(train_frame, "sft_train", context="training", source=source)
-        if len(eval_frame):
-            run.log_dataset(eval_frame, "sft_eval", context="evaluation", source=source)
-        seed_everything(seed)
+        datasets=(
+            LoggedDataset("sft_train", train_frame, "training", source),
+            LoggedDataset("sft_eval", eval_frame, "evaluation", source),
+        ),
+        keep_checkpoints=settings.train.keep_checkpoints,
+    ) as stage:
         model, tokenizer = load_causal_lm(str(paths.base_model_dir))
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and settings.max_length > limit:
@@ -111,7 +96,7 @@ def run_sft(
                 tokenizer, list(rows["prompt"]), list(rows["completion"]), settings.max_length
             )
 
-        task = SFTTask(
+        objective = SFTObjective(
             tokenized(train_frame),
             tokenized(eval_frame),
             tokenizer.pad_token_id,
@@ -119,69 +104,38 @@ def run_sft(
             max_length=settings.max_length,
             eval_batch_size=settings.eval_batch_size,
         )
-        checkpoints = CheckpointManager(
-            paths.checkpoints_dir(STAGE),
-            keep=train_settings.keep_checkpoints,
-            fingerprint=run_fingerprint(settings, data, seed, inputs),
-        )
-
-        def on_log(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics({k: v for k, v in metrics.items() if k != "tokens"}, step)
-
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            run.log_metrics({eval_metric_name(k): v for k, v in metrics.items()}, step)
-
-        result = train(
+        result = stage.train(
             model,
-            task,
-            train_settings,
-            checkpoints=checkpoints,
-            on_log=on_log,
-            on_eval=on_eval,
+            objective,
+            dataclasses.replace(settings.train, seed=seed),
             description="sft",
             show_progress=show_progress,
         )
-        run.set_tags({"resumed_from": result.resumed_from})
         out_dir = paths.sft_model_dir
         save_model(model, tokenizer, out_dir)
         samples = []
         if settings.num_samples and len(eval_frame):
             prompts = list(eval_frame["prompt"].iloc[: settings.num_samples])
             samples = _samples(model, tokenizer, prompts, settings, seed)
-            run.log_dict(samples, "samples.json")
+            stage.run.log_dict(samples, "samples.json")
         last = result.history[-1] if result.history else {}
         metrics = {
             "train_examples": len(train_frame),
             "eval_examples": len(eval_frame),
-            "train_rows": len(task.lengths),
-            "steps": result.global_step,
-            "resumed_from": result.resumed_from,
-            "train_seconds": round(result.train_seconds, 3),
-            "mean_tokens_per_s": (
-                result.tokens / result.train_seconds if result.train_seconds else 0.0
-            ),
+            "train_rows": len(objective.lengths),
+            **result.summary(),
             "train_loss": last.get("loss"),
             "train_token_accuracy": last.get("token_accuracy"),
-            **result.final_eval,
+            **{k: v for k, v in result.final_eval.items() if k != "step"},
             "sample_ended_fraction": (
                 sum(s["ended"] for s in samples) / len(samples) if samples else None
             ),
         }
-        metrics.pop("step", None)
-        write_json(paths.metrics_file(STAGE), metrics)
-        run.log_metrics(
-            {k: v for k, v in metrics.items() if isinstance(v, int | float)}, result.global_step
-        )
-        write_curve_plots(
-            run,
+        return stage.finish(
+            metrics,
+            result.global_step,
             training_curves(result.history, result.eval_history),
-            paths,
-            STAGE,
-            ("loss", "eval/loss", "eval/token_accuracy"),
-            "Supervised fine-tuning",
+            out_dir,
+            shown=("loss", "eval/loss", "eval/token_accuracy"),
+            title="Supervised fine-tuning",
         )
-        run.log_artifact(paths.metrics_file(STAGE), "metrics")
-        run.log_model_dir(out_dir, "model")
-        run.record_output(out_dir)
-    checkpoints.clear()
-    return metrics

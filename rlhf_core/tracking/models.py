@@ -62,7 +62,7 @@ def model_signature(kind: str) -> ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from rlhf_core.training.settings import SamplingSettings
+    from rlhf_core.config.training import SamplingSettings
 
     if kind == REWARD:
         inputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "response")])
@@ -159,8 +159,8 @@ class PretrainedModel(PythonModel):
         return self._generate(frame, params or {})
 
     def _generate(self, frame: pd.DataFrame, params: dict[str, Any]) -> list[str]:
+        from rlhf_core.config.training import SamplingSettings
         from rlhf_core.generation import generate
-        from rlhf_core.training.settings import SamplingSettings
 
         prompts = [_user_turn(text) for text in _column(frame, "prompt")]
         known = {field.name for field in dataclasses.fields(SamplingSettings)}

@@ -3,7 +3,7 @@
 Straight-line code: for each optimizer step, take that step's examples from the epoch plan,
 split them into micro-batches, accumulate gradients normalised by the step's total loss units
 (tokens for SFT, pairs for reward and DPO), clip, step, log, evaluate and checkpoint. A stage
-supplies a `TrainingTask`: how to collate examples and the loss of a micro-batch.
+supplies a `TrainingObjective`: how to collate examples and the loss of a micro-batch.
 
 Normalising by the units of the whole step (not by micro-batch) makes gradient accumulation
 exact: one batch of 8 and eight accumulated batches of 1 give the same update.
@@ -23,18 +23,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from rlhf_core.training.batching import plan_epoch, split_micro_batches
-from rlhf_core.training.checkpoint import CheckpointManager
-from rlhf_core.training.schedule import build_scheduler
-from rlhf_core.training.settings import (
+from rlhf_core.config.training import (
     MIXED_PRECISION,
     TrainSettings,
 )
+from rlhf_core.training.batching import plan_epoch, split_micro_batches
+from rlhf_core.training.checkpoint import CheckpointManager
+from rlhf_core.training.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
 
-class TrainingTask(Protocol):
+class TrainingObjective(Protocol):
     """What a stage tells the loop about its data and loss."""
 
     lengths: Sequence[int]  # per training example, for length grouping and token budgets
@@ -66,6 +66,15 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     tokens: int = 0
+
+    def summary(self) -> dict[str, float | int]:
+        """The run's shape and speed: steps, the step it resumed from, seconds, mean tokens/s."""
+        return {
+            "steps": self.global_step,
+            "resumed_from": self.resumed_from,
+            "train_seconds": round(self.train_seconds, 3),
+            "mean_tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else 0.0,
+        }
 
 
 def seed_everything(seed: int) -> None:
@@ -118,7 +127,7 @@ def progress_bar(enabled: bool):
 
 def train(
     model: torch.nn.Module,
-    task: TrainingTask,
+    task: TrainingObjective,
     settings: TrainSettings,
     *,
     checkpoints: CheckpointManager | None = None,

@@ -44,6 +44,7 @@ from rlhf_core.algorithms.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.generation import SamplingSettings, generate
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.training.checkpoint import CheckpointManager
@@ -59,7 +60,6 @@ from rlhf_core.training.rollout import (
     make_experience,
 )
 from rlhf_core.training.schedule import build_scheduler
-from rlhf_core.training.settings import PPOTrainSettings
 
 log = logging.getLogger(__name__)
 

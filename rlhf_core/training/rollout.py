@@ -25,9 +25,9 @@ from rlhf_core.algorithms.ppo import (
     shape_rewards,
     whiten,
 )
+from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.generation import Rollout, SamplingSettings, generate, score_token_ids
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
-from rlhf_core.training.settings import PPOTrainSettings
 
 log = logging.getLogger(__name__)
 

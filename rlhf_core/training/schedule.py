@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from rlhf_core.training.settings import SCHEDULES
+from rlhf_core.config.training import SCHEDULES
 
 
 def lr_multiplier(

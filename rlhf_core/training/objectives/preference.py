@@ -1,4 +1,4 @@
-"""Direct preference optimisation as a `TrainingTask`: pairs, one forward pass, cached reference.
+"""Direct preference optimisation as a `TrainingObjective`: pairs, one forward, cached reference.
 
 A preference pair (prompt x, chosen y⁺, rejected y⁻) becomes two token sequences that share
 the prompt, tokenised once. A micro-batch of b pairs is ONE forward pass over 2b rows,
@@ -6,14 +6,14 @@ the prompt, tokenised once. A micro-batch of b pairs is ONE forward pass over 2b
 model's sequence log-probabilities are computed once before training (`reference_logps`) and
 looked up by pair index, so a training step never runs a second model.
 
-The loss of each pair composes `rlhf_core.algorithms.preference` (`dpo_loss` for sigmoid /
-IPO / hinge, `simpo_loss` for SimPO) plus an optional RPO term (`rpo_alpha` · token-mean NLL
-of y⁺).
+The loss of each pair is the callable the `policy.dpo` settings build
+(`DPOSettings.pair_loss`: `algorithms.preference.reference_pair_loss` for sigmoid / IPO /
+hinge, `simpo_pair_loss` for SimPO, each with the optional RPO term).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +21,8 @@ import torch
 from torch import Tensor
 
 from rlhf_core.algorithms.logprobs import shift_for_causal_lm, token_logprobs
-from rlhf_core.algorithms.preference import dpo_loss, simpo_loss
+from rlhf_core.algorithms.preference import PairLoss
 from rlhf_core.training.buckets import map_length_buckets
-from rlhf_core.training.settings import (
-    PreferenceObjective,
-)
 from rlhf_core.training.tokenize import (
     TokenizedCompletion,
     completion_token_ids,
@@ -76,63 +73,32 @@ class PairOutputs:
         return {name: float(value.sum()) for name, value in zip(METRIC_NAMES, values, strict=True)}
 
 
+PairLossFunction = Callable[[Tensor, Tensor, Tensor | None], PairLoss]
+
+
 def preference_outputs(
-    objective: PreferenceObjective,
+    pair_loss: PairLossFunction,
     logp_sums: Tensor,
     token_counts: Tensor,
     reference_sums: Tensor | None,
 ) -> PairOutputs:
     """Per-pair loss and metrics from summed sequence log-probabilities.
 
-    With s = Σₜ log π(yₜ | x, y<ₜ) and n = |y| for chosen (+) and rejected (−) responses, the
-    sequence score is ℓ = s or s / n (`average_logprobs`), and the loss is
-
-        L = dpo_loss(ℓ⁺, ℓ⁻, ℓ_ref⁺, ℓ_ref⁻)       (sigmoid, ipo, hinge)
-        L = simpo_loss(s⁺, s⁻, n⁺, n⁻)              (simpo; no reference)
-        L += α · (−s⁺ / n⁺)                          (RPO, Pang et al. 2024, arXiv:2404.19733)
-
     Args:
-        objective: the loss settings.
+        pair_loss: the run's loss, built by `DPOSettings.pair_loss` (a
+            `algorithms.preference.reference_pair_loss` or `simpo_pair_loss` with its knobs).
         logp_sums: (2, pairs) summed completion log-probs under the policy, row 0 chosen.
         token_counts: (2, pairs) completion token counts, same layout.
         reference_sums: (2, pairs) summed reference log-probs, or None for SimPO.
     """
-    chosen_sums, rejected_sums = logp_sums
-    chosen_counts, rejected_counts = token_counts.to(logp_sums.dtype)
-    scale = token_counts.to(logp_sums.dtype) if objective.average_logprobs else 1.0
-    chosen_scores, rejected_scores = logp_sums / scale
-    if objective.loss_type == "simpo":
-        losses, chosen_rewards, rejected_rewards = simpo_loss(
-            chosen_sums,
-            rejected_sums,
-            chosen_counts,
-            rejected_counts,
-            beta=objective.beta,
-            gamma_beta_ratio=objective.simpo_gamma_beta_ratio,
-            label_smoothing=objective.label_smoothing,
-        )
-    else:
-        if reference_sums is None:
-            raise ValueError(f"loss_type {objective.loss_type!r} needs reference log-probs.")
-        reference_chosen, reference_rejected = reference_sums.to(logp_sums) / scale
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen_scores,
-            rejected_scores,
-            reference_chosen,
-            reference_rejected,
-            beta=objective.beta,
-            loss_type=objective.loss_type,
-            label_smoothing=objective.label_smoothing,
-        )
-    chosen_nll = -chosen_sums / chosen_counts  # (pairs,)
-    if objective.rpo_alpha:
-        losses = losses + objective.rpo_alpha * chosen_nll
+    result = pair_loss(logp_sums, token_counts, reference_sums)
+    chosen_nll = -logp_sums[0] / token_counts[0].to(logp_sums.dtype)  # (pairs,)
     return PairOutputs(
-        losses=losses,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        chosen_logps=chosen_scores.detach(),
-        rejected_logps=rejected_scores.detach(),
+        losses=result.losses,
+        chosen_rewards=result.chosen_rewards,
+        rejected_rewards=result.rejected_rewards,
+        chosen_logps=result.chosen_scores,
+        rejected_logps=result.rejected_scores,
         chosen_nll=chosen_nll.detach(),
     )
 
@@ -274,8 +240,8 @@ def reference_logps(
 # --------------------------------------------------------------------------------------------
 
 
-class PreferenceTask:
-    """`TrainingTask` for DPO-family losses: units are pairs, one forward per micro-batch.
+class PreferenceObjective:
+    """`TrainingObjective` for DPO-family losses: units are pairs, one forward per micro-batch.
 
     `lengths` are each pair's padded tokens (2 × its longer row), so the loop's
     `max_tokens_per_micro_batch` budget counts the real width of the 2b-row forward pass.
@@ -283,7 +249,7 @@ class PreferenceTask:
 
     def __init__(
         self,
-        objective: PreferenceObjective,
+        pair_loss: PairLossFunction,
         train_pairs: Sequence[TokenizedPair],
         pad_id: int,
         *,
@@ -292,18 +258,18 @@ class PreferenceTask:
         eval_reference: Tensor | None = None,
         eval_batch_size: int = 64,
     ) -> None:
-        """`train_reference` / `eval_reference`: (pairs, 2) from `reference_logps` (not SimPO)."""
-        if objective.needs_reference:
-            for name, pairs, cached in (
-                ("train", train_pairs, train_reference),
-                ("eval", eval_pairs, eval_reference),
-            ):
-                if len(pairs) and (cached is None or tuple(cached.shape) != (len(pairs), 2)):
-                    raise ValueError(
-                        f"loss_type {objective.loss_type!r} needs {name}_reference of shape "
-                        f"({len(pairs)}, 2) from reference_logps."
-                    )
-        self.objective = objective
+        """`pair_loss`: from `DPOSettings.pair_loss`. `train_reference` / `eval_reference`:
+        (pairs, 2) from `reference_logps`, for every loss but SimPO."""
+        for name, pairs, cached in (
+            ("train", train_pairs, train_reference),
+            ("eval", eval_pairs, eval_reference),
+        ):
+            if cached is not None and tuple(cached.shape) != (len(pairs), 2):
+                raise ValueError(
+                    f"{name}_reference must have shape ({len(pairs)}, 2) (from reference_logps), "
+                    f"not {tuple(cached.shape)}."
+                )
+        self.pair_loss = pair_loss
         self.pairs = list(train_pairs)
         self.pad_id = pad_id
         self.reference = train_reference
@@ -333,7 +299,7 @@ class PreferenceTask:
     def outputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> PairOutputs:
         """Per-pair loss and metrics of a collated batch (one forward pass of `model`)."""
         sums, counts = completion_logp_sums(model, batch)
-        return preference_outputs(self.objective, sums, counts, batch["reference_sums"])
+        return preference_outputs(self.pair_loss, sums, counts, batch["reference_sums"])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict]:
         """Sum of per-pair losses and metric sums over the batch's pairs."""

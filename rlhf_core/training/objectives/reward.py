@@ -167,8 +167,8 @@ def reward_batches(groups: Sequence[ComparisonGroup], sequences_per_batch: int) 
     return batches
 
 
-class RewardTask:
-    """`TrainingTask` for a reward model on pairs and rankings (see the module docstring).
+class RewardObjective:
+    """`TrainingObjective` for a reward model on pairs and rankings (see the module docstring).
 
     `loss` returns the summed Bradley–Terry / Plackett–Luce loss of a micro-batch and the
     metric sums `accuracy` and `margin`; `evaluate` scores the held-out groups and returns

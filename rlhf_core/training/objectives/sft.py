@@ -111,8 +111,8 @@ def completion_logits(
     ).logits
 
 
-class SFTTask:
-    """`TrainingTask` for completion-only SFT (see the module docstring).
+class SFTObjective:
+    """`TrainingObjective` for completion-only SFT (see the module docstring).
 
     Units are target tokens; `loss` returns −Σ log p(target) over the micro-batch, i.e.
     `logprobs.sft_loss` × units, and the metric sum `token_accuracy` counts targets that are the

@@ -1,7 +1,7 @@
-"""Typed settings of training and sampling, importable without torch.
+"""Settings of the training loops and of sampling: the `train:` sections of params.yaml
+(`sft.train`, `reward.train`, `policy.dpo.train`, `policy.ppo.train`) and `evaluate.sampling`.
 
-`rlhf_core.config` validates params.yaml into these, so reading params (the CLI, the Prefect
-flows) never imports torch or transformers. Import them from here.
+Importable without torch, so reading params (the CLI, the Prefect flows) never imports it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rlhf_core.algorithms.options import (
-    ADVANTAGE_ESTIMATORS,
-    KL_ESTIMATORS,
-    LENGTH_NORMALISED_LOSS_TYPES,
-    LOSS_TYPES,
-)
+from rlhf_core.algorithms.options import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -24,9 +19,31 @@ SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
+def require_batch_size(batch_size: int) -> None:
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer but is {batch_size!r}.")
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def require_minimums(section: str, settings: object, minimums: dict[str, int]) -> None:
+    """Raise one clear error for the first field of `settings` that is not an integer at least
+    its minimum: "sft.max_length must be an integer >= 2, got 1"."""
+    for name, minimum in minimums.items():
+        value = getattr(settings, name)
+        if not is_int(value) or value < minimum:
+            raise ValueError(f"{section}.{name} must be an integer >= {minimum}, got {value!r}.")
+
+
 @dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation knobs shared by the stages (each stage has its own copy in params.yaml).
+class OptimizerSettings:
+    """The optimiser, schedule and cadence knobs every `train:` section has.
 
     Attributes:
         learning_rate: peak learning rate of AdamW.
@@ -36,17 +53,9 @@ class TrainSettings:
         schedule: decay after warmup: cosine | linear | constant.
         min_lr_ratio: the decay's floor as a fraction of the peak.
         max_grad_norm: global gradient-norm clip (0 disables).
-        epochs: passes over the training examples (fractional allowed).
-        max_steps: optimizer steps; overrides epochs when set.
-        batch_size: examples per optimizer step.
-        micro_batch_size: examples per forward pass (gradient accumulation); None = batch_size.
-        max_tokens_per_micro_batch: dynamic batching cap on examples × padded length.
-        group_by_length: batch similar lengths together (less padding).
         eval_every: evaluate every N steps (0 = only at the end).
         checkpoint_every: checkpoint every N steps (0 = never).
         keep_checkpoints: how many checkpoints to keep.
-        mixed_precision: fp32 | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
-        seed: seeds initial RNG state and the data order.
     """
 
     learning_rate: float = 1e-3
@@ -57,44 +66,63 @@ class TrainSettings:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer but is {value!r}")
+        if not is_int(self.keep_checkpoints) or self.keep_checkpoints < 1:
+            raise ValueError(
+                f"keep_checkpoints must be a positive integer but is {self.keep_checkpoints!r}"
+            )
+        for name in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative but is {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1] but is {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainSettings(OptimizerSettings):
+    """The `train:` section of the SFT, reward and DPO stages: `OptimizerSettings` plus
+    the data passes and batching of `training.loop.train`.
+
+    Attributes:
+        epochs: passes over the training examples (fractional allowed).
+        max_steps: optimizer steps; overrides epochs when set.
+        batch_size: examples per optimizer step.
+        micro_batch_size: examples per forward pass (gradient accumulation); None = batch_size.
+        max_tokens_per_micro_batch: dynamic batching cap on examples × padded length.
+        group_by_length: batch similar lengths together (less padding).
+        mixed_precision: fp32 | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
+        seed: seeds initial RNG state and the data order (each stage sets the global seed).
+    """
+
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 32
     micro_batch_size: int | None = None
     max_tokens_per_micro_batch: int | None = None
     group_by_length: bool = True
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
     mixed_precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
+        super().__post_init__()
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
             raise ValueError("batch_size and micro_batch_size must be at least 1")
         if self.epochs <= 0 and not self.max_steps:
             raise ValueError("set epochs > 0 or max_steps")
-        if min(self.warmup_steps, self.eval_every, self.checkpoint_every) < 0:
-            raise ValueError("warmup_steps, eval_every and checkpoint_every must be >= 0")
-
-
-def _require_batch_size(batch_size: int) -> None:
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer but is {batch_size!r}.")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -123,29 +151,30 @@ class SamplingSettings:
     do_sample: bool = True
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(
                 f"max_new_tokens must be a positive integer but is {self.max_new_tokens!r}."
             )
-        if not _is_number(self.temperature) or not 0.0 < self.temperature < float("inf"):
+        if not is_number(self.temperature) or not 0.0 < self.temperature < float("inf"):
             raise ValueError(
                 f"temperature must be a positive finite number but is {self.temperature!r}; "
                 "use do_sample=False for greedy decoding."
             )
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(
                 f"top_k must be a non-negative integer (0 keeps all tokens) but is {self.top_k!r}."
             )
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1] but is {self.top_p!r}.")
-        _require_batch_size(self.batch_size)
+        require_batch_size(self.batch_size)
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be true or false but is {self.do_sample!r}.")
 
 
 @dataclass(frozen=True)
-class PPOTrainSettings:
-    """Every knob of the PPO loop, with defaults sized for the embedded demo.
+class PPOTrainSettings(OptimizerSettings):
+    """The `policy.ppo.train` section: `OptimizerSettings` plus every knob of the PPO loop,
+    with defaults sized for the embedded demo.
 
     Rollouts:
         iterations: rollout-then-update rounds (default 50).
@@ -191,16 +220,9 @@ class PPOTrainSettings:
         vf_coef: weight of the value loss (0.1); the value head shares the policy's trunk.
         entropy_coef: weight of the entropy bonus (0.0).
 
-    Optimisation (AdamW + warmup and decay, as in `TrainSettings`):
-        learning_rate (1e-4), weight_decay (0.0), adam_beta1 (0.9), adam_beta2 (0.95),
-        warmup_steps (10, optimizer steps), schedule (constant | cosine | linear, default
-        constant), min_lr_ratio (0.1), max_grad_norm (1.0; 0 disables clipping).
-
-    Loop:
-        eval_every: evaluate on the held-out prompts every N iterations (10); 0 = only before
-            the first and after the last iteration.
-        checkpoint_every: checkpoint every N iterations (10; 0 = never).
-        keep_checkpoints: how many checkpoints to keep (2).
+    Optimisation and cadence (`OptimizerSettings`, with PPO's own defaults): learning_rate
+    1e-4, schedule constant, warmup_steps 10 optimizer steps; eval_every 10 iterations (0 = only
+    before the first and after the last), checkpoint_every 10 iterations.
     """
 
     iterations: int = 50
@@ -227,35 +249,22 @@ class PPOTrainSettings:
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
     learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    warmup_steps: int = 10
     schedule: str = "constant"
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
     eval_every: int = 10
     checkpoint_every: int = 10
-    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        positive_ints = {
-            "iterations": self.iterations,
-            "rollout_batch_size": self.rollout_batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "ppo_epochs": self.ppo_epochs,
-            "minibatch_size": self.minibatch_size,
-            "keep_checkpoints": self.keep_checkpoints,
-        }
-        for name, value in positive_ints.items():
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"ppo {name} must be a positive integer but is {value!r}.")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"ppo {name} must be a non-negative integer but is {value!r}.")
+        super().__post_init__()
+        positive = (
+            "iterations",
+            "rollout_batch_size",
+            "max_new_tokens",
+            "ppo_epochs",
+            "minibatch_size",
+        )
+        require_minimums("policy.ppo.train", self, dict.fromkeys(positive, 1))
         micro = self.micro_batch_size
-        if micro is not None and (not _is_int(micro) or micro < 1):
+        if micro is not None and (not is_int(micro) or micro < 1):
             raise ValueError(
                 f"ppo micro_batch_size must be a positive integer or null, not {micro!r}."
             )
@@ -274,7 +283,7 @@ class PPOTrainSettings:
                 f"not {self.advantage_estimator!r}."
             )
         if self.uses_groups:
-            if not _is_int(self.group_size) or self.group_size < 2:
+            if not is_int(self.group_size) or self.group_size < 2:
                 raise ValueError(f"ppo group_size must be at least 2 but is {self.group_size!r}.")
             if self.rollout_batch_size % self.group_size:
                 raise ValueError(
@@ -286,27 +295,16 @@ class PPOTrainSettings:
                 f"ppo kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, "
                 f"not {self.kl_estimator!r}."
             )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"ppo schedule must be one of {', '.join(SCHEDULES)}.")
         if not 0.0 < self.temperature < math.inf:
             raise ValueError(f"ppo temperature must be positive but is {self.temperature}.")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"ppo gamma and lam must lie in [0, 1], not {self.gamma}, {self.lam}.")
-        for name in ("learning_rate", "clip_range", "clip_range_value", "target_kl", "kl_horizon"):
+        for name in ("clip_range", "clip_range_value", "target_kl", "kl_horizon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ppo {name} must be positive but is {getattr(self, name)}.")
-        for name in (
-            "missing_eos_penalty",
-            "init_kl_coef",
-            "vf_coef",
-            "entropy_coef",
-            "weight_decay",
-            "max_grad_norm",
-        ):
+        for name in ("missing_eos_penalty", "init_kl_coef", "vf_coef", "entropy_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ppo {name} must be non-negative but is {getattr(self, name)}.")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"ppo min_lr_ratio must lie in [0, 1] but is {self.min_lr_ratio}.")
 
     @property
     def uses_groups(self) -> bool:
@@ -327,61 +325,3 @@ class PPOTrainSettings:
     def optimizer_steps(self) -> int:
         """Optimizer steps of the whole run (the scheduler's length)."""
         return self.iterations * self.ppo_epochs * (self.rollout_batch_size // self.minibatch_size)
-
-
-def default_average_logprobs(loss_type: str) -> bool:
-    """Whether `loss_type` scores sequences by mean (not summed) token log-probability.
-
-    IPO (Azar et al. 2023, arXiv:2310.12036) and SimPO (Meng et al. 2024, arXiv:2405.14734)
-    use length-normalised log-probabilities; DPO (sigmoid) and SLiC (hinge) use sums.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {loss_type!r}.")
-    return loss_type in LENGTH_NORMALISED_LOSS_TYPES
-
-
-@dataclass(frozen=True)
-class PreferenceObjective:
-    """The per-pair loss of a preference-optimisation run.
-
-    Attributes:
-        loss_type: sigmoid (DPO) | ipo | hinge (SLiC) | simpo (reference-free).
-        beta: β of `dpo_loss` / `simpo_loss` (DPO ~0.1; SimPO's paper uses ~2).
-        label_smoothing: ε, the assumed label-flip rate (conservative DPO); sigmoid or simpo.
-        average_logprobs: score sequences by mean token log-prob instead of the sum. SimPO
-            always length-normalises (inside `simpo_loss`), so it must be True there.
-        rpo_alpha: weight α of the RPO term α · NLL(y⁺), NLL = mean over y⁺'s tokens of
-            −log π (Pang et al. 2024, arXiv:2404.19733); 0 disables it.
-        simpo_gamma_beta_ratio: SimPO's target margin γ as a fraction of β.
-    """
-
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    average_logprobs: bool = False
-    rpo_alpha: float = 0.0
-    simpo_gamma_beta_ratio: float = 0.5
-
-    def __post_init__(self) -> None:
-        default_average_logprobs(self.loss_type)  # validates loss_type
-        if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta}.")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}.")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
-            raise ValueError(
-                f"label_smoothing applies to loss_type sigmoid or simpo, not {self.loss_type!r}."
-            )
-        if self.loss_type == "simpo" and not self.average_logprobs:
-            raise ValueError("simpo always uses length-normalised log-probs; set average_logprobs.")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}.")
-        if self.simpo_gamma_beta_ratio < 0:
-            raise ValueError(
-                f"simpo_gamma_beta_ratio must be >= 0, got {self.simpo_gamma_beta_ratio}."
-            )
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether the loss compares with a reference model (every type but SimPO)."""
-        return self.loss_type != "simpo"

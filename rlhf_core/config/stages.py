@@ -1,19 +1,24 @@
-"""The settings of each stage (the `sft`, `reward`, `policy.*` and `evaluate` sections of
-params.yaml), importable without torch. Import them from here."""
+"""The settings of each stage: the `sft`, `reward`, `policy.dpo`, `policy.ppo` and `evaluate`
+sections of params.yaml. Importable without torch."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
-from rlhf_core.training.settings import (
+from rlhf_core.algorithms.options import LENGTH_NORMALISED_LOSS_TYPES, LOSS_TYPES
+from rlhf_core.config.training import (
     PPOTrainSettings,
-    PreferenceObjective,
     SamplingSettings,
     TrainSettings,
-    _is_int,
-    default_average_logprobs,
+    is_int,
+    require_minimums,
 )
+
+if TYPE_CHECKING:
+    from rlhf_core.training.objectives.preference import PairLossFunction
 
 # Measured on the demo (0.9M-parameter Llama from scratch, 1805 training examples of ~48
 # tokens, 2 CPU cores): eval loss falls until about epoch 7 and samples are fluent, well-formed
@@ -59,16 +64,11 @@ class SFTSettings:
     sample_max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"sft.max_length must be at least 2, got {self.max_length}.")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"sft.eval_batch_size must be at least 1, got {self.eval_batch_size}.")
-        if self.num_samples < 0:
-            raise ValueError(f"sft.num_samples must be 0 or more, got {self.num_samples}.")
-        if self.sample_max_new_tokens < 1:
-            raise ValueError(
-                f"sft.sample_max_new_tokens must be at least 1, got {self.sample_max_new_tokens}."
-            )
+        require_minimums(
+            "sft",
+            self,
+            {"max_length": 2, "eval_batch_size": 1, "num_samples": 0, "sample_max_new_tokens": 1},
+        )
 
 
 # Measured on the demo (the 0.9M-parameter SFT model, 1356 training pairs, 2 CPU cores): held-out
@@ -117,12 +117,7 @@ class RewardSettings:
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"reward.max_length must be at least 2, got {self.max_length}.")
-        if self.eval_batch_size < 2:
-            raise ValueError(
-                f"reward.eval_batch_size must be at least 2, got {self.eval_batch_size}."
-            )
+        require_minimums("reward", self, {"max_length": 2, "eval_batch_size": 2})
 
 
 # Chosen on the demo (0.9M-parameter Llama, 1350 training pairs, 2 CPU cores): one epoch of
@@ -214,26 +209,62 @@ class DPOSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        self.objective()  # validates the loss knobs
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
-        if self.inference_batch_size < 1:
+        if self.loss_type not in LOSS_TYPES:
             raise ValueError(
-                f"inference_batch_size must be at least 1, got {self.inference_batch_size}."
+                f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}."
             )
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}.")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ValueError(
+                f"label_smoothing applies to loss_type sigmoid or simpo, not {self.loss_type!r}."
+            )
+        if self.loss_type == "simpo" and self.average_logprobs is False:
+            raise ValueError("simpo always uses length-normalised log-probs; set average_logprobs.")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}.")
+        if self.simpo_gamma_beta_ratio < 0:
+            raise ValueError(
+                f"simpo_gamma_beta_ratio must be >= 0, got {self.simpo_gamma_beta_ratio}."
+            )
+        require_minimums("policy.dpo", self, {"max_length": 2, "inference_batch_size": 1})
 
-    def objective(self) -> PreferenceObjective:
-        """The loss of this run, with `average_logprobs` resolved per loss type."""
-        average = self.average_logprobs
-        if average is None:
-            average = default_average_logprobs(self.loss_type)
-        return PreferenceObjective(
-            loss_type=self.loss_type,
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares with a reference model (every type but SimPO)."""
+        return self.loss_type != "simpo"
+
+    @property
+    def length_normalised(self) -> bool:
+        """Whether responses are scored by mean token log-prob: `average_logprobs`, or when
+        None the paper's choice (IPO, Azar et al. 2023, arXiv:2310.12036, and SimPO, Meng et
+        al. 2024, arXiv:2405.14734, average; DPO and SLiC sum)."""
+        if self.average_logprobs is None:
+            return self.loss_type in LENGTH_NORMALISED_LOSS_TYPES
+        return self.average_logprobs
+
+    def pair_loss(self) -> PairLossFunction:
+        """The loss of this run: (logp_sums, token_counts, reference_sums) -> `PairLoss`,
+        with every knob of this section bound (`algorithms.preference`)."""
+        from rlhf_core.algorithms import preference  # torch: imported when training starts
+
+        if self.loss_type == "simpo":
+            return partial(
+                preference.simpo_pair_loss,
+                beta=self.beta,
+                gamma_beta_ratio=self.simpo_gamma_beta_ratio,
+                label_smoothing=self.label_smoothing,
+                rpo_alpha=self.rpo_alpha,
+            )
+        return partial(
+            preference.reference_pair_loss,
             beta=self.beta,
+            loss_type=self.loss_type,
             label_smoothing=self.label_smoothing,
-            average_logprobs=average,
+            average_logprobs=self.length_normalised,
             rpo_alpha=self.rpo_alpha,
-            simpo_gamma_beta_ratio=self.simpo_gamma_beta_ratio,
         )
 
 
@@ -256,12 +287,7 @@ class PPOSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.train, PPOTrainSettings):
             raise ValueError("ppo train must be a PPOTrainSettings (the ppo.train section).")
-        for name in ("max_eval_prompts", "scorer_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ppo {name} must be a non-negative integer but is {value!r}.")
-        if self.scorer_batch_size < 1:
-            raise ValueError("ppo scorer_batch_size must be at least 1.")
+        require_minimums("policy.ppo", self, {"max_eval_prompts": 0, "scorer_batch_size": 1})
 
 
 def _default_sampling() -> SamplingSettings:
@@ -307,7 +333,7 @@ class EvaluateSettings:
         if isinstance(self.best_of_n, list):
             object.__setattr__(self, "best_of_n", tuple(self.best_of_n))
         if not isinstance(self.best_of_n, tuple) or not all(
-            _is_int(n) and n >= 2 for n in self.best_of_n
+            is_int(n) and n >= 2 for n in self.best_of_n
         ):
             raise ValueError(
                 f"best_of_n must be a list of integers of at least 2 but is {self.best_of_n!r}; "
@@ -315,11 +341,10 @@ class EvaluateSettings:
             )
         if len(set(self.best_of_n)) != len(self.best_of_n):
             raise ValueError(f"best_of_n lists an n twice: {self.best_of_n!r}.")
-        for name in ("samples_per_prompt", "samples_in_report", "batch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer but is {value!r}.")
-        if self.max_prompts is not None and (not _is_int(self.max_prompts) or self.max_prompts < 1):
+        require_minimums(
+            "evaluate", self, {"samples_per_prompt": 1, "samples_in_report": 1, "batch_size": 1}
+        )
+        if self.max_prompts is not None and (not is_int(self.max_prompts) or self.max_prompts < 1):
             raise ValueError(
                 f"max_prompts must be a positive integer or null (all prompts) but is "
                 f"{self.max_prompts!r}."

@@ -1,9 +1,10 @@
-"""Typed configuration: params.yaml read into validated pydantic objects.
+"""Typed configuration: params.yaml read into one validated settings object per section.
 
-params.yaml is the one source of every knob. Each top-level section maps to one object below;
-unknown keys are errors (a typo must not become a silent default), and every error names the
-key and the file. Settings owned by a library module (the demo generator, validation) are that
-module's own dataclasses, embedded here so their fields and defaults are written once.
+params.yaml is the one source of every knob. `Params` is the whole file; each section is one
+class: `model`, `data`, `policy`, `orchestration` here, the stage sections in `config.stages`,
+their `train:` and `sampling:` subsections in `config.training`, `data.validation` and `demo`
+in `config.data`, `gate` in `config.gate`. Unknown keys are errors (a typo must not become a
+silent default), and every error names the key and the file. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rlhf_core.data.demo import DemoSettings
-from rlhf_core.data.validation_settings import ValidationSettings
-from rlhf_core.gate import GateSettings
-from rlhf_core.stages.settings import (
+from rlhf_core.config.data import DemoSettings, ValidationSettings
+from rlhf_core.config.gate import GateSettings
+from rlhf_core.config.stages import (
     DPOSettings,
     EvaluateSettings,
     PPOSettings,
@@ -36,7 +36,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelParams(_Section):
+class ModelSettings(_Section):
     """The base model every stage starts from."""
 
     base: str = Field(
@@ -53,7 +53,7 @@ class ModelParams(_Section):
     seed: int = Field(0, description="Seed of the from-scratch model's initial weights.")
 
 
-class DataParams(_Section):
+class DataSettings(_Section):
     """Where data comes from and how it is split and validated."""
 
     source: str = Field(
@@ -80,7 +80,7 @@ class DataParams(_Section):
 POLICY_ALGORITHMS = ("dpo", "ppo")
 
 
-class PolicyParams(_Section):
+class PolicySettings(_Section):
     """The aligned policies: which algorithms run (one DVC stage each) and their settings."""
 
     algorithms: list[str] = Field(default_factory=lambda: list(POLICY_ALGORITHMS))
@@ -98,7 +98,7 @@ class PolicyParams(_Section):
         return value
 
 
-class OrchestrationParams(_Section):
+class OrchestrationSettings(_Section):
     """Scheduling of the retrain deployment served by `rlhf serve`."""
 
     schedule_cron: str = Field("0 3 * * *", description="Cron schedule of the retrain flow.")
@@ -108,15 +108,15 @@ class Params(_Section):
     """The whole params.yaml."""
 
     seed: int = Field(0, description="Global seed for every stage.")
-    model: ModelParams = Field(default_factory=ModelParams)
-    data: DataParams = Field(default_factory=DataParams)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
     sft: SFTSettings = Field(default_factory=SFTSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
-    policy: PolicyParams = Field(default_factory=PolicyParams)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
-    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
+    orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
