@@ -36,7 +36,7 @@ def run_ppo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
     from rlhf_core.models.loading import load_causal_lm
     from rlhf_core.training.ppo_trainer import train_ppo
-    from rlhf_core.training.rollout import reward_model_scorer
+    from rlhf_core.training.rollout import PPOModels, reward_model_scorer
 
     source = str(base_dir(workspace))
     lm, tokenizer = load_causal_lm(source)
@@ -58,10 +58,7 @@ def run_ppo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
         checkpoint_every=0,
     )
     result = train_ppo(
-        policy,
-        reference,
-        scorer,
-        tokenizer,
+        PPOModels(policy, reference, scorer, tokenizer),
         prompts,
         ppo_settings,
         seed=settings.seed,

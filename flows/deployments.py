@@ -16,7 +16,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from rlhf_core.app.store_versioning import INGESTED_EVENT, ingested_resource_id
+from rlhf_core.orchestration.store_versioning import INGESTED_EVENT, ingested_resource_id
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.scripts import load_script
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from rlhf_core.app.warm_stages import warm_stages
+from rlhf_core.orchestration.warm_stages import warm_stages
 from rlhf_core.scripts import load_script
 from rlhf_core.tracking.experiment import (
     artifact_location,

@@ -186,7 +186,7 @@ def track_preference_store(store: Path) -> str:
     A DVC failure is logged as an error, not raised: the rows are merged either way, the
     pipeline still reads them, and the next tracked ingest versions them too.
     """
-    from rlhf_core.app.store_versioning import StoreTrackingError, track_store
+    from rlhf_core.orchestration.store_versioning import StoreTrackingError, track_store
 
     try:
         message = track_store(store).message

@@ -34,7 +34,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from rlhf_core.app.warm_stages import stage_server_environment
+from rlhf_core.orchestration.warm_stages import stage_server_environment
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.tracking.runs import PARENT_RUN_ENV
 

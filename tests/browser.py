@@ -43,7 +43,12 @@ def chromium_page(width: int = 1600, height: int = 1000) -> Iterator[Any]:
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(60_000)
-            yield page
+            try:
+                yield page
+            except Exception:
+                # What the page showed when the test failed, for the log's reader.
+                page.screenshot(path=str(_artifact_path("failure")), full_page=True)
+                raise
         finally:
             browser.close()
 
@@ -51,10 +56,15 @@ def chromium_page(width: int = 1600, height: int = 1000) -> Iterator[Any]:
 def screenshot(page: Any, name: str, height: int | None = None) -> Path:
     """Save a screenshot of the page (its top `height` pixels when given) as
     test-artifacts/<name>.png; returns its path."""
-    path = ARTIFACTS / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _artifact_path(name)
     clip = None
     if height is not None:
         clip = {"x": 0, "y": 0, "width": page.viewport_size["width"], "height": height}
     page.screenshot(path=str(path), clip=clip)
+    return path
+
+
+def _artifact_path(name: str) -> Path:
+    path = ARTIFACTS / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path

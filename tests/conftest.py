@@ -107,14 +107,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """One migrated sqlite MLflow store for a module's stage runs (a new store migrates ~10 s)."""
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite file to copy: migrating one costs seconds, copying not."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    MlflowClient(uri).search_experiments()
-    return uri
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(empty_mlflow_db, tmp_path_factory):
+    """A migrated sqlite MLflow store of its own for a module's stage runs."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    shutil.copy(empty_mlflow_db, folder / "mlflow.db")
+    return f"sqlite:///{folder}/mlflow.db"
 
 
 @pytest.fixture
@@ -122,3 +130,28 @@ def mlflow_store(mlflow_uri, monkeypatch):
     """`mlflow_uri` as this test's MLFLOW_TRACKING_URI."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     return mlflow_uri
+
+
+@pytest.fixture(scope="module")
+def toy_template(tmp_path_factory) -> Path:
+    """The toy git + DVC project of tests/toy_project.py, built once per module."""
+    from toy_project import build_toy_project
+
+    return build_toy_project(tmp_path_factory.mktemp("toy") / "template")
+
+
+@pytest.fixture
+def toy(toy_template, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the toy project; MLflow settings from the environment cleared."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID", "RLHF_EXPERIMENT"):
+        monkeypatch.delenv(name, raising=False)
+    return Path(shutil.copytree(toy_template, tmp_path / "toy", symlinks=True))
+
+
+@pytest.fixture(scope="module")
+def reward_model(tokenizer):
+    """A nano reward model over the module's `tokenizer` (its trunk seeded apart from the LM's)."""
+    from rlhf_core.models.heads import RewardModel
+    from rlhf_core.models.tiny import build_tiny_llama
+
+    return RewardModel.from_causal_lm(build_tiny_llama("nano", tokenizer, seed=1), seed=0).eval()

@@ -206,15 +206,8 @@ def test_quick_run_measures_every_stage_and_the_pipeline(tmp_path):
     assert sum(ppo["time_split_fraction"].values()) == pytest.approx(1.0, abs=0.05)
     assert ppo["generation"]["plain_generate_tokens_per_s"] > 0
     pipeline = written["pipeline"]
-    assert set(pipeline["stages"]) == {
-        "prepare",
-        "validate",
-        "sft",
-        "reward",
-        "dpo",
-        "ppo",
-        "evaluate",
-    }
+    stages = {"prepare", "validate", "sft", "reward", "dpo", "ppo", "evaluate"}
+    assert set(pipeline["stages"]) == stages
     assert 0 < pipeline["compute_s"] < pipeline["total_s"]
     assert pipeline["overhead_fraction"] == pytest.approx(
         1 - pipeline["compute_s"] / pipeline["total_s"]

@@ -73,6 +73,12 @@ def test_validate_rejects_an_unknown_kind(tmp_path, kind):
     assert "--kind must be one of" in result.output
 
 
+def _validate_preferences(data, out, params):
+    """`rlhf validate DATA --kind preference --out OUT --params PARAMS`."""
+    arguments = ["validate", str(data), "--kind", "preference", "--out", str(out)]
+    return runner.invoke(app, [*arguments, "--params", str(params)])
+
+
 def _pairs_file(path, good, bad_lines):
     import json
 
@@ -95,19 +101,7 @@ def test_validate_command_writes_the_report_and_exits_zero_above_the_threshold(t
 
     data = _pairs_file(tmp_path / "pairs.jsonl", good=19, bad_lines=1)
     out = tmp_path / "out"
-    result = runner.invoke(
-        app,
-        [
-            "validate",
-            str(data),
-            "--kind",
-            "preference",
-            "--out",
-            str(out),
-            "--params",
-            str(tmp_path / "absent.yaml"),
-        ],
-    )
+    result = _validate_preferences(data, out, tmp_path / "absent.yaml")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert (report["total"], report["valid"], report["quarantined"]) == (20, 19, 1)
@@ -120,18 +114,6 @@ def test_validate_command_exits_one_with_a_one_line_summary_below_the_threshold(
     data = _pairs_file(tmp_path / "pairs.jsonl", good=5, bad_lines=5)
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  validation:\n    min_valid_fraction: 0.8\n")
-    result = runner.invoke(
-        app,
-        [
-            "validate",
-            str(data),
-            "--kind",
-            "preference",
-            "--out",
-            str(tmp_path / "o"),
-            "--params",
-            str(params),
-        ],
-    )
+    result = _validate_preferences(data, tmp_path / "o", params)
     assert result.exit_code == 1
     assert "5/10 rows valid (50.0% < 80%)" in result.output

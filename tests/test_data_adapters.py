@@ -187,26 +187,28 @@ def test_hh_transcript_without_leading_blank_line() -> None:
     }
 
 
-def test_hh_empty_final_assistant_turn_becomes_empty_response() -> None:
-    record = {
-        "chosen": "\n\nHuman: Tell me a joke.\n\nAssistant: Why did the chicken cross the road?",
-        "rejected": "\n\nHuman: Tell me a joke.\n\nAssistant:",
-    }
-    row = adapt_record(record, "preference")
-    assert row["prompt"] == [user("Tell me a joke.")]
-    assert row["chosen"] == "Why did the chicken cross the road?"
-    assert row["rejected"] == ""
-
-
-def test_hh_only_the_single_leading_space_is_stripped() -> None:
-    record = {
-        "chosen": "\n\nHuman:   indented\n\nAssistant:  two spaces",
-        "rejected": "\n\nHuman:   indented\n\nAssistant: one space",
-    }
-    row = adapt_record(record, "preference")
-    assert row["prompt"] == [user("  indented")]
-    assert row["chosen"] == " two spaces"
-    assert row["rejected"] == "one space"
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "expected"),
+    [
+        pytest.param(  # an empty final assistant turn becomes an empty response
+            "\n\nHuman: Tell me a joke.\n\nAssistant: Why did the chicken cross the road?",
+            "\n\nHuman: Tell me a joke.\n\nAssistant:",
+            ("Tell me a joke.", "Why did the chicken cross the road?", ""),
+            id="empty-final-turn",
+        ),
+        pytest.param(  # only the single leading space after a speaker tag is stripped
+            "\n\nHuman:   indented\n\nAssistant:  two spaces",
+            "\n\nHuman:   indented\n\nAssistant: one space",
+            ("  indented", " two spaces", "one space"),
+            id="one-leading-space",
+        ),
+    ],
+)
+def test_hh_transcript_edge_cases(chosen: str, rejected: str, expected: tuple) -> None:
+    row = adapt_record({"chosen": chosen, "rejected": rejected}, "preference")
+    prompt, chosen_response, rejected_response = expected
+    assert row["prompt"] == [user(prompt)]
+    assert (row["chosen"], row["rejected"]) == (chosen_response, rejected_response)
 
 
 def test_hh_dialogues_that_differ_before_the_last_turn_are_rejected() -> None:

@@ -20,27 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rlhf_core.config.data import ValidationSettings
+from rlhf_core.data.expectations import REASON_PRIORITY
 from rlhf_core.data.validation import validate_files, validate_frame
 
 BAD_INPUTS = Path(__file__).parent / "data" / "bad_inputs"
 
 # The primary-reason order of the validation contract.
-PRIORITY = [
-    "missing_field",
-    "wrong_type",
-    "invalid_margin",
-    "invalid_text",
-    "empty_text",
-    "too_long_chars",
-    "too_long_tokens",
-    "too_short_tokens",
-    "invalid_role",
-    "chosen_equals_rejected",
-    "too_few_responses",
-    "duplicate_response",
-    "duplicate_row",
-    "prompt_in_train_and_eval",
-]
+PRIORITY = list(REASON_PRIORITY)
 
 # file -> the (line, primary reason) of every record that must be quarantined; all other
 # records of the file must be valid.

@@ -5,18 +5,18 @@ of tests/test_tasks_dvc_stage.py (quick Python stages, two of them with MLflow r
 """
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_tasks_dvc_stage import TOY_ORDER, build_toy_project, calls, init_repo, set_param
+from toy_project import TOY_ORDER, calls, init_repo, set_param
 
-from rlhf_core.app import launch, mlflow_ui, prefect_server, processes, store_versioning
+from rlhf_core.app import launch, mlflow_ui, prefect_server, processes
 from rlhf_core.app.launch import load_entrypoint
 from rlhf_core.data.store import IngestResult
+from rlhf_core.orchestration import store_versioning
 from rlhf_core.scripts import load_script
 from rlhf_core.tracking.lineage import path_md5
 
@@ -80,18 +80,6 @@ def prefect_api(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=240):
         yield
-
-
-@pytest.fixture(scope="module")
-def toy_template(tmp_path_factory) -> Path:
-    return build_toy_project(tmp_path_factory.mktemp("flows") / "template")
-
-
-@pytest.fixture
-def toy(toy_template, tmp_path, monkeypatch) -> Path:
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID", "RLHF_EXPERIMENT"):
-        monkeypatch.delenv(name, raising=False)
-    return Path(shutil.copytree(toy_template, tmp_path / "toy", symlinks=True))
 
 
 def mlflow_client(root: Path):

@@ -18,7 +18,7 @@ from rlhf_core.generation import (
     sequence_logprob_sums,
     truncate_at_eos,
 )
-from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
+from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.tiny import build_tiny_llama
 
 WORDS = FILM_WORDS
@@ -41,11 +41,6 @@ def pad_is_eos_tokenizer(tokenizer):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return build_tiny_llama("nano", tokenizer, seed=0).eval()
-
-
-@pytest.fixture(scope="module")
-def reward_model(tokenizer):
-    return RewardModel.from_causal_lm(build_tiny_llama("nano", tokenizer, seed=1), seed=0).eval()
 
 
 @pytest.fixture(scope="module")

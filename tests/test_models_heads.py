@@ -33,11 +33,6 @@ def causal_lm(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def reward_model(tokenizer):
-    return RewardModel.from_causal_lm(build_tiny_llama("nano", tokenizer, seed=1), seed=0).eval()
-
-
-@pytest.fixture(scope="module")
 def sequences(tokenizer) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     first_plain_id = 6  # ids 0-5 are special tokens

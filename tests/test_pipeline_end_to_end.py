@@ -47,18 +47,24 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     return completed.stdout
 
 
-def _pipeline(root: Path, env: dict[str, str]) -> dict:
-    """`rlhf run` in its own process, as a user runs it; returns the flow's summary."""
+def _launched(root: Path, env: dict[str, str], launcher: str, outcome: str) -> dict:
+    """`rlhf_core.app.launch.<launcher>(root)` in its own process, as a user runs it; returns
+    `outcome`, a Python expression over its `result`, as JSON."""
     script = (
         "import json, sys\n"
-        "from rlhf_core.app.launch import run_pipeline\n"
-        "summary = run_pipeline(sys.argv[1])\n"
-        "keys = ('stages', 'gate', 'mlflow_run_id')\n"
-        "print('SUMMARY=' + json.dumps({k: summary[k] for k in keys}, default=str))\n"
+        f"from rlhf_core.app.launch import {launcher}\n"
+        f"result = {launcher}(sys.argv[1])\n"
+        f"print('RESULT=' + json.dumps({outcome}, default=str))\n"
     )
     out = _run([sys.executable, "-c", script, str(root)], root, env)
-    line = next(line for line in out.splitlines() if line.startswith("SUMMARY="))
-    return json.loads(line.removeprefix("SUMMARY="))
+    line = next(line for line in out.splitlines() if line.startswith("RESULT="))
+    return json.loads(line.removeprefix("RESULT="))
+
+
+def _pipeline(root: Path, env: dict[str, str]) -> dict:
+    """`rlhf run`: the flow's stages, gate and parent MLflow run."""
+    keys = ("stages", "gate", "mlflow_run_id")
+    return _launched(root, env, "run_pipeline", f"{{k: result[k] for k in {keys!r}}}")
 
 
 def _statuses(summary: dict) -> dict[str, str]:
@@ -99,15 +105,8 @@ def test_pipeline_end_to_end(project):
         [champion_run.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
     )
-    assert {run.data.tags["stage"] for run in stage_runs} >= {
-        "prepare",
-        "validate",
-        "sft",
-        "reward",
-        "dpo",
-        "ppo",
-        "evaluate",
-    }
+    stages = {"prepare", "validate", "sft", "reward", "dpo", "ppo", "evaluate"}
+    assert {run.data.tags["stage"] for run in stage_runs} >= stages
     by_stage = {run.data.tags["stage"]: run for run in stage_runs}
     validate_run = by_stage["validate"]
     assert (
@@ -170,17 +169,12 @@ def test_pipeline_end_to_end(project):
 
 
 def _retrain(root: Path, env: dict[str, str]) -> dict:
-    script = (
-        "import json, sys\n"
-        "from rlhf_core.app.launch import run_retrain\n"
-        "outcome = run_retrain(sys.argv[1])\n"
-        "ran = (outcome['pipeline'] or {}).get('ran')\n"
-        "print('OUTCOME=' + json.dumps({'ran': ran, **{k: outcome[k] for k in ('status', "
-        "'decision')}}, default=str))\n"
+    """`rlhf retrain` once: the stages it ran, its status and the gate's decision."""
+    outcome = (
+        "{'ran': (result['pipeline'] or {}).get('ran'), 'status': result['status'], "
+        "'decision': result['decision']}"
     )
-    out = _run([sys.executable, "-c", script, str(root)], root, env)
-    line = next(line for line in out.splitlines() if line.startswith("OUTCOME="))
-    return json.loads(line.removeprefix("OUTCOME="))
+    return _launched(root, env, "run_retrain", outcome)
 
 
 def _new_preferences(path: Path, tag: str) -> None:

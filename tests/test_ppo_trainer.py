@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import FILM_WORDS, word_tokenizer
+from tiny_models import FILM_WORDS, TINY_PPO_TRAIN, word_tokenizer
 
 from rlhf_core.algorithms.ppo import compute_gae, group_advantages, shape_rewards, whiten
 from rlhf_core.config.training import PPOTrainSettings
@@ -15,22 +15,11 @@ from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.models.tiny import build_tiny_llama
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.ppo_trainer import train_ppo
-from rlhf_core.training.rollout import iteration_prompt_indices, make_experience
+from rlhf_core.training.rollout import PPOModels, iteration_prompt_indices, make_experience
 
 WORDS = FILM_WORDS
-# Small and fast: 8 responses of at most 6 tokens, 2 minibatches of 2 micro-batches each.
-SMALL = dict(
-    iterations=2,
-    rollout_batch_size=8,
-    max_new_tokens=6,
-    minibatch_size=4,
-    micro_batch_size=2,
-    ppo_epochs=1,
-    learning_rate=1e-2,
-    warmup_steps=0,
-    eval_every=0,
-    checkpoint_every=0,
-)
+# Two iterations of the tiny run, each minibatch in 2 micro-batches, no evaluation or checkpoints.
+SMALL = dict(TINY_PPO_TRAIN, iterations=2, micro_batch_size=2, eval_every=0, checkpoint_every=0)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +119,11 @@ def test_experience_wires_rewards_kl_gae_and_whitening_like_the_ppo_functions(to
     scores = torch.linspace(-1.0, 1.0, len(prompts))
     settings = small_settings(missing_eos_penalty=0.0, gamma=0.9, lam=0.8)
     experience, timings = make_experience(
-        policy, reference, lambda r: scores.clone(), tokenizer, prompts, settings, 0.3, seed=0
+        PPOModels(policy, reference, lambda r: scores.clone(), tokenizer),
+        prompts,
+        settings,
+        0.3,
+        seed=0,
     )
     mask = experience.mask.bool()
     rollout = experience.rollout
@@ -175,7 +168,11 @@ def test_missing_eos_penalty_is_subtracted_from_unfinished_responses_only(tokeni
     policy, reference = new_policy(tokenizer), new_reference(tokenizer)
     settings = small_settings(max_new_tokens=3, missing_eos_penalty=2.0)
     experience, _ = make_experience(
-        policy, reference, constant_scorer(0.5), tokenizer, prompts, settings, 0.0, seed=0
+        PPOModels(policy, reference, constant_scorer(0.5), tokenizer),
+        prompts,
+        settings,
+        0.0,
+        seed=0,
     )
     ended = torch.tensor(experience.rollout.ended)
     assert not bool(ended.all())  # an untrained model rarely stops within 3 tokens
@@ -190,10 +187,7 @@ def test_group_estimators_sample_groups_and_use_group_advantages(tokenizer, prom
     policy, reference = new_policy(tokenizer), new_reference(tokenizer, seed=1)
     settings = small_settings(advantage_estimator=estimator, group_size=4)
     experience, _ = make_experience(
-        policy,
-        reference,
-        favoured_tokens_scorer(len(tokenizer)),
-        tokenizer,
+        PPOModels(policy, reference, favoured_tokens_scorer(len(tokenizer)), tokenizer),
         prompts[:2],
         settings,
         0.2,
@@ -228,10 +222,7 @@ def test_scripted_reward_rises_while_kl_stays_bounded(tokenizer, prompts):
         adaptive_kl=False,
     )
     result = train_ppo(
-        policy,
-        reference,
-        favoured_tokens_scorer(len(tokenizer)),
-        tokenizer,
+        PPOModels(policy, reference, favoured_tokens_scorer(len(tokenizer)), tokenizer),
         prompts,
         settings,
         seed=0,
@@ -249,10 +240,7 @@ def test_one_iteration_updates_every_trainable_parameter_and_no_frozen_one(token
     policy, reference = new_policy(tokenizer), new_reference(tokenizer)
     before, reference_before = snapshot(policy), snapshot(reference)
     train_ppo(
-        policy,
-        reference,
-        favoured_tokens_scorer(len(tokenizer)),
-        tokenizer,
+        PPOModels(policy, reference, favoured_tokens_scorer(len(tokenizer)), tokenizer),
         prompts,
         small_settings(iterations=1),
         show_progress=False,
@@ -270,10 +258,7 @@ def test_group_estimators_train_without_a_value_loss(tokenizer, prompts, estimat
     head_before = snapshot(policy.value_head)
     lm_before = snapshot(policy.lm)
     result = train_ppo(
-        policy,
-        reference,
-        favoured_tokens_scorer(len(tokenizer)),
-        tokenizer,
+        PPOModels(policy, reference, favoured_tokens_scorer(len(tokenizer)), tokenizer),
         prompts,
         small_settings(iterations=1, advantage_estimator=estimator, group_size=4),
         show_progress=False,
@@ -292,7 +277,10 @@ def test_kl_controller_is_updated_with_the_measured_kl(tokenizer, prompts, adapt
         iterations=3, adaptive_kl=adaptive, init_kl_coef=0.5, target_kl=1.0, kl_horizon=40.0
     )
     result = train_ppo(
-        policy, reference, constant_scorer(0.0), tokenizer, prompts, settings, show_progress=False
+        PPOModels(policy, reference, constant_scorer(0.0), tokenizer),
+        prompts,
+        settings,
+        show_progress=False,
     )
     coefs = [row["kl/coef"] for row in result.history]
     kls = [row["kl/mean"] for row in result.history]
@@ -314,10 +302,12 @@ def test_micro_batches_accumulate_the_exact_minibatch_gradient(tokenizer, prompt
             iterations=1, minibatch_size=8, micro_batch_size=micro, ppo_epochs=1, max_grad_norm=0.0
         )
         result = train_ppo(
-            new_policy(tokenizer),
-            new_reference(tokenizer, seed=1),
-            favoured_tokens_scorer(len(tokenizer)),
-            tokenizer,
+            PPOModels(
+                new_policy(tokenizer),
+                new_reference(tokenizer, seed=1),
+                favoured_tokens_scorer(len(tokenizer)),
+                tokenizer,
+            ),
             prompts,
             settings,
             show_progress=False,
@@ -329,10 +319,7 @@ def test_micro_batches_accumulate_the_exact_minibatch_gradient(tokenizer, prompt
 def test_evaluation_runs_before_training_at_the_cadence_and_at_the_end(tokenizer, prompts):
     seen = []
     result = train_ppo(
-        new_policy(tokenizer),
-        new_reference(tokenizer),
-        constant_scorer(1.0),
-        tokenizer,
+        PPOModels(new_policy(tokenizer), new_reference(tokenizer), constant_scorer(1.0), tokenizer),
         prompts,
         small_settings(iterations=3, eval_every=2),
         eval_prompts=prompts[:3],
@@ -352,10 +339,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer, prompts, tm
 
     def run(policy, checkpoints=None, on_log=None):
         return train_ppo(
-            policy,
-            new_reference(tokenizer, seed=1),
-            scorer,
-            tokenizer,
+            PPOModels(policy, new_reference(tokenizer, seed=1), scorer, tokenizer),
             prompts,
             settings,
             seed=3,
@@ -399,10 +383,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer, prompts, tm
 def test_saved_policy_and_value_head_reload_whole(tokenizer, prompts, tmp_path):
     policy = new_policy(tokenizer)
     train_ppo(
-        policy,
-        new_reference(tokenizer),
-        favoured_tokens_scorer(len(tokenizer)),
-        tokenizer,
+        PPOModels(
+            policy, new_reference(tokenizer), favoured_tokens_scorer(len(tokenizer)), tokenizer
+        ),
         prompts,
         small_settings(iterations=1),
         show_progress=False,

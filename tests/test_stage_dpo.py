@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import model_and_split
 
 import rlhf_core.stages.dpo as dpo_stage
 import rlhf_core.stages.training_stage as training_stage
@@ -17,7 +18,7 @@ from rlhf_core.config.stages import DPOSettings, LoraSettings
 from rlhf_core.config.training import TrainSettings
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split
+from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.dpo import run_dpo
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
@@ -36,10 +37,9 @@ BETA = 0.1
 @pytest.fixture
 def sft_and_pairs(tiny_project, tiny_params):
     """The tiny project's SFT model, tokenizer and its train / held-out tokenized pairs."""
-    paths = ProjectPaths(tiny_project)
-    model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
-    frame = load_validated(paths, "preference")
-    train_frame, eval_frame = train_eval_split(frame, tiny_params.data.eval_fraction)
+    model, tokenizer, train_frame, eval_frame = model_and_split(
+        tiny_project, "sft", "preference", tiny_params.data.eval_fraction
+    )
 
     def pairs(part):
         return tokenize_pairs(
@@ -323,7 +323,7 @@ def test_run_dpo_trains_saves_and_tracks_everything(tiny_project, tiny_params, m
 
     paths = ProjectPaths(tiny_project)
     metrics = run_dpo(
-        _stage_settings(), data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False
+        _stage_settings(), StageContext(_data(tiny_params), 0, tiny_project, show_progress=False)
     )
     sft = load_file(str(paths.sft_model_dir / "model.safetensors"))
     policy = load_file(str(paths.policy_dir("dpo") / "model.safetensors"))
@@ -378,10 +378,7 @@ def test_simpo_stage_skips_the_reference_pass(tiny_project, tiny_params, mlflow_
     monkeypatch.setattr(dpo_stage, "reference_logps", no_reference)
     metrics = run_dpo(
         _stage_settings(max_steps=2, loss_type="simpo", beta=2.0),
-        data=_data(tiny_params),
-        seed=0,
-        root=tiny_project,
-        show_progress=False,
+        StageContext(_data(tiny_params), 0, tiny_project, show_progress=False),
     )
     assert math.isfinite(metrics["eval/loss"])
 
@@ -397,7 +394,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     uninterrupted = shutil.copytree(tiny_project_template, tmp_path / "uninterrupted")
     settings = _stage_settings()
     expected = run_dpo(
-        settings, data=_data(tiny_params), seed=0, root=uninterrupted, show_progress=False
+        settings, StageContext(_data(tiny_params), 0, uninterrupted, show_progress=False)
     )
 
     real_train = training_stage.train
@@ -412,12 +409,12 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
 
     monkeypatch.setattr(training_stage, "train", train_then_crash)
     with pytest.raises(Crash):
-        run_dpo(settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False)
+        run_dpo(settings, StageContext(_data(tiny_params), 0, tiny_project, show_progress=False))
     paths = ProjectPaths(tiny_project)
     assert paths.checkpoints_dir("dpo").is_dir()
     monkeypatch.setattr(training_stage, "train", real_train)
     resumed = run_dpo(
-        settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False
+        settings, StageContext(_data(tiny_params), 0, tiny_project, show_progress=False)
     )
 
     assert resumed["resumed_from"] == 2 and resumed["steps"] == expected["steps"]
@@ -445,10 +442,7 @@ def test_lora_saves_a_merged_model_and_its_adapter(tiny_project, tiny_params, ml
     lora = LoraSettings(enabled=True, r=4, alpha=8.0)
     metrics = run_dpo(
         _stage_settings(max_steps=2, lora=lora),
-        data=_data(tiny_params),
-        seed=0,
-        root=tiny_project,
-        show_progress=False,
+        StageContext(_data(tiny_params), 0, tiny_project, show_progress=False),
     )
     out = paths.policy_dir("dpo")
     assert (out / "adapter" / "adapter_config.json").is_file()

@@ -20,7 +20,7 @@ from rlhf_core.generation import Rollout, SamplingSettings, score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer, save_model
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split
+from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
 from rlhf_core.stages.evaluate import run_evaluate
 from rlhf_core.tracking.lineage import read_producer_run_id, run_marker_path
 
@@ -71,7 +71,7 @@ def evaluated(tiny_project_template, tmp_path_factory, tracking_store):
     save_model(sft_model, tokenizer, paths.policy_dir("dpo"))
     save_model(_perturbed(sft_model, 0.1, seed=1), tokenizer, paths.policy_dir("ppo"))
     results = run_evaluate(
-        SETTINGS, algorithms=["dpo", "ppo"], data=DATA, seed=0, root=root, show_progress=False
+        SETTINGS, StageContext(DATA, 0, root, show_progress=False), algorithms=["dpo", "ppo"]
     )
     metrics = json.loads(paths.metrics_file("evaluate").read_text())
     responses = [
@@ -221,7 +221,7 @@ def test_mlflow_run_has_metrics_figure_and_lineage(evaluated, tracking_store):
 def test_missing_policy_dir_names_the_stage_to_run(tiny_project):
     with pytest.raises(FileNotFoundError, match=r"dvc repro policy@ppo"):
         run_evaluate(
-            SETTINGS, algorithms=["ppo"], data=DATA, seed=0, root=tiny_project, show_progress=False
+            SETTINGS, StageContext(DATA, 0, tiny_project, show_progress=False), algorithms=["ppo"]
         )
 
 
@@ -231,11 +231,10 @@ def test_without_a_gold_judge_gold_metrics_are_null(tiny_project, tracking_store
     )
     results = run_evaluate(
         settings,
+        StageContext(
+            DataSettings(source="files", eval_fraction=0.2), 0, tiny_project, show_progress=False
+        ),
         algorithms=[],
-        data=DataSettings(source="files", eval_fraction=0.2),
-        seed=0,
-        root=tiny_project,
-        show_progress=False,
     )
     assert set(results) == {"sft", "reward_model"}
     assert results["sft"]["gold_score_mean"] is None

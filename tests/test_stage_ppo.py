@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
+from tiny_models import TINY_PPO_TRAIN
 
 from rlhf_core.config.stages import PPOSettings
 from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.ppo import run_ppo
+from rlhf_core.stages.common import StageContext
+from rlhf_core.stages.ppo import FINAL_ITERATION_METRICS, run_ppo
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.tracking.runs import StageRun
 
@@ -20,17 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_settings(**overrides) -> PPOSettings:
-    train = dict(
-        iterations=ITERATIONS,
-        rollout_batch_size=8,
-        max_new_tokens=6,
-        minibatch_size=4,
-        ppo_epochs=1,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        eval_every=2,
-        checkpoint_every=1,
-    )
+    train = dict(TINY_PPO_TRAIN, iterations=ITERATIONS, eval_every=2, checkpoint_every=1)
     return PPOSettings(train=PPOTrainSettings(**{**train, **overrides}), max_eval_prompts=4)
 
 
@@ -48,7 +40,7 @@ def test_run_ppo_writes_the_policy_metrics_curves_and_an_mlflow_run(
 
     paths = ProjectPaths(tiny_project)
     metrics = run_ppo(
-        tiny_settings(), data=tiny_params.data, seed=0, root=tiny_project, show_progress=False
+        tiny_settings(), StageContext(tiny_params.data, 0, tiny_project, show_progress=False)
     )
 
     # The policy: a plain causal LM plus its value head, reloaded whole.
@@ -88,26 +80,10 @@ def test_run_ppo_writes_the_policy_metrics_curves_and_an_mlflow_run(
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'ppo'")
     assert run.info.status == "FINISHED"
     for key in (
-        "reward/score_mean",
-        "reward/total_mean",
-        "kl/mean",
-        "kl/coef",
-        "policy/entropy",
-        "policy/clip_fraction",
-        "policy/approx_kl",
-        "value/loss",
-        "value/clip_fraction",
-        "response/length_mean",
-        "response/ended_fraction",
-        "loss/policy",
-        "loss/total",
-        "loss",
-        "lr",
-        "grad_norm",
-        "time/generation_s",
-        "time/scoring_s",
-        "time/update_s",
-        "tokens_per_s",
+        *FINAL_ITERATION_METRICS,
+        *("policy/clip_fraction", "policy/approx_kl", "value/loss", "value/clip_fraction"),
+        *("loss/policy", "loss/total", "loss", "lr", "grad_norm", "tokens_per_s"),
+        *("time/generation_s", "time/scoring_s", "time/update_s"),
     ):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3], key
@@ -146,28 +122,25 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_changed_config_starts_ov
     monkeypatch.setattr(StageRun, "log_metrics", crash_at_iteration_two)
     with pytest.raises(SimulatedCrash):
         run_ppo(
-            tiny_settings(), data=tiny_params.data, seed=0, root=tiny_project, show_progress=False
+            tiny_settings(), StageContext(tiny_params.data, 0, tiny_project, show_progress=False)
         )
     assert [p.name for p in paths.checkpoints_dir("ppo").iterdir()] == ["step-00000001"]
     monkeypatch.setattr(StageRun, "log_metrics", original_log_metrics)
 
     changed = run_ppo(
         tiny_settings(learning_rate=5e-3),
-        data=tiny_params.data,
-        seed=0,
-        root=tiny_project,
-        show_progress=False,
+        StageContext(tiny_params.data, 0, tiny_project, show_progress=False),
     )
     assert changed["resumed_from"] == 0  # another config never resumes a stale checkpoint
 
     monkeypatch.setattr(StageRun, "log_metrics", crash_at_iteration_two)
     with pytest.raises(SimulatedCrash):
         run_ppo(
-            tiny_settings(), data=tiny_params.data, seed=0, root=tiny_project, show_progress=False
+            tiny_settings(), StageContext(tiny_params.data, 0, tiny_project, show_progress=False)
         )
     monkeypatch.setattr(StageRun, "log_metrics", original_log_metrics)
     resumed = run_ppo(
-        tiny_settings(), data=tiny_params.data, seed=0, root=tiny_project, show_progress=False
+        tiny_settings(), StageContext(tiny_params.data, 0, tiny_project, show_progress=False)
     )
     assert resumed["resumed_from"] == 1 and resumed["iterations"] == ITERATIONS
     assert not paths.checkpoints_dir("ppo").exists()
@@ -178,7 +151,7 @@ def test_missing_reward_model_is_a_clear_error(tiny_project, tiny_params, tracki
 
     shutil.rmtree(ProjectPaths(tiny_project).reward_model_dir)
     with pytest.raises(FileNotFoundError, match="reward_model input is missing"):
-        run_ppo(tiny_settings(), data=tiny_params.data, seed=0, root=tiny_project)
+        run_ppo(tiny_settings(), StageContext(tiny_params.data, 0, tiny_project))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from tiny_models import model_and_split
 from training_checks import assert_same_step, train_one_step
 
 import rlhf_core.training.objectives.reward as reward_task_module
@@ -18,7 +19,7 @@ from rlhf_core.generation import score_token_ids
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split
+from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
 from rlhf_core.stages.reward import pair_groups, ranking_groups, run_reward
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
@@ -36,10 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def sft_and_groups(tiny_project, tiny_params):
     """The tiny SFT model, its tokenizer, train pair groups and train ranking groups."""
-    paths = ProjectPaths(tiny_project)
-    model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
-    pairs, _ = train_eval_split(load_validated(paths, "preference"), 0.2)
-    rankings, _ = train_eval_split(load_validated(paths, "ranked"), 0.2)
+    model, tokenizer, pairs, _ = model_and_split(tiny_project, "sft", "preference", 0.2)
+    rankings, _ = train_eval_split(load_validated(ProjectPaths(tiny_project), "ranked"), 0.2)
     return (
         model,
         tokenizer,
@@ -256,7 +255,7 @@ def test_run_reward_trains_on_pairs_and_rankings_saves_and_tracks(
         )
     )
     data = DataSettings(eval_fraction=tiny_params.data.eval_fraction)
-    metrics = run_reward(settings, data=data, seed=0, root=tiny_project, show_progress=False)
+    metrics = run_reward(settings, StageContext(data, 0, tiny_project, show_progress=False))
 
     assert pl_calls, "the ranked set must train with Plackett-Luce"
     assert metrics["train_rankings"] > 0 and metrics["train_pairs"] > 0

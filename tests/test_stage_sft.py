@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from tiny_models import model_and_split
 from training_checks import assert_same_step, train_one_step
 
 import rlhf_core.stages.sft as sft_stage
@@ -17,7 +18,7 @@ from rlhf_core.config.stages import SFTSettings
 from rlhf_core.config.training import TrainSettings
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split
+from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.sft import run_sft
 from rlhf_core.tracking.lineage import read_producer_run_id
 from rlhf_core.training.loop import train
@@ -35,11 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def base_and_rows(tiny_project, tiny_params):
     """The tiny base model, its tokenizer, and the train / held-out SFT frames."""
-    paths = ProjectPaths(tiny_project)
-    model, tokenizer = load_causal_lm(str(paths.base_model_dir))
-    frame = load_validated(paths, "sft")
-    train_frame, eval_frame = train_eval_split(frame, tiny_params.data.eval_fraction)
-    return model, tokenizer, train_frame, eval_frame
+    return model_and_split(tiny_project, "base", "sft", tiny_params.data.eval_fraction)
 
 
 def _examples(tokenizer, frame, max_length=256):
@@ -193,7 +190,7 @@ def test_run_sft_trains_saves_and_tracks_everything(
     paths = ProjectPaths(tiny_project)
     settings = _stage_settings()
     metrics = run_sft(
-        settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False
+        settings, StageContext(_data(tiny_params), 0, tiny_project, show_progress=False)
     )
 
     # Every parameter of the saved model moved away from the base model.
@@ -244,7 +241,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     other = shutil.copytree(tiny_project, tmp_path / "uninterrupted")
     settings = _stage_settings(epochs=1.5, eval_every=0)
-    reference = run_sft(settings, data=_data(tiny_params), seed=0, root=other, show_progress=False)
+    reference = run_sft(settings, StageContext(_data(tiny_params), 0, other, show_progress=False))
 
     original_loss = sft_stage.SFTObjective.loss
     calls = []
@@ -257,13 +254,13 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
 
     monkeypatch.setattr(sft_stage.SFTObjective, "loss", crash_at_step_6)
     with pytest.raises(Crash):
-        run_sft(settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False)
+        run_sft(settings, StageContext(_data(tiny_params), 0, tiny_project, show_progress=False))
     saved = sorted(p.name for p in ProjectPaths(tiny_project).checkpoints_dir("sft").iterdir())
     assert saved == ["step-00000002", "step-00000004"]
 
     monkeypatch.setattr(sft_stage.SFTObjective, "loss", original_loss)
     resumed = run_sft(
-        settings, data=_data(tiny_params), seed=0, root=tiny_project, show_progress=False
+        settings, StageContext(_data(tiny_params), 0, tiny_project, show_progress=False)
     )
     assert resumed["resumed_from"] == 4 and reference["resumed_from"] == 0
     for key in ("eval_loss", "eval_token_accuracy", "train_loss", "steps"):

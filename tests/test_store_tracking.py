@@ -1,6 +1,6 @@
 """The preference store versioned with `dvc add`: by `rlhf ingest` and the retrain flow
-(`rlhf_core.app.store_versioning.track_store`), seen by DVC as the validate stage's dependency,
-shared with `dvc push` / `dvc pull`, and kept in git by the project's .gitignore.
+(`rlhf_core.orchestration.store_versioning.track_store`), seen by DVC as the validate stage's
+dependency, shared with `dvc push` / `dvc pull`, and kept in git by the project's .gitignore.
 
 Each test gets a small git + DVC project with the project's own .gitignore and one stage,
 `validate`, that depends on data/preferences like the real one.
@@ -19,8 +19,8 @@ import yaml
 from typer.testing import CliRunner
 
 from rlhf_core.app.cli import app
-from rlhf_core.app.store_versioning import dvc_project_root, track_store
 from rlhf_core.data.store import read_table
+from rlhf_core.orchestration.store_versioning import dvc_project_root, track_store
 from rlhf_core.scripts import load_script
 from rlhf_core.tracking.lineage import path_md5
 

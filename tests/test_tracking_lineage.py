@@ -1,10 +1,10 @@
 """Lineage beside the outputs: DVC md5s, run markers, the producing run, chained stages."""
 
-import hashlib
 import json
 import os
 
 import pytest
+from dvc_hashes import dvc_md5, md5
 
 from rlhf_core.tracking.lineage import (
     RUN_INFO_FILE,
@@ -22,21 +22,6 @@ def client(tracking_store):
     return tracking_store[1]
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def _dvc_md5(path, cache):
-    """DVC's own hash of a file or directory: the value it would write to dvc.lock."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-
-    fs = LocalFileSystem()
-    _, _, obj = build(HashFileDB(fs, str(cache)), str(path), fs, "md5")
-    return obj.hash_info.value
-
-
 def test_git_state_outside_a_repository(tmp_path):
     assert git_state(tmp_path) == ("unknown", "unknown")
 
@@ -47,9 +32,9 @@ def test_path_md5_equals_dvc_for_files_and_directories(tmp_path):
     (data / "a.jsonl").write_bytes(b'{"x": 1}\n')
     (data / "nested" / "b.bin").write_bytes(bytes(range(256)) * 5000)  # > one 1 MiB block
     (data / "nested" / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
-    assert path_md5(data / "a.jsonl") == _md5(b'{"x": 1}\n')
-    assert path_md5(data / "nested" / "b.bin") == _md5(bytes(range(256)) * 5000)
-    assert path_md5(data) == _dvc_md5(data, tmp_path / "cache")
+    assert path_md5(data / "a.jsonl") == md5(b'{"x": 1}\n')
+    assert path_md5(data / "nested" / "b.bin") == md5(bytes(range(256)) * 5000)
+    assert path_md5(data) == dvc_md5(data, tmp_path / "cache")
     with pytest.raises(ValueError, match="neither a file nor a directory"):
         path_md5(tmp_path / "missing")
 
@@ -93,9 +78,9 @@ def test_chained_stages_link_output_to_producing_run(client, tmp_path):
     consumer_tags = client.get_run(c.run_id).data.tags
     producer_tags = client.get_run(producer.run_id).data.tags
     assert consumer_tags["input.sft.run_id"] == producer.run_id
-    assert consumer_tags["input.sft.md5"] == _dvc_md5(model_dir, tmp_path / "cache")
+    assert consumer_tags["input.sft.md5"] == dvc_md5(model_dir, tmp_path / "cache")
     assert consumer_tags["input.sft.md5"] == producer_tags["output.artifacts/sft.md5"]
-    assert consumer_tags["input.prefs.md5"] == _md5(b'{"prompt": "hi"}\n')
+    assert consumer_tags["input.prefs.md5"] == md5(b'{"prompt": "hi"}\n')
     assert "input.prefs.run_id" not in consumer_tags  # raw data: produced by no run
 
 

@@ -31,17 +31,9 @@ from rlhf_core.tracking.runs import stage_run
 PROMPTS = ["Review the film.", "Write a short review of the film."]
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An empty, migrated MLflow sqlite file to copy (a migration costs seconds)."""
-    path = tmp_path_factory.mktemp("mlflow_models_store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def project(tiny_project, empty_store, monkeypatch):
-    shutil.copy(empty_store, tiny_project / "mlflow.db")
+def project(tiny_project, empty_mlflow_db, monkeypatch):
+    shutil.copy(empty_mlflow_db, tiny_project / "mlflow.db")
     uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("RLHF_EXPERIMENT", "mlflow-models-test")

@@ -54,21 +54,13 @@ EVALUATION = {
 }
 
 
-@pytest.fixture(scope="session")
-def empty_store_template(tmp_path_factory):
-    """An empty, migrated MLflow sqlite file: creating one costs seconds, copying it does not."""
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def project(tiny_project, empty_store_template, monkeypatch):
+def project(tiny_project, empty_mlflow_db, monkeypatch):
     """The tiny project with its own tracking store and no producer markers from elsewhere."""
     for marker in tiny_project.rglob(f"*{RUN_INFO_FILE}"):
         marker.unlink()
     database = tiny_project / "mlflow.db"
-    shutil.copy(empty_store_template, database)
+    shutil.copy(empty_mlflow_db, database)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
     monkeypatch.setenv("RLHF_EXPERIMENT", "registry-test")
     # MLflow's process-wide URI (models:/ URIs resolve through it), put back after the test.

@@ -1,6 +1,5 @@
 """MLflow stage runs: params, metric curves, datasets, artifacts, nesting, failure, the store."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -9,6 +8,7 @@ import subprocess
 import mlflow
 import pandas as pd
 import pytest
+from dvc_hashes import dvc_md5, md5
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
@@ -41,21 +41,6 @@ def _git_repo(path):
     _git(path, "add", ".")
     _git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
     return path
-
-
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def _dvc_md5(path, cache):
-    """DVC's own hash of a file or directory: the value it would write to dvc.lock."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-
-    fs = LocalFileSystem()
-    _, _, obj = build(HashFileDB(fs, str(cache)), str(path), fs, "md5")
-    return obj.hash_info.value
 
 
 def test_flatten_params_dotted_keys_lists_as_json():
@@ -130,7 +115,7 @@ def test_run_nested_under_parent_from_environment(client, tmp_path, monkeypatch)
         pass
 
 
-def test_dataset_inputs_carry_file_md5(client, tmp_path):
+def test_dataset_inputs_carry_filemd5(client, tmp_path):
     frame = pd.DataFrame(
         {
             "prompt": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]],
@@ -140,7 +125,7 @@ def test_dataset_inputs_carry_file_md5(client, tmp_path):
     )
     path = tmp_path / "pairs.parquet"
     frame.to_parquet(path)
-    md5 = _md5(path.read_bytes())
+    digest = md5(path.read_bytes())
     with stage_run("reward", project_root=tmp_path) as run:
         run.log_dataset(path, "prefs")
         run.log_dataset(frame.head(1), "eval", context="evaluation", source=path)
@@ -148,12 +133,12 @@ def test_dataset_inputs_carry_file_md5(client, tmp_path):
             run.log_dataset(frame, "orphan")
     inputs = client.get_run(run.run_id).inputs.dataset_inputs
     by_name = {i.dataset.name: i for i in inputs}
-    assert set(by_name) == {f"prefs@{md5[:12]}", f"eval@{md5[:12]}"}
-    prefs_tags = {t.key: t.value for t in by_name[f"prefs@{md5[:12]}"].tags}
-    assert prefs_tags == {"mlflow.data.context": "training", "md5": md5}
-    eval_tags = {t.key: t.value for t in by_name[f"eval@{md5[:12]}"].tags}
+    assert set(by_name) == {f"prefs@{digest[:12]}", f"eval@{digest[:12]}"}
+    prefs_tags = {t.key: t.value for t in by_name[f"prefs@{digest[:12]}"].tags}
+    assert prefs_tags == {"mlflow.data.context": "training", "md5": digest}
+    eval_tags = {t.key: t.value for t in by_name[f"eval@{digest[:12]}"].tags}
     assert eval_tags["mlflow.data.context"] == "evaluation"
-    assert json.loads(by_name[f"prefs@{md5[:12]}"].dataset.source)["uri"] == str(path.resolve())
+    assert json.loads(by_name[f"prefs@{digest[:12]}"].dataset.source)["uri"] == str(path.resolve())
 
 
 def test_exception_marks_run_failed_and_propagates(client, tmp_path):
@@ -214,7 +199,7 @@ def test_figures_artifacts_dicts_and_model_dirs_listed(client, tmp_path):
     )
     assert saved == {"accuracy": 0.75}
     tags = client.get_run(run.run_id).data.tags
-    assert tags["model.policy.md5"] == _dvc_md5(model_dir, tmp_path / "cache")
+    assert tags["model.policy.md5"] == dvc_md5(model_dir, tmp_path / "cache")
     # The directory is an MLflow model of the run: MLmodel plus a copy of the folder.
     logged = client.get_logged_model(tags["model.policy.model_id"])
     assert logged.name == "policy" and logged.source_run_id == run.run_id

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core.app import warm_stages
-from rlhf_core.app.warm_stages import SOCKET_ENV, StageServer, delegate
-from rlhf_core.app.warm_stages import warm_stages as warm
+from rlhf_core.orchestration import warm_stages
+from rlhf_core.orchestration.warm_stages import SOCKET_ENV, StageServer, delegate
+from rlhf_core.orchestration.warm_stages import warm_stages as warm
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
 LIGHT_PRELOAD = (
-    "rlhf_core.app.stage_commands",
+    "rlhf_core.orchestration.stage_commands",
 )  # the tests need the mechanism, not the heavy imports
 
 
@@ -58,7 +58,7 @@ def test_the_child_sees_the_callers_cwd_and_environment(server, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": "not a number"}))
     script = (
         "import os, sys\n"
-        "from rlhf_core.app.warm_stages import delegate\n"
+        "from rlhf_core.orchestration.warm_stages import delegate\n"
         "raise SystemExit(delegate(['stage', 'sft']))\n"
     )
     env = {**os.environ, SOCKET_ENV: path, "RLHF_TEST_MARKER": "from-the-client"}
@@ -72,7 +72,8 @@ def test_the_child_sees_the_callers_cwd_and_environment(server, tmp_path):
 
 def test_the_server_runs_stage_commands_only(server, tmp_path):
     script = (
-        "from rlhf_core.app.warm_stages import delegate\nraise SystemExit(delegate(['version']))\n"
+        "from rlhf_core.orchestration.warm_stages import delegate\n"
+        "raise SystemExit(delegate(['version']))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script],

@@ -4,8 +4,21 @@ import random
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.models.tokenizer import train_bpe_tokenizer
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.stages.common import load_validated, train_eval_split
 
+# The smallest PPO run that exercises every part: 8 responses of at most 6 tokens, one epoch
+# of minibatches of 4, a high learning rate so a few iterations move the policy.
+TINY_PPO_TRAIN = dict(
+    rollout_batch_size=8,
+    max_new_tokens=6,
+    minibatch_size=4,
+    ppo_epochs=1,
+    learning_rate=1e-2,
+    warmup_steps=0,
+)
 FILM_WORDS = ["the", "film", "was", "great", "dull", "plot", "scene", "actor", "good", "bad"]
 
 
@@ -28,3 +41,13 @@ def two_layer_llama(vocab_size: int, **overrides) -> LlamaForCausalLM:
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(LlamaConfig(**{**config, **overrides}))
+
+
+def model_and_split(project, model: str, set_name: str, eval_fraction: float):
+    """A prepared project's `model` ("base" or "sft") with its tokenizer, and the train and
+    held-out rows of its validated `set_name`."""
+    paths = ProjectPaths(project)
+    model_dir = {"base": paths.base_model_dir, "sft": paths.sft_model_dir}[model]
+    causal_lm, tokenizer = load_causal_lm(str(model_dir))
+    train_rows, held_out = train_eval_split(load_validated(paths, set_name), eval_fraction)
+    return causal_lm, tokenizer, train_rows, held_out

@@ -13,13 +13,13 @@ from typing import Annotated
 import typer
 
 from rlhf_core import __version__
-from rlhf_core.app.command_support import (
+from rlhf_core.orchestration.command_support import (
     ParamsOption,
     configure_logging,
     fail,
     load_params_or_exit,
 )
-from rlhf_core.app.stage_commands import stage_app
+from rlhf_core.orchestration.stage_commands import stage_app
 
 app = typer.Typer(
     name="rlhf",
@@ -170,7 +170,7 @@ def ingest(
 
 def _track_store(store: Path) -> str | None:
     """Version the store with `dvc add` and say what happened; DVC's error, if it failed."""
-    from rlhf_core.app.store_versioning import StoreTrackingError, track_store
+    from rlhf_core.orchestration.store_versioning import StoreTrackingError, track_store
 
     try:
         typer.echo(track_store(store).message)
@@ -181,7 +181,7 @@ def _track_store(store: Path) -> str | None:
 
 def _announce_ingest(store: Path, results) -> None:
     """Tell a served retrain deployment that new rows arrived (no-op without a Prefect API)."""
-    from rlhf_core.app.store_versioning import emit_ingested_event
+    from rlhf_core.orchestration.store_versioning import emit_ingested_event
 
     if emit_ingested_event(store, results) is not None:
         typer.echo("sent event rlhf.preferences.ingested: the served retrain deployment will run")
@@ -328,10 +328,10 @@ def _print_where_to_look(summary: dict) -> None:
 
 def main() -> None:
     """The `rlhf` console script: `rlhf stage ...` goes to a warm stage server when the
-    pipeline flow runs one (`rlhf_core.app.warm_stages`), everything else runs here."""
+    pipeline flow runs one (`rlhf_core.orchestration.warm_stages`), everything else runs here."""
     import sys
 
-    from rlhf_core.app.warm_stages import delegate
+    from rlhf_core.orchestration.warm_stages import delegate
 
     if sys.argv[1:2] == ["stage"] and (code := delegate(sys.argv[1:])) is not None:
         raise SystemExit(code)

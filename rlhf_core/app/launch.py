@@ -15,19 +15,19 @@ params can still use the flows that came with the code. Prefect is imported insi
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
 
 from rlhf_core.app.prefect_server import configure_prefect, prefect_server
-from rlhf_core.app.store_versioning import INGESTED_EVENT
+from rlhf_core.orchestration.store_versioning import INGESTED_EVENT
 from rlhf_core.scripts import load_script
 from rlhf_core.tracking.check import check_tracking_store
 
 PIPELINE_ENTRYPOINT = "flows/pipeline.py:pipeline"
 RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
 DEPLOYMENTS_ENTRYPOINT = "flows/deployments.py:retrain_deployments"
+DVC_STAGE_TASKS = "tasks/dvc_stage.py"
 DEFAULT_SCHEDULE_CRON = "0 3 * * *"  # every night at 03:00
 
 
@@ -61,9 +61,9 @@ def run_pipeline(project_root: str | Path = ".") -> dict[str, Any]:
     pipeline = load_entrypoint(PIPELINE_ENTRYPOINT, root)
     # What is stale, before Prefect starts: when anything is, the warm stage server imports
     # the training libraries while Prefect's temporary server starts (both take seconds).
-    from rlhf_core.app.warm_stages import warm_stages
+    from rlhf_core.orchestration.warm_stages import warm_stages
 
-    stale = inspect.getmodule(pipeline.fn).dvc_stage.stale_stages(root)
+    stale = load_script(DVC_STAGE_TASKS, root).stale_stages(root)
     with warm_stages(root) as server:
         if stale:
             server.start()

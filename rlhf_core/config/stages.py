@@ -24,16 +24,7 @@ if TYPE_CHECKING:
 # tokens, 2 CPU cores): eval loss falls until about epoch 7 and samples are fluent, well-formed
 # reviews that end with EOS; 8 epochs are 456 steps, about 75 s of single-core compute.
 SFT_DEMO_TRAIN = TrainSettings(
-    learning_rate=5e-3,
-    weight_decay=0.0,
-    warmup_steps=20,
-    schedule="cosine",
-    min_lr_ratio=0.1,
-    max_grad_norm=1.0,
-    epochs=8.0,
-    batch_size=32,
-    eval_every=57,
-    checkpoint_every=100,
+    learning_rate=5e-3, warmup_steps=20, epochs=8.0, eval_every=57, checkpoint_every=100
 )
 
 
@@ -76,16 +67,7 @@ class SFTSettings:
 # gives the best-calibrated rewards (lowest held-out loss). 4 epochs are 172 steps, ~45 s of
 # single-core compute. More epochs overfit (train accuracy above the annotators' agreement).
 REWARD_DEMO_TRAIN = TrainSettings(
-    learning_rate=3e-4,
-    weight_decay=0.0,
-    warmup_steps=10,
-    schedule="cosine",
-    min_lr_ratio=0.1,
-    max_grad_norm=1.0,
-    epochs=4.0,
-    batch_size=32,
-    eval_every=43,
-    checkpoint_every=50,
+    learning_rate=3e-4, warmup_steps=10, epochs=4.0, eval_every=43, checkpoint_every=50
 )
 
 
@@ -125,15 +107,7 @@ class RewardSettings:
 # on the gold judge at a KL of ~3 nats; plain DPO (rpo_alpha 0) needs 2 epochs for a similar
 # win rate, at a KL of 20-40 nats and less fluent text.
 DPO_DEMO_TRAIN = TrainSettings(
-    learning_rate=1e-3,
-    warmup_steps=5,
-    schedule="cosine",
-    min_lr_ratio=0.1,
-    max_grad_norm=1.0,
-    epochs=1.0,
-    batch_size=32,
-    eval_every=20,
-    checkpoint_every=20,
+    learning_rate=1e-3, warmup_steps=5, epochs=1.0, eval_every=20, checkpoint_every=20
 )
 
 

@@ -1,7 +1,7 @@
 """The append-only preference store: validated rows merged by content hash, originals archived.
 
 Layout of a store directory (`rlhf ingest` and the retrain flow version it with `dvc add`,
-in `rlhf_core.app.store_versioning.track_store`; this module knows nothing of DVC):
+in `rlhf_core.orchestration.store_versioning.track_store`; this module knows nothing of DVC):
 
     pairs.parquet         merged valid preference pairs (`rankings.parquet` for ranked data)
     manifest.jsonl        one line per ingested file, in order: hash, name, time, counts, status

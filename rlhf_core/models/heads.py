@@ -84,14 +84,27 @@ def _forward_kwargs(
     return {name: value for name, value in kwargs.items() if name in parameters}
 
 
-def _save_head(
-    head: nn.Linear, directory: Path, head_file: str, meta_file: str, meta: dict
-) -> None:
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
-        directory / head_file,
-    )
-    (directory / meta_file).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+def _save_with_head(
+    trunk: PreTrainedModel,
+    head: nn.Linear,
+    path: str | os.PathLike,
+    names: tuple[str, str],
+    meta: dict,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> Path:
+    """Write the trunk (safetensors), the head (`names[0]`), its metadata (`names[1]`) and the
+    optional tokenizer to `path`, atomically replacing it."""
+    head_file, meta_file = names
+    with atomic_directory(path) as staging:
+        trunk.save_pretrained(staging)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+            staging / head_file,
+        )
+        (staging / meta_file).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(path)
 
 
 def _load_head(directory: Path, head_file: str, meta_file: str, expected_format: str) -> nn.Linear:
@@ -171,12 +184,8 @@ class RewardModel(nn.Module):
             "pooling": "last_token",
             "backbone_class": type(self.backbone).__name__,
         }
-        with atomic_directory(path) as staging:
-            self.backbone.save_pretrained(staging)
-            _save_head(self.score, staging, self.head_file, self.meta_file, meta)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-        return Path(path)
+        names = (self.head_file, self.meta_file)
+        return _save_with_head(self.backbone, self.score, path, names, meta, tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -239,12 +248,8 @@ class PolicyWithValueHead(nn.Module):
             "hidden_size": self.value_head.in_features,
             "lm_class": type(self.lm).__name__,
         }
-        with atomic_directory(path) as staging:
-            self.lm.save_pretrained(staging)
-            _save_head(self.value_head, staging, self.head_file, self.meta_file, meta)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-        return Path(path)
+        names = (self.head_file, self.meta_file)
+        return _save_with_head(self.lm, self.value_head, path, names, meta, tokenizer)
 
     @classmethod
     def from_pretrained(

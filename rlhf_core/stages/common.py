@@ -1,11 +1,14 @@
-"""Validated data in: the pieces every training and evaluation stage reads its sets with."""
+"""What every training and evaluation stage shares: its run context and its validated sets."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from rlhf_core.config import DataSettings
 from rlhf_core.data.splits import split_frame
 from rlhf_core.paths import ProjectPaths
 
@@ -44,3 +47,19 @@ def train_eval_split(
 def load_split(paths: ProjectPaths, set_name: str, data: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The train and held-out rows of a validated set, split as `data` (DataSettings) says."""
     return train_eval_split(load_validated(paths, set_name), data.eval_fraction, data.split_salt)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every training and evaluation stage run shares: the data settings (the held-out
+    split), the global seed, the project root and whether to draw progress bars."""
+
+    data: DataSettings
+    seed: int
+    root: Path = Path(".")
+    show_progress: bool = True
+
+    @classmethod
+    def from_params(cls, params: Any) -> StageContext:
+        """The context of a params.yaml (`Params`) run from the project root."""
+        return cls(data=params.data, seed=params.seed)

@@ -9,7 +9,6 @@ tokenizer; with LoRA the adapter is merged into the weights and also kept in `ad
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,12 +16,14 @@ from typing import Any
 
 import torch
 
-from rlhf_core.config import DataSettings
 from rlhf_core.config.stages import DPOSettings, LoraSettings
 from rlhf_core.models.loading import atomic_directory, load_causal_lm, save_model
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_split
-from rlhf_core.stages.training_stage import LoggedDataset, run_training_stage, training_curves
+from rlhf_core.stages.common import StageContext
+from rlhf_core.stages.training_stage import (
+    run_training_stage,
+    split_for_training,
+)
 from rlhf_core.training.objectives.preference import (
     PreferenceObjective,
     TokenizedPair,
@@ -91,38 +92,25 @@ def _pairs(tokenizer: Any, frame: Any, max_length: int) -> list[TokenizedPair]:
 
 def run_dpo(
     settings: DPOSettings,
-    *,
-    data: DataSettings,
-    seed: int,
-    root: Path = Path("."),
-    show_progress: bool = True,
+    context: StageContext,
 ) -> dict:
     """Train the DPO policy from the SFT model; write the model, metrics and curves.
 
     Returns the final metrics (also written to artifacts/metrics/dpo.json).
     """
-    paths = ProjectPaths(root)
-    train_frame, eval_frame = load_split(paths, "preference", data)
+    paths = ProjectPaths(context.root)
+    train_frame, eval_frame, datasets = split_for_training(paths, "preference", context.data)
     if len(train_frame) == 0:
         raise ValueError(
             "the preference set has no training pairs; add data or lower eval_fraction"
         )
-    if not paths.sft_model_dir.is_dir():
-        raise FileNotFoundError(f"{paths.sft_model_dir}: not found; run `rlhf stage sft` first")
-    source = paths.validated_set("preference") / "valid.parquet"
     with run_training_stage(
         STAGE,
         settings,
-        data=data,
-        seed=seed,
-        root=root,
+        context,
         inputs={"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir},
         label=f"{settings.loss_type} beta={settings.beta:g} lr={settings.train.learning_rate:g}",
-        datasets=(
-            LoggedDataset("preference_train", train_frame, "training", source),
-            LoggedDataset("preference_eval", eval_frame, "evaluation", source),
-        ),
-        keep_checkpoints=settings.train.keep_checkpoints,
+        datasets=datasets,
     ) as stage:
         model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         train_pairs = _pairs(tokenizer, train_frame, settings.max_length)
@@ -136,7 +124,7 @@ def run_dpo(
                 train_pairs + eval_pairs,
                 tokenizer.pad_token_id,
                 settings.inference_batch_size,
-                show_progress,
+                context.show_progress,
             )
             train_reference, eval_reference = cached[: len(train_pairs)], cached[len(train_pairs) :]
             log.info(
@@ -160,9 +148,7 @@ def run_dpo(
         result = stage.train(
             model,
             objective,
-            dataclasses.replace(settings.train, seed=seed),
             description=f"dpo ({settings.loss_type})",
-            show_progress=show_progress,
         )
         out_dir = paths.policy_dir(STAGE)
         save_policy(model, tokenizer, out_dir, lora=settings.lora.enabled)
@@ -176,9 +162,8 @@ def run_dpo(
             **{f"eval/{k}": v for k, v in result.final_eval.items() if k != "step"},
         }
         return stage.finish(
+            result,
             metrics,
-            result.global_step,
-            training_curves(result.history, result.eval_history),
             out_dir,
             shown=("loss", "eval/loss", "rewards/margins", "rewards/accuracies"),
             title=f"DPO ({settings.loss_type}, beta={settings.beta})",

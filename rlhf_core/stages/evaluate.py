@@ -38,7 +38,7 @@ from rlhf_core.evaluation.comparison import (
 from rlhf_core.evaluation.comparison_report import comparison_markdown, log_to_run, write_reports
 from rlhf_core.generation import SamplingSettings
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_validated, train_eval_split
+from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -122,12 +122,9 @@ def _require_same_vocabulary(
 
 def run_evaluate(
     settings: EvaluateSettings,
+    context: StageContext,
     *,
     algorithms: Sequence[str],
-    data: DataSettings,
-    seed: int,
-    root: Path = Path("."),
-    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate SFT, each aligned policy in `algorithms` and best-of-n on the held-out prompts.
 
@@ -138,6 +135,7 @@ def run_evaluate(
     from rlhf_core.models.loading import load_causal_lm
     from rlhf_core.tracking.runs import stage_run
 
+    data, seed, root = context.data, context.seed, context.root
     paths = ProjectPaths(root)
     inputs = check_inputs(paths, algorithms)
     demo_meta = paths.raw_dir / DEMO_META_FILE
@@ -189,7 +187,7 @@ def run_evaluate(
                 seed,
                 reference_model=reference_model,
                 batch_size=settings.batch_size,
-                progress=show_progress,
+                progress=context.show_progress,
             )
 
         log.info("evaluate: %d responses per policy", len(items))
@@ -215,7 +213,7 @@ def run_evaluate(
                 settings.sampling,
                 seed + 1,  # candidates independent of the SFT samples they are compared with
                 settings.best_of_n,
-                progress=show_progress,
+                progress=context.show_progress,
             )
             for n in sorted(best_of_n):
                 responses[f"{BEST_OF_N_PREFIX}{n}"] = best_of_n[n]

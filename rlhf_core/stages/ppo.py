@@ -12,15 +12,18 @@ uses (`data.eval_fraction`); the `eval_prompts` set stays unseen for the evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
-from rlhf_core.config import DataSettings
 from rlhf_core.config.stages import PPOSettings
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_split
-from rlhf_core.stages.training_stage import LoggedDataset, run_training_stage, training_curves
+from rlhf_core.stages.common import StageContext
+from rlhf_core.stages.training_stage import (
+    require_inputs,
+    run_training_stage,
+    split_for_training,
+)
 from rlhf_core.training.ppo_trainer import PPOTrainResult
 
 log = logging.getLogger(__name__)
@@ -28,15 +31,16 @@ log = logging.getLogger(__name__)
 STAGE = "ppo"
 # Curves drawn in the PNG (all logged metrics are in the curves JSON and in MLflow).
 PLOTTED_CURVES = ("reward/score_mean", "kl/mean", "eval/score_mean")
+# The last iteration's values that go to artifacts/metrics/ppo.json.
+FINAL_ITERATION_METRICS = (
+    *("reward/score_mean", "reward/total_mean", "kl/mean", "kl/coef", "policy/entropy"),
+    *("response/length_mean", "response/ended_fraction"),
+)
 
 
 def run_ppo(
     settings: PPOSettings,
-    *,
-    data: DataSettings,
-    seed: int,
-    root: Path = Path("."),
-    show_progress: bool = True,
+    context: StageContext,
 ) -> dict[str, Any]:
     """Train the PPO policy; save it, its metrics and curves; return the final metrics."""
     import torch
@@ -44,40 +48,36 @@ def run_ppo(
     from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
     from rlhf_core.models.loading import load_causal_lm
     from rlhf_core.training.ppo_trainer import train_ppo
-    from rlhf_core.training.rollout import reward_model_scorer
+    from rlhf_core.training.rollout import PPOModels, reward_model_scorer
 
-    paths = ProjectPaths(Path(root))
+    paths = ProjectPaths(context.root)
     inputs = {
         "prompts": paths.validated_set("prompts"),
         "sft_model": paths.sft_model_dir,
         "reward_model": paths.reward_model_dir,
     }
-    _require_inputs(inputs)
-    prompts_file = inputs["prompts"] / "valid.parquet"
-    train_frame, eval_frame = load_split(paths, "prompts", data)
+    require_inputs(inputs)
+    train_frame, eval_frame, datasets = split_for_training(
+        paths, "prompts", context.data, logged_as="ppo_prompts"
+    )
     if train_frame.empty:
         raise ValueError(
-            f"{prompts_file}: no training prompts are left after the held-out split; "
+            f"{inputs['prompts']}: no training prompts are left after the held-out split; "
             "add prompts or lower data.eval_fraction."
         )
     eval_frame = eval_frame.head(settings.max_eval_prompts)
+    datasets[1] = dataclasses.replace(datasets[1], frame=eval_frame)  # the prompts evaluated
     with run_training_stage(
         STAGE,
         settings,
-        data=data,
-        seed=seed,
-        root=paths.root,
+        context,
         inputs=inputs,
         label=ppo_run_label(settings.train),
-        datasets=(
-            LoggedDataset("ppo_prompts_train", train_frame, "training", prompts_file),
-            LoggedDataset("ppo_prompts_eval", eval_frame, "evaluation", prompts_file),
-        ),
-        keep_checkpoints=settings.train.keep_checkpoints,
+        datasets=datasets,
     ) as stage:
         policy_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         reference, _ = load_causal_lm(str(paths.sft_model_dir))
-        policy = PolicyWithValueHead(policy_lm, seed=seed)
+        policy = PolicyWithValueHead(policy_lm, seed=context.seed)
         with torch.no_grad():  # V ≈ 0 at the start: no value estimate before any return is seen
             policy.value_head.weight.mul_(0.01)
         reward_model = RewardModel.from_pretrained(paths.reward_model_dir).eval()
@@ -85,26 +85,22 @@ def run_ppo(
             reward_model, tokenizer.pad_token_id, settings.scorer_batch_size
         )
         result = train_ppo(
-            policy,
-            reference,
-            scorer,
-            tokenizer,
+            PPOModels(policy, reference, scorer, tokenizer),
             list(train_frame["prompt"]),
             settings.train,
-            seed=seed,
+            seed=context.seed,
             eval_prompts=list(eval_frame["prompt"]),
             checkpoints=stage.checkpoint_manager(),
             on_log=stage.log_step,
             on_eval=stage.log_eval,
-            show_progress=show_progress,
+            show_progress=context.show_progress,
         )
         stage.run.set_tags({"resumed_from": result.resumed_from})
         out_dir = paths.policy_dir(STAGE)
         policy.save_pretrained(out_dir, tokenizer=tokenizer)
         metrics = stage.finish(
+            result,
             final_metrics(result, len(train_frame), len(eval_frame)),
-            result.iterations,
-            training_curves(result.history, result.eval_history),
             out_dir,
             shown=PLOTTED_CURVES,
             title="PPO: reward-model score and KL to SFT",
@@ -138,16 +134,7 @@ def final_metrics(result: PPOTrainResult, train_prompts: int, eval_prompts: int)
         "eval_prompts": eval_prompts,
         "train_seconds": result.train_seconds,
     }
-    for key in (
-        "reward/score_mean",
-        "reward/total_mean",
-        "kl/mean",
-        "kl/coef",
-        "policy/entropy",
-        "response/length_mean",
-        "response/ended_fraction",
-    ):
-        metrics[key] = last[key]
+    metrics.update({key: last[key] for key in FINAL_ITERATION_METRICS})
     for key in ("time/generation_s", "time/scoring_s", "time/update_s"):
         metrics[f"{key[:-2]}_total_s"] = sum(row[key] for row in result.history)
     metrics.update(_prefixed(result.final_eval))
@@ -159,14 +146,3 @@ def final_metrics(result: PPOTrainResult, train_prompts: int, eval_prompts: int)
 
 def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
     return {f"eval/{key}": value for key, value in metrics.items()}
-
-
-def _require_inputs(inputs: dict[str, Path]) -> None:
-    hints = {
-        "prompts": "run `rlhf stage validate` first",
-        "sft_model": "run `rlhf stage sft` first",
-        "reward_model": "run `rlhf stage reward` first",
-    }
-    for name, path in inputs.items():
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: the PPO {name} input is missing; {hints[name]}.")

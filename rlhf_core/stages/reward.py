@@ -16,24 +16,20 @@ unchanged by the shift.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from rlhf_core.config import DataSettings
 from rlhf_core.config.stages import RewardSettings
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_split
+from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.training_stage import (
-    LoggedDataset,
     run_training_stage,
-    training_curves,
+    split_for_training,
     training_label,
 )
 from rlhf_core.training.objectives.reward import ComparisonGroup, RewardObjective, tokenize_group
@@ -92,11 +88,7 @@ def center_score_head(reward_model: Any, groups: Sequence[ComparisonGroup], pad_
 
 def run_reward(
     settings: RewardSettings,
-    *,
-    data: DataSettings,
-    seed: int,
-    root: Path = Path("."),
-    show_progress: bool = True,
+    context: StageContext,
 ) -> dict:
     """Train the reward model from the SFT model; write the model, metrics and curves.
 
@@ -105,42 +97,29 @@ def run_reward(
     from rlhf_core.models.heads import RewardModel
     from rlhf_core.models.loading import load_causal_lm
 
-    paths = ProjectPaths(root)
-    train_pairs, eval_pairs = load_split(paths, "preference", data)
+    paths = ProjectPaths(context.root)
+    train_pairs, eval_pairs, datasets = split_for_training(paths, "preference", context.data)
     inputs = {"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir}
     train_rankings = eval_rankings = pd.DataFrame()
     if settings.use_rankings and (paths.validated_set("ranked") / "valid.parquet").is_file():
-        train_rankings, eval_rankings = load_split(paths, "ranked", data)
+        train_rankings, eval_rankings, logged = split_for_training(paths, "ranked", context.data)
+        datasets += logged
         inputs["ranked"] = paths.validated_set("ranked")
     if len(train_pairs) + len(train_rankings) == 0:
         raise ValueError(
             "no training comparisons: the preference (and ranked) sets are empty or all "
             "held out; add data or lower eval_fraction"
         )
-    if not paths.sft_model_dir.is_dir():
-        raise FileNotFoundError(f"{paths.sft_model_dir}: not found; run `rlhf stage sft` first")
-    datasets = [
-        LoggedDataset(name, frame, context, paths.validated_set(kind) / "valid.parquet")
-        for name, kind, frame, context in (
-            ("preference_train", "preference", train_pairs, "training"),
-            ("preference_eval", "preference", eval_pairs, "evaluation"),
-            ("ranked_train", "ranked", train_rankings, "training"),
-            ("ranked_eval", "ranked", eval_rankings, "evaluation"),
-        )
-    ]
     with run_training_stage(
         STAGE,
         settings,
-        data=data,
-        seed=seed,
-        root=root,
+        context,
         inputs=inputs,
         label=training_label(settings.train),
         datasets=datasets,
-        keep_checkpoints=settings.train.keep_checkpoints,
     ) as stage:
         causal_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
-        reward_model = RewardModel.from_causal_lm(causal_lm, seed=seed)
+        reward_model = RewardModel.from_causal_lm(causal_lm, seed=context.seed)
         del causal_lm  # its LM head is not part of the reward model
 
         train_groups = pair_groups(tokenizer, train_pairs, settings.max_length, settings.use_margin)
@@ -158,9 +137,7 @@ def run_reward(
         result = stage.train(
             reward_model,
             objective,
-            dataclasses.replace(settings.train, seed=seed),
             description="reward",
-            show_progress=show_progress,
         )
         centering = (
             center_score_head(reward_model, train_groups, tokenizer.pad_token_id)
@@ -182,9 +159,8 @@ def run_reward(
             **centering,
         }
         return stage.finish(
+            result,
             metrics,
-            result.global_step,
-            training_curves(result.history, result.eval_history),
             out_dir,
             shown=("loss", "accuracy", "eval/loss", "eval/accuracy"),
             title="Reward model",

@@ -10,19 +10,15 @@ and sft_curves.png, and an MLflow run with params, curves, data sets, samples an
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
-from rlhf_core.config import DataSettings
 from rlhf_core.config.stages import SFTSettings
 from rlhf_core.paths import ProjectPaths
-from rlhf_core.stages.common import load_split
+from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.training_stage import (
-    LoggedDataset,
     run_training_stage,
-    training_curves,
+    split_for_training,
     training_label,
 )
 from rlhf_core.training.objectives.sft import SFTObjective, tokenize_sft_rows
@@ -50,11 +46,7 @@ def _samples(model: Any, tokenizer: Any, prompts: list, settings: SFTSettings, s
 
 def run_sft(
     settings: SFTSettings,
-    *,
-    data: DataSettings,
-    seed: int,
-    root: Path = Path("."),
-    show_progress: bool = True,
+    context: StageContext,
 ) -> dict:
     """Fine-tune the base model on the SFT set; write the model, metrics, curves and samples.
 
@@ -62,26 +54,17 @@ def run_sft(
     """
     from rlhf_core.models.loading import load_causal_lm, save_model
 
-    paths = ProjectPaths(root)
-    train_frame, eval_frame = load_split(paths, "sft", data)
+    paths = ProjectPaths(context.root)
+    train_frame, eval_frame, datasets = split_for_training(paths, "sft", context.data)
     if len(train_frame) == 0:
         raise ValueError("the sft set has no training examples; add data or lower eval_fraction")
-    if not paths.base_model_dir.is_dir():
-        raise FileNotFoundError(f"{paths.base_model_dir}: not found; run `rlhf stage prepare`")
-    source = paths.validated_set("sft") / "valid.parquet"
     with run_training_stage(
         STAGE,
         settings,
-        data=data,
-        seed=seed,
-        root=root,
+        context,
         inputs={"sft": paths.validated_set("sft"), "base_model": paths.base_model_dir},
         label=training_label(settings.train),
-        datasets=(
-            LoggedDataset("sft_train", train_frame, "training", source),
-            LoggedDataset("sft_eval", eval_frame, "evaluation", source),
-        ),
-        keep_checkpoints=settings.train.keep_checkpoints,
+        datasets=datasets,
     ) as stage:
         model, tokenizer = load_causal_lm(str(paths.base_model_dir))
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -107,16 +90,14 @@ def run_sft(
         result = stage.train(
             model,
             objective,
-            dataclasses.replace(settings.train, seed=seed),
             description="sft",
-            show_progress=show_progress,
         )
         out_dir = paths.sft_model_dir
         save_model(model, tokenizer, out_dir)
         samples = []
         if settings.num_samples and len(eval_frame):
             prompts = list(eval_frame["prompt"].iloc[: settings.num_samples])
-            samples = _samples(model, tokenizer, prompts, settings, seed)
+            samples = _samples(model, tokenizer, prompts, settings, context.seed)
             stage.run.log_dict(samples, "samples.json")
         last = result.history[-1] if result.history else {}
         metrics = {
@@ -132,9 +113,8 @@ def run_sft(
             ),
         }
         return stage.finish(
+            result,
             metrics,
-            result.global_step,
-            training_curves(result.history, result.eval_history),
             out_dir,
             shown=("loss", "eval/loss", "eval/token_accuracy"),
             title="Supervised fine-tuning",

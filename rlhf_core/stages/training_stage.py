@@ -1,9 +1,9 @@
 """The skeleton every training stage shares (sft, reward, policy@dpo, policy@ppo).
 
-    with run_training_stage(STAGE, settings, data=data, seed=seed, root=root,
+    with run_training_stage(STAGE, settings, context,
                             inputs=inputs, label=label, datasets=datasets) as stage:
-        model, task = ...                       # the stage's own part
-        result = stage.train(model, task, description="sft", show_progress=...)
+        model, objective = ...                  # the stage's own part
+        result = stage.train(model, objective, description="sft")
         ...save the model to out_dir...
         stage.finish(result, metrics, out_dir, shown=(...), title="...")
 
@@ -31,8 +31,12 @@ import pandas as pd
 from rlhf_core.config import DataSettings
 from rlhf_core.files import write_json
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.stages.common import StageContext, load_split
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import seed_everything, train
+
+# The stage that writes each model input; validated sets come from `validate`.
+INPUT_PRODUCERS = {"base_model": "prepare", "sft_model": "sft", "reward_model": "reward"}
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,11 @@ class TrainingStage:
     """One training stage's open MLflow run and checkpoint directory."""
 
     name: str
+    settings: Any  # the stage's section of params.yaml (with a `train` subsection)
+    context: StageContext
     paths: ProjectPaths
     run: Any  # tracking.runs.StageRun
     fingerprint: str
-    keep_checkpoints: int
     checkpoints: CheckpointManager | None = field(default=None)
 
     def checkpoint_manager(self) -> CheckpointManager:
@@ -61,7 +66,7 @@ class TrainingStage:
         if self.checkpoints is None:
             self.checkpoints = CheckpointManager(
                 self.paths.checkpoints_dir(self.name),
-                keep=self.keep_checkpoints,
+                keep=self.settings.train.keep_checkpoints,
                 fingerprint=self.fingerprint,
             )
         return self.checkpoints
@@ -74,36 +79,38 @@ class TrainingStage:
         """Held-out metrics to the run, as eval/<name>."""
         self.run.log_metrics({eval_metric_name(k): v for k, v in metrics.items()}, step)
 
-    def train(
-        self, model: Any, task: Any, train_settings: Any, description: str, show_progress: bool
-    ) -> Any:
-        """`training.loop.train` with this stage's checkpoints and metric logging."""
+    def train(self, model: Any, objective: Any, description: str) -> Any:
+        """`training.loop.train` of the section's `train` settings (seeded with the stage's
+        seed), with this stage's checkpoints and metric logging."""
         result = train(
             model,
-            task,
-            train_settings,
+            objective,
+            dataclasses.replace(self.settings.train, seed=self.context.seed),
             checkpoints=self.checkpoint_manager(),
             on_log=self.log_step,
             on_eval=self.log_eval,
             description=description,
-            show_progress=show_progress,
+            show_progress=self.context.show_progress,
         )
         self.run.set_tags({"resumed_from": result.resumed_from})
         return result
 
     def finish(
         self,
+        result: Any,
         metrics: dict[str, Any],
-        step: int,
-        curves: dict[str, list[tuple[int, float]]],
         model_dir: Path,
         shown: Sequence[str],
         title: str,
     ) -> dict[str, Any]:
         """Write and log the final metrics and curves, log the model, record the output.
 
-        A final metric named like a curve (PPO's last-iteration values) is not logged again.
+        `result` is the loop's TrainResult or PPOTrainResult (its `history`, `eval_history` and
+        `global_step` make the curves); `shown` are the curves drawn in the PNG. A final metric
+        named like a curve (PPO's last-iteration values) is not logged again.
         """
+        curves = training_curves(result.history, result.eval_history)
+        step = result.global_step
         metrics_file = self.paths.metrics_file(self.name)
         write_json(metrics_file, metrics)
         self.run.log_metrics(  # the summary values that are not already a curve
@@ -117,30 +124,59 @@ class TrainingStage:
         return metrics
 
 
+def require_inputs(inputs: Mapping[str, Path]) -> None:
+    """One clear error for the first missing input, naming the stage that writes it."""
+    for name, path in inputs.items():
+        if not Path(path).exists():
+            producer = INPUT_PRODUCERS.get(name, "validate")
+            raise FileNotFoundError(
+                f"{path}: the {name} input is missing; run `rlhf stage {producer}` first."
+            )
+
+
+def split_for_training(
+    paths: ProjectPaths, set_name: str, data: DataSettings, logged_as: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, list[LoggedDataset]]:
+    """A validated set's train and held-out rows (`load_split`), and the two as data sets
+    to log (`<logged_as>_train`, `<logged_as>_eval`; default the set's name)."""
+    train_rows, held_out = load_split(paths, set_name, data)
+    source = paths.validated_set(set_name) / "valid.parquet"
+    name = logged_as or set_name
+    logged = [
+        LoggedDataset(f"{name}_train", train_rows, "training", source),
+        LoggedDataset(f"{name}_eval", held_out, "evaluation", source),
+    ]
+    return train_rows, held_out, logged
+
+
 @contextmanager
 def run_training_stage(
     name: str,
     settings: Any,
+    context: StageContext,
     *,
-    data: DataSettings,
-    seed: int,
-    root: Path,
     inputs: Mapping[str, Path],
     label: str,
     datasets: Sequence[LoggedDataset] = (),
-    keep_checkpoints: int,
 ) -> Iterator[TrainingStage]:
-    """Open the stage's MLflow run, log its data sets and seed everything (module docstring)."""
+    """Open the stage's MLflow run, log its data sets and seed everything (module docstring).
+
+    `settings` is the stage's section; its `train.keep_checkpoints` bounds the checkpoints.
+    """
     from rlhf_core.tracking.runs import stage_run
 
-    paths = ProjectPaths(root)
+    require_inputs(inputs)
+    paths = ProjectPaths(context.root)
+    data, seed = context.data, context.seed
     params = {
         name: dataclasses.asdict(settings),
         "data.eval_fraction": data.eval_fraction,
         "data.split_salt": data.split_salt,
         "seed": seed,
     }
-    with stage_run(name, project_root=root, params=params, inputs=inputs, label=label) as run:
+    with stage_run(
+        name, project_root=context.root, params=params, inputs=inputs, label=label
+    ) as run:
         for dataset in datasets:
             if len(dataset.frame):
                 run.log_dataset(
@@ -149,10 +185,11 @@ def run_training_stage(
         seed_everything(seed)
         stage = TrainingStage(
             name=name,
+            settings=settings,
+            context=context,
             paths=paths,
             run=run,
             fingerprint=run_fingerprint(settings, data, seed, inputs),
-            keep_checkpoints=keep_checkpoints,
         )
         yield stage
     if stage.checkpoints is not None:

@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.algorithms.logprobs import token_entropy
 from rlhf_core.algorithms.ppo import (
@@ -52,7 +51,7 @@ from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
 from rlhf_core.training.rollout import (
     Experience,
     Messages,
-    Scorer,
+    PPOModels,
     derived_seed,
     forward_token_stats,
     inference_token_stats,
@@ -74,6 +73,11 @@ class PPOTrainResult:
     eval_history: list[dict[str, float]] = field(default_factory=list)
     final_eval: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
+
+    @property
+    def global_step(self) -> int:
+        """Iterations done: the step of PPO's curves."""
+        return self.iterations
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,10 +181,7 @@ def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> fl
 
 
 def evaluate_policy(
-    policy: PolicyWithValueHead,
-    reference: PreTrainedModel,
-    scorer: Scorer,
-    tokenizer: PreTrainedTokenizerBase,
+    models: PPOModels,
     prompts: Sequence[Messages],
     settings: PPOTrainSettings,
     seed: int,
@@ -191,6 +192,7 @@ def evaluate_policy(
     `length_mean` (response tokens) and `ended_fraction`. The same seed at every evaluation
     keeps the curve free of sampling noise that is not due to the policy.
     """
+    policy, reference, scorer, tokenizer = models
     sampling = SamplingSettings(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
@@ -235,10 +237,7 @@ def _iteration_metrics(experience: Experience, kl_coef: float) -> dict[str, floa
 
 
 def train_ppo(
-    policy: PolicyWithValueHead,
-    reference: PreTrainedModel,
-    scorer: Scorer,
-    tokenizer: PreTrainedTokenizerBase,
+    models: PPOModels,
     prompts: Sequence[Messages],
     settings: PPOTrainSettings,
     *,
@@ -257,6 +256,7 @@ def train_ppo(
     The reference is put in eval mode with gradients off; the scorer must not need gradients.
     The policy stays in eval mode (no dropout) while it trains.
     """
+    policy, reference, tokenizer = models.policy, models.reference, models.tokenizer
     if not prompts:
         raise ValueError("There are no prompts to roll out; the prompts set is empty.")
     if tokenizer.pad_token_id is None:
@@ -299,9 +299,7 @@ def train_ppo(
     def run_eval(iteration: int) -> None:
         if not eval_prompts:
             return
-        metrics = evaluate_policy(
-            policy, reference, scorer, tokenizer, eval_prompts, settings, derived_seed(seed, "eval")
-        )
+        metrics = evaluate_policy(models, eval_prompts, settings, derived_seed(seed, "eval"))
         result.eval_history.append({"step": iteration, **metrics})
         if on_eval is not None:
             on_eval(iteration, metrics)
@@ -314,10 +312,7 @@ def train_ppo(
         )
         for iteration in range(result.iterations, settings.iterations):
             metrics = _iteration(
-                policy,
-                reference,
-                scorer,
-                tokenizer,
+                models,
                 prompts,
                 settings,
                 controller,
@@ -357,10 +352,7 @@ def train_ppo(
 
 
 def _iteration(
-    policy: PolicyWithValueHead,
-    reference: PreTrainedModel,
-    scorer: Scorer,
-    tokenizer: PreTrainedTokenizerBase,
+    models: PPOModels,
     prompts: Sequence[Messages],
     settings: PPOTrainSettings,
     controller: AdaptiveKLController | FixedKLController,
@@ -370,16 +362,14 @@ def _iteration(
     seed: int,
 ) -> dict[str, float]:
     """One rollout + update; returns the iteration's metrics."""
+    policy = models.policy
     started = time.perf_counter()
     indices = iteration_prompt_indices(
         len(prompts), settings.prompts_per_iteration, iteration, seed
     )
     kl_coef = controller.value
     experience, timings = make_experience(
-        policy,
-        reference,
-        scorer,
-        tokenizer,
+        models,
         [prompts[i] for i in indices],
         settings,
         kl_coef,

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 Scorer = Callable[[Rollout], torch.Tensor]  # rollout -> one score per response, (n,)
+
+
+class PPOModels(NamedTuple):
+    """The models of a PPO run: the policy being trained (with its value head), the frozen
+    reference, the scorer of whole responses and the tokenizer they share."""
+
+    policy: PolicyWithValueHead
+    reference: PreTrainedModel
+    scorer: Scorer
+    tokenizer: PreTrainedTokenizerBase
 
 
 @dataclass
@@ -167,10 +178,7 @@ def inference_token_stats(
 
 
 def make_experience(
-    policy: PolicyWithValueHead,
-    reference: PreTrainedModel,
-    scorer: Scorer,
-    tokenizer: PreTrainedTokenizerBase,
+    models: PPOModels,
     prompts: Sequence[Messages],
     settings: PPOTrainSettings,
     kl_coef: float,
@@ -182,6 +190,7 @@ def make_experience(
     `group_advantages`). Returns the experience and the seconds spent generating and scoring
     (`generation_s`, `scoring_s`; scoring includes the log-prob and value passes).
     """
+    policy, reference, scorer, tokenizer = models
     if settings.uses_groups:
         prompts = [prompt for prompt in prompts for _ in range(settings.group_size)]
     started = time.perf_counter()

@@ -3,10 +3,10 @@
 DVC runs every stage as its own `rlhf stage X` process, and each would spend seconds
 importing torch, transformers and MLflow before doing any work: on the demo pipeline that is
 the larger part of the orchestration overhead. While a pipeline flow runs, a *stage server*
-(`python -m rlhf_core.app.warm_stages SOCKET`) imports those libraries once, then serves each
-`rlhf stage` command by forking a child that runs the command with the caller's arguments,
-working directory, environment and standard streams (passed over a Unix socket as file
-descriptors, so output streams straight to DVC). The `rlhf` process DVC started waits and
+(`python -m rlhf_core.orchestration.warm_stages SOCKET`) imports those libraries once, then
+serves each `rlhf stage` command by forking a child that runs the command with the caller's
+arguments, working directory, environment and standard streams (passed over a Unix socket as
+file descriptors, so output streams straight to DVC). The `rlhf` process DVC started waits and
 exits with the child's exit code. DVC's behaviour is unchanged: it still decides what is
 stale, runs the stage command, hashes the outputs and writes dvc.lock.
 
@@ -51,7 +51,7 @@ PRELOAD = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.data.pandas_dataset",
     "matplotlib.pyplot",
-    "rlhf_core.app.stage_commands",
+    "rlhf_core.orchestration.stage_commands",
     "rlhf_core.config",
     "rlhf_core.tracking.runs",
     "rlhf_core.models.loading",
@@ -190,7 +190,7 @@ def _run_request(request: dict, fds: Sequence[int]) -> int:
     sys.argv = ["rlhf", *request["argv"]]
     code = 1
     try:
-        from rlhf_core.app.stage_commands import stage_app
+        from rlhf_core.orchestration.stage_commands import stage_app
 
         command, *args = request["argv"]
         if command != "stage":  # `delegate` sends only `rlhf stage ...`
@@ -267,7 +267,7 @@ class StageServer:
         env.pop(SOCKET_ENV, None)
         named = [] if self.modules == PRELOAD else list(self.modules)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "rlhf_core.app.warm_stages", path, *named],
+            [sys.executable, "-m", "rlhf_core.orchestration.warm_stages", path, *named],
             cwd=self.project_root,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -332,10 +332,10 @@ def stage_server_environment() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m rlhf_core.app.warm_stages SOCKET [MODULE ...]`."""
+    """`python -m rlhf_core.orchestration.warm_stages SOCKET [MODULE ...]`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        raise SystemExit("usage: python -m rlhf_core.app.warm_stages SOCKET [MODULE ...]")
+        raise SystemExit("usage: python -m rlhf_core.orchestration.warm_stages SOCKET [MODULE ...]")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if len(args) > 1:  # the modules to preload were named
         serve(args[0], args[1:])

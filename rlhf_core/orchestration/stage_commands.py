@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from rlhf_core.app.command_support import (
+from rlhf_core.orchestration.command_support import (
     ParamsOption,
     configure_logging,
     fail,
@@ -51,50 +51,55 @@ def stage_validate(params_path: ParamsOption = Path("params.yaml")) -> None:
 @stage_app.command("sft")
 def stage_sft(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Supervised fine-tuning of the base model on the SFT set (completion-only loss)."""
+    from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.sft import run_sft
 
-    _run_training_stage(params_path, lambda p: run_sft(p.sft, data=p.data, seed=p.seed), "sft")
+    _run_training_stage(params_path, lambda p: run_sft(p.sft, StageContext.from_params(p)), "sft")
 
 
 @stage_app.command("reward")
 def stage_reward(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Reward model from the SFT model: Bradley–Terry on pairs, Plackett–Luce on rankings."""
+    from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.reward import run_reward
 
     _run_training_stage(
-        params_path, lambda p: run_reward(p.reward, data=p.data, seed=p.seed), "reward"
+        params_path, lambda p: run_reward(p.reward, StageContext.from_params(p)), "reward"
     )
 
 
 @stage_app.command("dpo")
 def stage_dpo(params_path: ParamsOption = Path("params.yaml")) -> None:
     """DPO (or IPO, hinge, conservative DPO, SimPO) from the SFT model on preference pairs."""
+    from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.dpo import run_dpo
 
     _run_training_stage(
-        params_path, lambda p: run_dpo(p.policy.dpo, data=p.data, seed=p.seed), "dpo"
+        params_path, lambda p: run_dpo(p.policy.dpo, StageContext.from_params(p)), "dpo"
     )
 
 
 @stage_app.command("ppo")
 def stage_ppo(params_path: ParamsOption = Path("params.yaml")) -> None:
     """PPO (or GRPO/RLOO) against the reward model with a KL penalty to the SFT model."""
+    from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.ppo import run_ppo
 
     _run_training_stage(
-        params_path, lambda p: run_ppo(p.policy.ppo, data=p.data, seed=p.seed), "ppo"
+        params_path, lambda p: run_ppo(p.policy.ppo, StageContext.from_params(p)), "ppo"
     )
 
 
 @stage_app.command("evaluate")
 def stage_evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Compare SFT, each aligned policy and best-of-n on held-out prompts."""
+    from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.evaluate import run_evaluate
 
     _run_training_stage(
         params_path,
         lambda p: run_evaluate(
-            p.evaluate, algorithms=p.policy.algorithms, data=p.data, seed=p.seed
+            p.evaluate, StageContext.from_params(p), algorithms=p.policy.algorithms
         ),
         "evaluate",
     )
