@@ -9,6 +9,7 @@ tokenizer; with LoRA the adapter is merged into the weights and also kept in `ad
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -63,17 +64,24 @@ def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
         ) from error
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Any, out_dir: Path, lora: bool) -> None:
+def save_policy(
+    model: torch.nn.Module, tokenizer: Any, out_dir: Path, lora: bool, base_dir: Path
+) -> None:
     """Save a plain causal LM + tokenizer (safetensors), atomically.
 
     A LoRA model is saved twice: its adapter in `out_dir/adapter/`, and the weights with the
-    adapter merged in, so that downstream stages load a plain model.
+    adapter merged in, so that downstream stages load a plain model. The adapter names its
+    base by absolute path (`base_dir`, the SFT model), so it loads from any working directory.
     """
     if not lora:
         save_model(model, tokenizer, out_dir)
         return
     with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging / "adapter")
+        adapter_config = staging / "adapter" / "adapter_config.json"
+        config = json.loads(adapter_config.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = str(Path(base_dir).resolve())
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         merged = model.merge_and_unload()
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -115,6 +123,14 @@ def run_dpo(
         model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         train_pairs = _pairs(tokenizer, train_frame, settings.max_length)
         eval_pairs = _pairs(tokenizer, eval_frame, settings.max_length)
+        cut_ends = stage.count_cut_ends(
+            [
+                response
+                for pair in train_pairs + eval_pairs
+                for response in (pair.chosen, pair.rejected)
+            ],
+            "responses",
+        )
         train_reference = eval_reference = None
         reference_started = time.perf_counter()
         if settings.needs_reference:
@@ -151,14 +167,17 @@ def run_dpo(
             description=f"dpo ({settings.loss_type})",
         )
         out_dir = paths.policy_dir(STAGE)
-        save_policy(model, tokenizer, out_dir, lora=settings.lora.enabled)
+        save_policy(
+            model, tokenizer, out_dir, lora=settings.lora.enabled, base_dir=paths.sft_model_dir
+        )
         metrics = {
             "train_pairs": len(train_pairs),
             "eval_pairs": len(eval_pairs),
+            "truncated_ends": cut_ends,
             **result.summary(),
             "trainable_parameters": trainable,
             "reference_seconds": round(reference_seconds, 3),
-            "train/loss": result.history[-1]["loss"] if result.history else None,
+            "train_loss": result.history[-1]["loss"] if result.history else None,
             **{f"eval/{k}": v for k, v in result.final_eval.items() if k != "step"},
         }
         return stage.finish(
