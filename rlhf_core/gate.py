@@ -9,8 +9,8 @@ Pure decisions on numbers, no I/O. The input is the evaluate stage's metrics
 
 The gate checks, in order:
 1. the reward model's held-out accuracy (every policy trained or judged with it depends on it);
-2. each candidate policy's win rate over SFT and its KL to SFT (absolute thresholds); the best
-   policy that passes both is the candidate;
+2. each candidate policy's win rate over SFT, its KL to SFT and the share of its responses
+   that ended (absolute thresholds); the best policy that passes all three is the candidate;
 3. with a champion already registered, the candidate's head-to-head win rate against it.
 With no champion yet, passing 1 and 2 is enough: the first candidate becomes the champion.
 
@@ -28,6 +28,7 @@ from rlhf_core.config.gate import GateSettings, is_finite_number
 
 REWARD_MODEL_KEY = "reward_model"
 KL_METRIC = "kl_to_sft"
+ENDED_METRIC = "ended_fraction"
 REWARD_ACCURACY_METRIC = "eval_accuracy"
 
 Evaluation = Mapping[str, Mapping[str, Any]]
@@ -115,7 +116,8 @@ class GateDecision:
 
 
 def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -> list[Check]:
-    """The absolute checks of one policy: its `policy_metric` (or fallback) and its KL to SFT."""
+    """The absolute checks of one policy: its `policy_metric` (or fallback), its KL to SFT and
+    the share of its responses that ended (a policy that learned not to stop fails here)."""
     metrics = evaluation.get(policy) or {}
     metric_name, value = settings.policy_metric, _number(metrics.get(settings.policy_metric))
     fallback_from = None
@@ -127,12 +129,18 @@ def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -
     return [
         Check(f"{policy}.{metric_name}", value, settings.min_policy_metric, ">=", fallback_from),
         Check(f"{policy}.{KL_METRIC}", _number(metrics.get(KL_METRIC)), settings.max_kl, "<="),
+        Check(
+            f"{policy}.{ENDED_METRIC}",
+            _number(metrics.get(ENDED_METRIC)),
+            settings.min_ended_fraction,
+            ">=",
+        ),
     ]
 
 
 def select_candidate(evaluation: Evaluation, settings: GateSettings) -> CandidateSelection:
-    """The best of `settings.candidate_policies` by policy metric among those passing both
-    absolute checks; ties go to the policy listed first. Policies absent from the evaluation
+    """The best of `settings.candidate_policies` by policy metric among those passing every
+    absolute check; ties go to the policy listed first. Policies absent from the evaluation
     are skipped with a reason."""
     checks: list[Check] = []
     reasons: list[str] = []

@@ -14,6 +14,7 @@ Token-level conventions:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from rlhf_core.config.training import (
     require_batch_size,
 )
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
+from rlhf_core.training.tokenize import prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -140,20 +142,48 @@ class Rollout:
         }
 
 
-def truncate_at_eos(token_ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
-    """`(tokens up to and including the first EOS, whether there was one)`.
+def truncate_at_eos(
+    token_ids: Sequence[int], eos_ids: int | Sequence[int]
+) -> tuple[list[int], bool]:
+    """`(tokens up to and including the first end-of-turn token, whether there was one)`.
 
-    Everything after the first EOS (padding, or more EOS when pad == EOS) is dropped.
+    `eos_ids` is one id or several (`end_token_ids`). Everything after the first of them
+    (padding, or more EOS when pad == EOS) is dropped.
     """
+    ends = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
     tokens = list(token_ids)
-    if eos_id in tokens:
-        return tokens[: tokens.index(eos_id) + 1], True
+    for position, token in enumerate(tokens):
+        if token in ends:
+            return tokens[: position + 1], True
     return tokens, False
+
+
+def end_token_ids(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None
+) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS first, then the model's
+    `generation_config.eos_token_id` (one id or a list: Llama 3 ends a turn with
+    `<|eot_id|>`, not its EOS), without repeats."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    if extra is not None:
+        ids += [extra] if isinstance(extra, int) else list(extra)
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
+
+
+def derived_seed(seed: int, stream: str, index: int = 0) -> int:
+    """A seed for one random stream of a run (`stream`, `index`), independent of the others.
+
+    The first 8 bytes of sha256(f"{seed}/{stream}/{index}"), as a non-negative int63.
+    """
+    digest = hashlib.sha256(f"{seed}/{stream}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def generate(
@@ -172,7 +202,8 @@ def generate(
     `torch.inference_mode()` with the model in eval mode (each module's train/eval mode is
     restored afterwards). Sampling draws from torch's global RNG, seeded with `seed` inside
     `torch.random.fork_rng()`: the same seed and batch size give the same samples, and the
-    caller's RNG state is left as it was. Each response is cut after its first EOS.
+    caller's RNG state is left as it was. Each response is cut after its first end token:
+    the tokenizer's EOS or any id of the model's `generation_config.eos_token_id`.
 
     The sampling distribution is fixed by `settings` alone: the model's own
     `generation_config` defaults for temperature, top-k/p, repetition penalties and minimum
@@ -190,10 +221,11 @@ def generate(
         A `Rollout` in the order of `prompts`.
     """
     settings = settings or SamplingSettings()
-    pad_id, eos_id = _pad_and_eos_ids(tokenizer)
+    pad_id, _ = _pad_and_eos_ids(tokenizer)
     lm = model.lm if isinstance(model, PolicyWithValueHead) else model
+    eos_ids = end_token_ids(tokenizer, lm)
     prompt_ids = render_prompts(tokenizer, prompts)
-    generation_config = _generation_config(settings, pad_id, eos_id)
+    generation_config = _generation_config(settings, pad_id, eos_ids)
     device = _device_of(lm)
     batches = list(_length_sorted_batches([len(ids) for ids in prompt_ids], settings.batch_size))
     responses: list[list[int]] = [[] for _ in prompt_ids]
@@ -209,13 +241,16 @@ def generate(
             )  # (batch, P + new tokens)
             new_tokens = sequences[:, input_ids.shape[1] :].tolist()
             for index, tokens in zip(batch, new_tokens, strict=True):
-                responses[index], ended[index] = truncate_at_eos(tokens, eos_id)
+                responses[index], ended[index] = truncate_at_eos(tokens, eos_ids)
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in responses]
     return Rollout(prompt_ids=prompt_ids, response_ids=responses, ended=ended, texts=texts)
 
 
-def _generation_config(settings: SamplingSettings, pad_id: int, eos_id: int) -> GenerationConfig:
-    """A generation config pinning the common knobs that shape the next-token distribution."""
+def _generation_config(
+    settings: SamplingSettings, pad_id: int, eos_ids: list[int]
+) -> GenerationConfig:
+    """A generation config pinning the common knobs that shape the next-token distribution;
+    generation stops at any of `eos_ids`."""
     common = {
         "max_new_tokens": settings.max_new_tokens,
         "min_new_tokens": 0,
@@ -224,7 +259,7 @@ def _generation_config(settings: SamplingSettings, pad_id: int, eos_id: int) -> 
         "repetition_penalty": 1.0,
         "no_repeat_ngram_size": 0,
         "pad_token_id": pad_id,
-        "eos_token_id": eos_id,
+        "eos_token_id": eos_ids,
         "use_cache": True,
     }
     if not settings.do_sample:
@@ -252,27 +287,32 @@ def score(
     prompts: Sequence[Messages],
     responses: Sequence[str],
     batch_size: int = 64,
+    ended: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """Reward r(x, y) for each (prompt, response) pair, as float32 (n,) in the given order.
 
-    Each pair is rendered as the conversation `prompt + [{"role": "assistant", "content":
-    response}]` with the chat template (which, for our templates, closes the answer with EOS),
-    encoded with `add_special_tokens=False`, and scored by `score_token_ids`.
+    Scored on exactly the token ids the reward model was trained on (`training.tokenize`):
+    the chat-rendered prompt with the assistant generation prompt, the response's tokens, and
+    the tokenizer's EOS when the response ended. `ended` says which responses ended (sampled
+    ones that hit the length limit did not); None means all did, as for preference data. A
+    re-rendered full chat template would add what follows the EOS (ChatML's newline) and move
+    the scored position off the token the model was trained to read.
     """
-    if len(prompts) != len(responses):
+    if len(prompts) != len(responses) or (ended is not None and len(ended) != len(responses)):
         raise ValueError(
-            f"score needs one response per prompt but got {len(prompts)} prompts and "
-            f"{len(responses)} responses."
+            f"score needs one response per prompt (and one ended flag per response) but got "
+            f"{len(prompts)} prompts and {len(responses)} responses."
         )
     _require_chat_template(tokenizer)
-    pad_id, _ = _pad_and_eos_ids(tokenizer)
-    texts = [
-        tokenizer.apply_chat_template(
-            [*prompt, {"role": "assistant", "content": response}], tokenize=False
-        )
-        for prompt, response in zip(prompts, responses, strict=True)
+    pad_id, eos_id = _pad_and_eos_ids(tokenizer)
+    ended = [True] * len(responses) if ended is None else list(ended)
+    sequences = [
+        prompt_token_ids(tokenizer, prompt)
+        + tokenizer.encode(response, add_special_tokens=False)
+        + ([eos_id] if finished else [])
+        for prompt, response, finished in zip(prompts, responses, ended, strict=True)
     ]
-    return score_token_ids(reward_model, _encode(tokenizer, texts), pad_id, batch_size)
+    return score_token_ids(reward_model, sequences, pad_id, batch_size)
 
 
 def score_token_ids(

@@ -117,3 +117,19 @@ def test_validate_command_exits_one_with_a_one_line_summary_below_the_threshold(
     result = _validate_preferences(data, tmp_path / "o", params)
     assert result.exit_code == 1
     assert "5/10 rows valid (50.0% < 80%)" in result.output
+
+
+def test_stage_validate_says_which_set_failed_and_why(tiny_project, tiny_params, monkeypatch):
+    import yaml
+
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(tiny_params.model_dump(mode="json")))
+    (tiny_project / "data" / "raw" / "preferences.jsonl").write_text("not json\n" * 9 + "{}\n")
+    monkeypatch.chdir(tiny_project)
+    result = runner.invoke(app, ["stage", "validate"])
+    assert result.exit_code == 1
+    assert (
+        "validate: preference: 0/10 rows valid (0.0% < data.validation.min_valid_fraction 90%); "
+        "top reasons: malformed_json 9, missing_field 1; quarantined rows in "
+        "data/validated/preference/quarantine.jsonl"
+    ) in result.output
+    assert "validate: sft:" not in result.output  # only the sets that failed

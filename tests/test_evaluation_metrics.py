@@ -263,6 +263,22 @@ def _policy_inputs(num_prompts: int = 40) -> dict:
     }
 
 
+def test_bootstrap_by_prompt_resamples_whole_groups():
+    """Four samples of each of 5 prompts, equal within a prompt: resampling samples one by one
+    treats 20 values as independent and gives a narrower interval than resampling the 5
+    prompts, which is the honest one; with one sample per prompt both agree."""
+    per_prompt = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    values = np.repeat(per_prompt, 4)
+    prompts = np.repeat(np.arange(5), 4)
+    by_sample = bootstrap_ci(values, seed=1)
+    by_prompt = bootstrap_ci(values, seed=1, groups=prompts)
+    assert by_prompt.high - by_prompt.low > 1.5 * (by_sample.high - by_sample.low)
+    once = bootstrap_ci(per_prompt, seed=1, groups=np.arange(5))
+    assert once == bootstrap_ci(per_prompt, seed=1)
+    with pytest.raises(ValueError, match="one group per value"):
+        bootstrap_ci(values, groups=prompts[:3])
+
+
 def test_summarise_policy_matches_direct_computation():
     inputs = _policy_inputs()
     summary = summarise_policy(**inputs, n_boot=200)

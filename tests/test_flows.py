@@ -37,7 +37,8 @@ from pathlib import Path
 name = sys.argv[1]
 if name == "evaluate":
     quality = json.loads(Path("quality.json").read_text())["win_rate"]
-    policy = {"gold_win_rate_vs_sft": quality, "rm_win_rate_vs_sft": quality, "kl_to_sft": 1.0}
+    policy = {"gold_win_rate_vs_sft": quality, "rm_win_rate_vs_sft": quality, "kl_to_sft": 1.0,
+              "ended_fraction": 1.0}
     metrics = {"dpo": policy, "reward_model": {"eval_accuracy": 0.8}}
     Path("artifacts/metrics").mkdir(parents=True, exist_ok=True)
     Path("artifacts/metrics/evaluate.json").write_text(json.dumps(metrics))

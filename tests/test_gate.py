@@ -24,8 +24,13 @@ def evaluation(dpo=None, ppo=None, reward_accuracy=0.7):
     return result
 
 
-def policy(gold, kl=3.0, rm=None):
-    return {"gold_win_rate_vs_sft": gold, "rm_win_rate_vs_sft": rm, "kl_to_sft": kl}
+def policy(gold, kl=3.0, rm=None, ended=1.0):
+    return {
+        "gold_win_rate_vs_sft": gold,
+        "rm_win_rate_vs_sft": rm,
+        "kl_to_sft": kl,
+        "ended_fraction": ended,
+    }
 
 
 SETTINGS = GateSettings()
@@ -49,6 +54,17 @@ def test_first_champion_needs_only_the_absolute_thresholds():
     assert decision.checks["dpo.kl_to_sft"]["passed"]
     assert decision.checks["reward_model.eval_accuracy"]["passed"]
     assert not any("champion" in name for name in decision.checks)
+
+
+def test_a_policy_that_stopped_ending_its_answers_is_no_candidate():
+    """A policy that learned never to stop (to please a reward model that scores unfinished
+    text high) fails the gate whatever its win rate; another one that ends is chosen."""
+    rambling = evaluation(dpo=policy(0.95, ended=0.3))
+    decision = decide(rambling, SETTINGS, None, has_champion=False)
+    assert not decision.promote and decision.candidate is None
+    assert "dpo: ended_fraction 0.30 < 0.90" in decision.reasons
+    both = evaluation(dpo=policy(0.95, ended=0.3), ppo=policy(0.7, ended=0.95))
+    assert decide(both, SETTINGS, None, has_champion=False).candidate == "ppo"
 
 
 def test_with_a_champion_the_head_to_head_win_rate_decides():

@@ -11,6 +11,7 @@ from torch import nn
 from rlhf_core.generation import (
     Rollout,
     SamplingSettings,
+    end_token_ids,
     generate,
     render_prompts,
     score,
@@ -277,8 +278,26 @@ def test_cutting_of_generate_output_with_pad_equal_to_eos(
 
 
 def test_truncate_at_eos():
-    assert truncate_at_eos([5, 2, 7, 2], eos_id=2) == ([5, 2], True)
-    assert truncate_at_eos([5, 7], eos_id=2) == ([5, 7], False)
+    assert truncate_at_eos([5, 2, 7, 2], eos_ids=2) == ([5, 2], True)
+    assert truncate_at_eos([5, 7], eos_ids=2) == ([5, 7], False)
+    assert truncate_at_eos([5, 9, 7, 2], eos_ids=[2, 9]) == ([5, 9], True)
+
+
+def test_generation_stops_on_every_end_id_of_the_models_generation_config(
+    model, tokenizer, prompts
+):
+    """A model whose turns end with another id than the tokenizer's EOS (Llama 3's
+    `<|eot_id|>`) lists it in `generation_config.eos_token_id`: responses end there."""
+    free = generate(model, tokenizer, prompts[:1], GREEDY, seed=0)
+    end_of_turn = free.response_ids[0][0]  # what greedy decoding says first
+    assert end_of_turn != tokenizer.eos_token_id and len(free.response_ids[0]) > 1
+    turn_model = copy.deepcopy(model)
+    turn_model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    assert end_token_ids(tokenizer, turn_model) == [tokenizer.eos_token_id, end_of_turn]
+    assert end_token_ids(tokenizer) == [tokenizer.eos_token_id]
+    stopped = generate(turn_model, tokenizer, prompts[:1], GREEDY, seed=0)
+    assert stopped.response_ids[0] == [end_of_turn]
+    assert stopped.ended == [True]
 
 
 def test_policy_with_value_head_samples_like_its_lm_and_modes_are_restored(

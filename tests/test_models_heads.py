@@ -330,3 +330,17 @@ def test_loading_the_wrong_kind_of_directory_is_refused(policy, reward_model, tm
         RewardModel.from_pretrained(tmp_path / "policy")
     with pytest.raises(FileNotFoundError, match=r"value_head\.json"):
         PolicyWithValueHead.from_pretrained(tmp_path / "reward")
+
+
+def test_disable_dropout_makes_training_mode_deterministic(tokenizer):
+    from tiny_models import two_layer_llama
+
+    from rlhf_core.models.heads import disable_dropout
+
+    model = two_layer_llama(len(tokenizer), attention_dropout=0.5).train()
+    ids = torch.tensor([tokenizer.encode("the film was great and the plot was good")])
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is on
+        assert disable_dropout(model) == 2  # one attention module per layer
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert model.config.attention_dropout == 0.0 and disable_dropout(model) == 0

@@ -15,7 +15,12 @@ from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.models.tiny import build_tiny_llama
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.ppo_trainer import train_ppo
-from rlhf_core.training.rollout import PPOModels, iteration_prompt_indices, make_experience
+from rlhf_core.training.rollout import (
+    PPOModels,
+    iteration_prompt_indices,
+    make_experience,
+    rewards_and_advantages,
+)
 
 WORDS = FILM_WORDS
 # Two iterations of the tiny run, each minibatch in 2 micro-batches, no evaluation or checkpoints.
@@ -199,8 +204,30 @@ def test_group_estimators_sample_groups_and_use_group_advantages(tokenizer, prom
     assert experience.values is None and experience.returns is None
     sequence_rewards = experience.scores - 0.2 * experience.kl.sum(dim=1)
     per_sequence = group_advantages(sequence_rewards, 4, estimator)
-    expected = whiten(per_sequence[:, None] * experience.mask, experience.mask)
+    expected = per_sequence[:, None] * experience.mask  # not re-whitened over tokens
     torch.testing.assert_close(experience.advantages, expected)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_a_group_with_equal_rewards_gets_no_push_whatever_the_lengths(estimator):
+    """Rewards [1, 0, 0, 0 | 5, 5, 5, 5] with responses of unequal lengths: the second group
+    has nothing to prefer, so every one of its tokens gets advantage 0."""
+    lengths = [3, 1, 4, 2, 5, 1, 3, 2]
+    mask = torch.zeros(8, 6)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1.0
+    scores = torch.tensor([1.0, 0, 0, 0, 5, 5, 5, 5])
+    zeros = torch.zeros(8, 6)
+    settings = small_settings(
+        advantage_estimator=estimator, group_size=4, kl_in_reward=False, whiten_advantages=True
+    )
+    _, _, advantages, returns = rewards_and_advantages(
+        scores, zeros, zeros, None, mask, settings, kl_coef=0.1
+    )
+    assert returns is None
+    assert torch.equal(advantages[4:], torch.zeros(4, 6))
+    assert advantages[0, 0] > 0 > advantages[1, 0]
+    assert torch.equal(advantages[mask == 0], torch.zeros(int((mask == 0).sum())))
 
 
 # ---------------------------------------------------------------------------------------------

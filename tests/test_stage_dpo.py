@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -445,7 +446,9 @@ def test_lora_saves_a_merged_model_and_its_adapter(tiny_project, tiny_params, ml
         StageContext(_data(tiny_params), 0, tiny_project, show_progress=False),
     )
     out = paths.policy_dir("dpo")
-    assert (out / "adapter" / "adapter_config.json").is_file()
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    base = Path(adapter_config["base_model_name_or_path"])
+    assert base.is_absolute() and base == paths.sft_model_dir.resolve()
     sft = load_file(str(paths.sft_model_dir / "model.safetensors"))
     merged = load_file(str(out / "model.safetensors"))
     changed = {name for name in sft if not torch.equal(sft[name], merged[name])}

@@ -206,6 +206,7 @@ def test_run_sft_trains_saves_and_tracks_everything(
     assert metrics["steps"] == 2 * -(-metrics["train_examples"] // 8)
     assert 0 < metrics["eval_loss"] < 10 and 0 <= metrics["eval_token_accuracy"] <= 1
     assert metrics["resumed_from"] == 0
+    assert metrics["truncated_ends"] == 0  # every demo example fits max_length
     curves = json.loads((paths.plots_dir / "sft_curves.json").read_text())
     assert [row["step"] for row in curves] == list(range(1, metrics["steps"] + 1))
     assert (paths.plots_dir / "sft_curves.png").stat().st_size > 0

@@ -49,6 +49,7 @@ EVALUATION = {
         "rm_win_rate_vs_sft": 0.66,
         "kl_to_sft": 4.5,
         "mean_length": 21.0,
+        "ended_fraction": 1.0,
     },
     "reward_model": {"eval_accuracy": 0.72, "eval_margin_mean": 0.5, "annotator_agreement": 0.8},
 }

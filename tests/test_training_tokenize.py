@@ -71,3 +71,13 @@ def test_padding_sides():
     left = pad_sequences([a, b], pad_id=0, side="left")
     assert left["input_ids"].tolist() == [[0, 1, 2, 3], [1, 3, 4, 5]]
     assert left["completion_mask"].tolist() == [[0, 0, 0, 1], [0, 1, 1, 1]]
+
+
+def test_truncation_that_cuts_the_eos_is_flagged():
+    prompt, completion = [1, 2, 3, 4], [5, 6, 7, 99]  # 99: EOS
+    whole = join_truncated(prompt, completion, max_length=8)
+    prompt_cut = join_truncated(prompt, [5, 99], max_length=5)  # the prompt start goes first
+    end_cut = join_truncated(prompt, completion, max_length=5)  # half the budget stays prompt
+    assert not whole.end_cut and not prompt_cut.end_cut
+    assert prompt_cut.input_ids == [2, 3, 4, 5, 99]
+    assert end_cut.end_cut and end_cut.input_ids == [3, 4, 5, 6, 7]

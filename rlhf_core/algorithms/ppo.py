@@ -204,6 +204,38 @@ class FixedKLController:
         return self.value
 
 
+def penalise_unfinished(
+    scores: torch.Tensor,
+    ended: torch.Tensor,
+    penalty: float = 1.0,
+    fixed_score: float | None = None,
+) -> torch.Tensor:
+    """Scores with the unfinished responses (no end token within the length limit) marked:
+
+        s'_i = s_i                 if response i ended
+        s'_i = s_i − penalty       if it did not and `fixed_score` is None
+        s'_i = fixed_score         if it did not and `fixed_score` is set
+
+    A reward model can score a response that was cut off higher than the same text finished
+    (the end token is evidence it was trained on), and a policy then learns never to stop; the
+    penalty, or a fixed low score, must outweigh that gap. TRL's `missing_eos_penalty`; Huang
+    et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv:2403.17031.
+
+    Args:
+        scores: (n,) reward-model scores.
+        ended: (n,) bool, whether each response emitted an end token.
+        penalty: subtracted from unfinished responses' scores (≥ 0).
+        fixed_score: when set, the score of every unfinished response instead.
+    """
+    _require_same_shape(scores=scores, ended=ended)
+    if not penalty >= 0:
+        raise ValueError(f"penalty must be non-negative but is {penalty}.")
+    unfinished = ~ended.to(device=scores.device, dtype=torch.bool)
+    if fixed_score is not None:
+        return torch.where(unfinished, torch.full_like(scores, fixed_score), scores)
+    return scores - penalty * unfinished.to(scores.dtype)
+
+
 def shape_rewards(
     scores: torch.Tensor,
     logps: torch.Tensor,

@@ -25,6 +25,9 @@ class GateSettings:
             on 60% of held-out prompts).
         max_kl: the largest KL(policy ‖ SFT) in nats a policy may have (default 25.0); a
             policy far from SFT has likely learned to exploit the reward model.
+        min_ended_fraction: the least share of a policy's evaluation responses that end with
+            EOS within the token limit (default 0.9); a policy that learned not to stop, to
+            please a reward model that scores unfinished text high, fails.
         min_reward_accuracy: the least held-out pairwise accuracy of the reward model
             (default 0.6).
         min_win_rate_vs_champion: the least head-to-head win rate of the candidate against the
@@ -36,12 +39,13 @@ class GateSettings:
     fallback_metric: str | None = "rm_win_rate_vs_sft"
     min_policy_metric: float = 0.6
     max_kl: float = 25.0
+    min_ended_fraction: float = 0.9
     min_reward_accuracy: float = 0.6
     min_win_rate_vs_champion: float = 0.55
     candidate_policies: tuple[str, ...] = ("dpo", "ppo")
 
     def __post_init__(self) -> None:
-        for name in ("min_policy_metric", "max_kl", "min_reward_accuracy"):
+        for name in ("min_policy_metric", "max_kl", "min_reward_accuracy", "min_ended_fraction"):
             if not is_finite_number(getattr(self, name)):
                 raise ValueError(f"GateSettings.{name} must be a finite number.")
         if not is_finite_number(self.min_win_rate_vs_champion) or not (

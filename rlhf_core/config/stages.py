@@ -14,6 +14,8 @@ from rlhf_core.config.training import (
     SamplingSettings,
     TrainSettings,
     is_int,
+    is_number,
+    require_finite_or_none,
     require_minimums,
 )
 
@@ -277,8 +279,10 @@ class EvaluateSettings:
 
     Attributes:
         sampling: how every policy samples (a `SamplingSettings` or a mapping of its fields);
-            the same settings and seed for all, so a policy equal to SFT gives SFT's samples.
-            KL to SFT is exact only at temperature 1 with top_k 0 and top_p 1 (the default).
+            the same settings for all, each policy drawing from a random stream of its own
+            (derived from the seed), so a win rate compares independent samples, and the
+            bootstrap intervals resample whole prompts. KL to SFT is exact only at
+            temperature 1 with top_k 0 and top_p 1 (the default).
         best_of_n: the n of each best-of-n baseline (each ≥ 2, distinct); () for none. Costs
             max(n) extra SFT samples per evaluated response.
         samples_per_prompt: responses per prompt and policy (more samples, tighter estimates).
@@ -288,6 +292,9 @@ class EvaluateSettings:
             computing log-probabilities (generation uses `sampling.batch_size`).
         bootstrap: add 95% percentile-bootstrap intervals of the win rates
             (`<metric>_ci_low` / `_ci_high`).
+        missing_eos_penalty: subtracted from the reward-model score of a sampled response that
+            never emitted EOS (1.0, as PPO's); it also steers best-of-n away from them.
+        unfinished_score: when set, the reward-model score of every such response instead.
     """
 
     sampling: SamplingSettings = field(default_factory=_default_sampling)
@@ -297,6 +304,8 @@ class EvaluateSettings:
     samples_in_report: int = 20
     batch_size: int = 64
     bootstrap: bool = True
+    missing_eos_penalty: float = 1.0
+    unfinished_score: float | None = None
 
     def __post_init__(self) -> None:
         # params.yaml gives plain mappings and lists; keep the typed forms.
@@ -325,3 +334,9 @@ class EvaluateSettings:
             )
         if not isinstance(self.bootstrap, bool):
             raise ValueError(f"bootstrap must be true or false but is {self.bootstrap!r}.")
+        if not (is_number(self.missing_eos_penalty) and self.missing_eos_penalty >= 0):
+            raise ValueError(
+                f"evaluate.missing_eos_penalty must be a number >= 0, got "
+                f"{self.missing_eos_penalty!r}."
+            )
+        require_finite_or_none("evaluate.unfinished_score", self.unfinished_score)

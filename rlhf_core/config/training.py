@@ -32,6 +32,12 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def require_finite_or_none(key: str, value: object) -> None:
+    """Raise one clear error unless `value` is None or a finite number."""
+    if value is not None and not (is_number(value) and math.isfinite(value)):
+        raise ValueError(f"{key} must be a finite number or null, got {value!r}.")
+
+
 def require_minimums(section: str, settings: object, minimums: dict[str, int]) -> None:
     """Raise one clear error for the first field of `settings` that is not an integer at least
     its minimum: "sft.max_length must be an integer >= 2, got 1"."""
@@ -103,6 +109,8 @@ class TrainSettings(OptimizerSettings):
         max_tokens_per_micro_batch: dynamic batching cap on examples × padded length.
         group_by_length: batch similar lengths together (less padding).
         mixed_precision: fp32 | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
+        disable_dropout: turn the model's dropout off before training (True, as TRL's DPO and
+            reward trainers); a pretrained model's dropout adds noise to every comparison.
         seed: seeds initial RNG state and the data order (each stage sets the global seed).
     """
 
@@ -113,6 +121,7 @@ class TrainSettings(OptimizerSettings):
     max_tokens_per_micro_batch: int | None = None
     group_by_length: bool = True
     mixed_precision: str = "fp32"
+    disable_dropout: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -186,7 +195,9 @@ class PPOTrainSettings(OptimizerSettings):
             logits divided by the same temperature, so PPO trains the policy it samples from.
         missing_eos_penalty: subtracted from the score of a response that never emitted EOS
             (1.0; 0 disables). Subtracted, not substituted for the score, so the reward model
-            still ranks unfinished responses among themselves.
+            still ranks unfinished responses among themselves (`penalise_unfinished`).
+        unfinished_score: when set, the score of every response that never emitted EOS, in
+            place of the reward model's (None: the penalty above applies).
 
     Rewards and KL:
         init_kl_coef: β at the start (0.2); the per-token reward is −β·KL_t plus the score at
@@ -207,8 +218,9 @@ class PPOTrainSettings(OptimizerSettings):
         kl_in_reward: grpo/rloo only: subtract β·Σ_t KL_t from each response's score before the
             group baseline (True); False optimises the score alone (KL only logged).
         gamma, lam: GAE discount and λ (1.0, 0.95).
-        whiten_advantages: normalise advantages to zero mean, unit variance over the batch's
-            response tokens (True), for every estimator.
+        whiten_advantages: gae only: normalise advantages to zero mean, unit variance over the
+            batch's response tokens (True). Group estimators are normalised within each group
+            (grpo) or not at all (rloo), as their papers define them.
 
     Losses:
         ppo_epochs: passes over each rollout batch (2).
@@ -230,6 +242,7 @@ class PPOTrainSettings(OptimizerSettings):
     max_new_tokens: int = 48
     temperature: float = 1.0
     missing_eos_penalty: float = 1.0
+    unfinished_score: float | None = None
     init_kl_coef: float = 0.2
     adaptive_kl: bool = True
     target_kl: float = 3.0
@@ -302,6 +315,7 @@ class PPOTrainSettings(OptimizerSettings):
         for name in ("clip_range", "clip_range_value", "target_kl", "kl_horizon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ppo {name} must be positive but is {getattr(self, name)}.")
+        require_finite_or_none("policy.ppo.train.unfinished_score", self.unfinished_score)
         for name in ("missing_eos_penalty", "init_kl_coef", "vf_coef", "entropy_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ppo {name} must be non-negative but is {getattr(self, name)}.")

@@ -56,7 +56,12 @@ class PolicyResponses:
 
 
 class ResponseJudge:
-    """Scores responses with the reward model and, when there is one, the gold judge."""
+    """Scores responses with the reward model and, when there is one, the gold judge.
+
+    Sampled responses that never ended are scored as unfinished (`penalise_unfinished` with
+    `missing_eos_penalty` and `unfinished_score`, as PPO does), so neither best-of-n nor a win
+    rate can favour a response cut off by the length limit.
+    """
 
     def __init__(
         self,
@@ -64,17 +69,39 @@ class ResponseJudge:
         tokenizer: PreTrainedTokenizerBase,
         gold_judge: GoldJudge | None,
         batch_size: int,
+        missing_eos_penalty: float = 1.0,
+        unfinished_score: float | None = None,
     ) -> None:
         self.reward_model = reward_model
         self.tokenizer = tokenizer
         self.gold_judge = gold_judge
         self.batch_size = batch_size
+        self.missing_eos_penalty = missing_eos_penalty
+        self.unfinished_score = unfinished_score
 
-    def rm_scores(self, prompts: Sequence[Messages], texts: Sequence[str]) -> np.ndarray:
-        """(items,) float64 reward-model scores of `texts` as answers to `prompts`."""
+    def rm_scores(
+        self,
+        prompts: Sequence[Messages],
+        texts: Sequence[str],
+        ended: Sequence[bool] | None = None,
+    ) -> np.ndarray:
+        """(items,) float64 reward-model scores of `texts` as answers to `prompts`; `ended`
+        flags sampled responses (None: every text is a finished answer)."""
+        import torch
+
+        from rlhf_core.algorithms.ppo import penalise_unfinished
         from rlhf_core.generation import score
 
-        rewards = score(self.reward_model, self.tokenizer, prompts, texts, self.batch_size)
+        rewards = score(
+            self.reward_model, self.tokenizer, prompts, texts, self.batch_size, ended=ended
+        )
+        if ended is not None:
+            rewards = penalise_unfinished(
+                rewards,
+                torch.tensor(list(ended), dtype=torch.bool),
+                self.missing_eos_penalty,
+                self.unfinished_score,
+            )
         return rewards.double().numpy()
 
     def gold_scores(self, texts: Sequence[str]) -> np.ndarray | None:
@@ -119,7 +146,7 @@ def sample_policy(
     return PolicyResponses(
         texts=rollout.texts,
         ended=rollout.ended,
-        rm_scores=judge.rm_scores(items, rollout.texts),
+        rm_scores=judge.rm_scores(items, rollout.texts, rollout.ended),
         gold_scores=judge.gold_scores(rollout.texts),
         kl_to_sft=kl,
         kl_to_sft_stderr=stderr,
@@ -170,7 +197,8 @@ def sample_best_of_n(
     n_max = max(ns)
     pool_prompts = list(items) * n_max  # candidate j of item i at row j · items + i
     candidates = generate(model, tokenizer, pool_prompts, sampling, seed, progress=progress)
-    pool_rm = judge.rm_scores(pool_prompts, candidates.texts).reshape(n_max, len(items)).T
+    pool_rm = judge.rm_scores(pool_prompts, candidates.texts, candidates.ended)
+    pool_rm = pool_rm.reshape(n_max, len(items)).T
     results = {}
     for n in ns:
         rows, rm_scores = select_best_of_n(candidates, pool_rm, n)
@@ -186,10 +214,16 @@ def sample_best_of_n(
 
 
 def summarise(
-    responses: PolicyResponses, sft: PolicyResponses, *, bootstrap: bool, seed: int
+    responses: PolicyResponses,
+    sft: PolicyResponses,
+    *,
+    bootstrap: bool,
+    seed: int,
+    samples_per_prompt: int = 1,
 ) -> dict[str, float | None]:
     """`summarise_policy` of one policy against SFT, plus the KL's standard error and the share
-    of responses that ended with EOS; gold metrics are None without a gold judge."""
+    of responses that ended with EOS; gold metrics are None without a gold judge. Items are
+    prompt-major (`expand_prompts`), so the bootstrap resamples whole prompts."""
     has_gold = responses.gold_scores is not None and sft.gold_scores is not None
     summary: dict[str, float | None] = dict(
         summarise_policy(
@@ -202,6 +236,7 @@ def summarise(
             kl_to_sft=responses.kl_to_sft,
             with_ci=bootstrap,
             seed=seed,
+            prompt_ids=np.arange(len(responses.texts)) // samples_per_prompt,
         )
     )
     if not has_gold:

@@ -251,14 +251,17 @@ def bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    groups: Any = None,
 ) -> ConfidenceInterval:
     """Percentile-bootstrap (1 − alpha) confidence interval of `stat(values)`.
 
-    Resample the values with replacement `n_boot` times, compute the statistic on each
-    resample, and take the alpha/2 and 1 − alpha/2 quantiles of those statistics (Efron &
-    Tibshirani 1993, "An Introduction to the Bootstrap", ch. 13). For a win rate pass the
-    paired outcomes from `win_indicators`: resampling items, not the two policies separately,
-    keeps the pairing. Deterministic for a given seed.
+    Resample with replacement `n_boot` times, compute the statistic on each resample, and
+    take the alpha/2 and 1 − alpha/2 quantiles of those statistics (Efron & Tibshirani 1993,
+    "An Introduction to the Bootstrap", ch. 13). With `groups`, whole groups are resampled
+    (the cluster bootstrap, ch. 8.5 of Davison & Hinkley 1997): several samples of one prompt
+    are not independent, and resampling them one by one would give too narrow an interval.
+    For a win rate pass the paired outcomes from `win_indicators`: resampling items, not the
+    two policies separately, keeps the pairing. Deterministic for a given seed.
 
     Args:
         values: (items,) per-item values.
@@ -266,17 +269,29 @@ def bootstrap_ci(
         n_boot: number of bootstrap resamples.
         alpha: 1 − confidence level (0.05 for a 95% interval).
         seed: seed of the resampling generator.
+        groups: (items,) the group of each value (e.g. its prompt), or None for one per value.
     """
     array = _as_vector(values, "values")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer but is {n_boot!r}.")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be strictly between 0 and 1 but is {alpha!r}.")
+    if groups is None:
+        members = [np.array([index]) for index in range(array.size)]
+    else:
+        labels = np.asarray(groups)
+        if labels.shape != array.shape:
+            raise ValueError(
+                f"groups has shape {labels.shape} but values has {array.shape}; give one group "
+                "per value."
+            )
+        members = [np.flatnonzero(labels == label) for label in np.unique(labels)]
     rng = np.random.default_rng(seed)
     # One resample at a time keeps memory at O(items) however many resamples are drawn.
     statistics = np.empty(n_boot)
     for index in range(n_boot):
-        statistics[index] = stat(array[rng.integers(0, array.size, size=array.size)])
+        chosen = rng.integers(0, len(members), size=len(members))
+        statistics[index] = stat(array[np.concatenate([members[i] for i in chosen])])
     low, high = np.quantile(statistics, [alpha / 2, 1 - alpha / 2])
     return ConfidenceInterval(float(low), float(high))
 
@@ -298,6 +313,7 @@ def summarise_policy(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    prompt_ids: Any = None,
 ) -> dict[str, float]:
     """The numbers the evaluation report shows for one policy, against the SFT policy.
 
@@ -305,7 +321,8 @@ def summarise_policy(
     rm_win_rate_vs_sft (`win_rate` of this policy over SFT on the same prompts), kl_to_sft
     (passed through, e.g. `kl_from_logprob_sums(...).mean` or `best_of_n_kl(n)`), mean_length
     (words), distinct_1, distinct_2. With `with_ci`, each win rate also gets
-    `<key>_ci_low` / `<key>_ci_high` from `bootstrap_ci` over the paired outcomes.
+    `<key>_ci_low` / `<key>_ci_high` from `bootstrap_ci` over the paired outcomes, resampled
+    by prompt when `prompt_ids` (items,) says which prompt each response answers.
 
     Args:
         gold_scores: (prompts,) gold-judge scores of this policy's responses.
@@ -340,6 +357,8 @@ def summarise_policy(
     }
     if with_ci:
         for key, values in outcomes.items():
-            interval = bootstrap_ci(values, n_boot=n_boot, alpha=alpha, seed=seed)
+            interval = bootstrap_ci(
+                values, n_boot=n_boot, alpha=alpha, seed=seed, groups=prompt_ids
+            )
             summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = interval
     return summary

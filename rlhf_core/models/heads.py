@@ -50,6 +50,30 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(dim=-1)
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Turn off every dropout of `model` (dropout layers, and the attention dropout rate that
+    Llama-style attention modules and configs keep as a number); returns how many were on.
+
+    Preference and reward losses compare log-probabilities or scores of two responses from two
+    forward passes; dropout would add noise of its own to the difference, so TRL's DPO and
+    reward trainers turn it off (`disable_dropout=True`), as this does by default.
+    """
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, switched = 0.0, switched + 1
+        for name in ("attention_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                switched += 1
+        config = getattr(module, "config", None)
+        for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop"):
+            if isinstance(getattr(config, name, None), float) and getattr(config, name) > 0:
+                setattr(config, name, 0.0)
+    return switched
+
+
 def init_scalar_head(hidden_size: int, seed: int = 0) -> nn.Linear:
     """A `hidden_size -> 1` float32 linear head, weight ~ N(0, 1/(hidden_size+1)), bias 0.
 

@@ -134,3 +134,27 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     logger.info("Tokenizer has no pad token; using its EOS token %r as pad.", tokenizer.eos_token)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def eos_closes_assistant_turn(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template ends an assistant turn with the tokenizer's EOS.
+
+    Training appends the EOS to every completion and generation stops at it; a template that
+    closes a turn with another token (Llama 3 writes `<|eot_id|>`, its EOS is
+    `<|end_of_text|>`) would teach the model an ending the template never shows. Checked on a
+    one-turn conversation: the rendered prompt, the answer, then the EOS must begin the
+    rendering of the whole conversation.
+    """
+    if tokenizer.eos_token_id is None or not getattr(tokenizer, "chat_template", None):
+        return False
+    prompt = [{"role": "user", "content": "Hello."}]
+    answer = "Hi there."
+    opened = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    whole = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    expected = [
+        *tokenizer.encode(opened + answer, add_special_tokens=False),
+        tokenizer.eos_token_id,
+    ]
+    return tokenizer.encode(whole, add_special_tokens=False)[: len(expected)] == expected

@@ -45,7 +45,23 @@ def stage_validate(params_path: ParamsOption = Path("params.yaml")) -> None:
     summary = _run_stage(run_validate, params_path, "validate")
     typer.echo(json.dumps(summary, indent=2))
     if not summary["passed"]:
+        for name, counts in summary["sets"].items():
+            if not counts["passed"]:
+                typer.secho(validation_failure(name, counts), fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
+
+
+def validation_failure(name: str, counts: dict) -> str:
+    """Why a validated set failed, in one line: its valid share, the threshold, the top
+    reasons and where the quarantined rows are."""
+    reasons = sorted(counts["reasons"].items(), key=lambda item: -item[1])[:3]
+    listed = ", ".join(f"{reason} {count}" for reason, count in reasons) or "none recorded"
+    return (
+        f"validate: {name}: {counts['valid']}/{counts['total']} rows valid "
+        f"({counts['valid_fraction']:.1%} < data.validation.min_valid_fraction "
+        f"{counts['min_valid_fraction']:.0%}); top reasons: {listed}; quarantined rows in "
+        f"data/validated/{name}/quarantine.jsonl"
+    )
 
 
 @stage_app.command("sft")

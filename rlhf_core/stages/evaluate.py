@@ -36,7 +36,7 @@ from rlhf_core.evaluation.comparison import (
     summarise,
 )
 from rlhf_core.evaluation.comparison_report import comparison_markdown, log_to_run, write_reports
-from rlhf_core.generation import SamplingSettings
+from rlhf_core.generation import SamplingSettings, derived_seed
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
 
@@ -175,16 +175,25 @@ def run_evaluate(
             )
         sft_model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         reward_model, reward_tokenizer = _load_reward_model(paths, tokenizer)
-        judge = ResponseJudge(reward_model, reward_tokenizer, gold_judge, settings.batch_size)
+        judge = ResponseJudge(
+            reward_model,
+            reward_tokenizer,
+            gold_judge,
+            settings.batch_size,
+            settings.missing_eos_penalty,
+            settings.unfinished_score,
+        )
 
-        def sample(model, reference_model=None):
+        def sample(name, model, reference_model=None):
+            # Each policy samples from a stream of its own: a win rate then compares two
+            # independent draws, not two draws coupled through one random sequence.
             return sample_policy(
                 model,
                 tokenizer,
                 items,
                 judge,
                 settings.sampling,
-                seed,
+                derived_seed(seed, f"evaluate/{name}"),
                 reference_model=reference_model,
                 batch_size=settings.batch_size,
                 progress=context.show_progress,
@@ -192,13 +201,13 @@ def run_evaluate(
 
         log.info("evaluate: %d responses per policy", len(items))
         started = time.perf_counter()
-        responses = {SFT: sample(sft_model)}
+        responses = {SFT: sample(SFT, sft_model)}
         log.info("evaluate: sft sampled and scored in %.1f s", time.perf_counter() - started)
         for name in algorithms:
             started = time.perf_counter()
             policy, policy_tokenizer = load_causal_lm(str(paths.policy_dir(name)))
             _require_same_vocabulary(name, policy_tokenizer, tokenizer)
-            responses[name] = sample(policy, reference_model=sft_model)
+            responses[name] = sample(name, policy, reference_model=sft_model)
             del policy
             log.info(
                 "evaluate: %s sampled and scored in %.1f s", name, time.perf_counter() - started
@@ -211,7 +220,7 @@ def run_evaluate(
                 items,
                 judge,
                 settings.sampling,
-                seed + 1,  # candidates independent of the SFT samples they are compared with
+                derived_seed(seed, "evaluate/best_of_n"),
                 settings.best_of_n,
                 progress=context.show_progress,
             )
@@ -224,7 +233,11 @@ def run_evaluate(
             )
         results: dict[str, Any] = {
             name: summarise(
-                policy_responses, responses[SFT], bootstrap=settings.bootstrap, seed=seed
+                policy_responses,
+                responses[SFT],
+                bootstrap=settings.bootstrap,
+                seed=seed,
+                samples_per_prompt=settings.samples_per_prompt,
             )
             for name, policy_responses in responses.items()
         }

@@ -120,5 +120,22 @@ def _prepare_base_model(params: Params, files: dict[str, list[Path]], out: Path)
     model, tokenizer = load_causal_lm(
         model_params.base, trust_remote_code=model_params.trust_remote_code
     )
+    from rlhf_core.models.tokenizer import eos_closes_assistant_turn
+
+    closes = eos_closes_assistant_turn(tokenizer)
+    if not closes:
+        log.warning(
+            "%s: the chat template does not end an assistant turn with the EOS token %r; "
+            "completions are trained to end with EOS and generation stops there, so answers "
+            "may not end where the template says a turn ends (set the tokenizer's eos_token "
+            "to the turn-closing token)",
+            model_params.base,
+            tokenizer.eos_token,
+        )
     save_model(model, tokenizer, out)
-    return {"out": str(out), "source": model_params.base, "parameters": count_parameters(model)}
+    return {
+        "out": str(out),
+        "source": model_params.base,
+        "parameters": count_parameters(model),
+        "eos_closes_turn": closes,
+    }

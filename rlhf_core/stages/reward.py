@@ -127,6 +127,10 @@ def run_reward(
         if len(train_rankings) + len(eval_rankings):
             train_groups += ranking_groups(tokenizer, train_rankings, settings.max_length)
             eval_groups += ranking_groups(tokenizer, eval_rankings, settings.max_length)
+        responses = [
+            sequence for group in train_groups + eval_groups for sequence in group.sequences
+        ]
+        cut_ends = stage.count_cut_ends(responses, "responses")
         objective = RewardObjective(
             train_groups,
             eval_groups,
@@ -152,6 +156,7 @@ def run_reward(
             "train_rankings": len(train_rankings),
             "eval_pairs": len(eval_pairs),
             "eval_rankings": len(eval_rankings),
+            "truncated_ends": cut_ends,
             **result.summary(),
             "train_loss": last.get("loss"),
             "train_accuracy": last.get("accuracy"),

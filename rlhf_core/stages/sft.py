@@ -79,9 +79,11 @@ def run_sft(
                 tokenizer, list(rows["prompt"]), list(rows["completion"]), settings.max_length
             )
 
+        train_rows, eval_rows = tokenized(train_frame), tokenized(eval_frame)
+        cut_ends = stage.count_cut_ends(train_rows + eval_rows, "examples")
         objective = SFTObjective(
-            tokenized(train_frame),
-            tokenized(eval_frame),
+            train_rows,
+            eval_rows,
             tokenizer.pad_token_id,
             packing=settings.packing,
             max_length=settings.max_length,
@@ -104,6 +106,7 @@ def run_sft(
             "train_examples": len(train_frame),
             "eval_examples": len(eval_frame),
             "train_rows": len(objective.lengths),
+            "truncated_ends": cut_ends,
             **result.summary(),
             "train_loss": last.get("loss"),
             "train_token_accuracy": last.get("token_accuracy"),

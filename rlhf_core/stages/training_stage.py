@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,10 +31,18 @@ import pandas as pd
 
 from rlhf_core.config import DataSettings
 from rlhf_core.files import write_json
+from rlhf_core.models.heads import disable_dropout
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_split
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import seed_everything, train
+
+log = logging.getLogger(__name__)
+
+# A model this large is a pretrained one (the demo's from-scratch models have about 1M
+# parameters); fine-tuning it above this learning rate is a from-scratch setting.
+PRETRAINED_PARAMETERS = 20_000_000
+PRETRAINED_MAX_LEARNING_RATE = 2e-4
 
 # The stage that writes each model input; validated sets come from `validate`.
 INPUT_PRODUCERS = {"base_model": "prepare", "sft_model": "sft", "reward_model": "reward"}
@@ -81,7 +90,17 @@ class TrainingStage:
 
     def train(self, model: Any, objective: Any, description: str) -> Any:
         """`training.loop.train` of the section's `train` settings (seeded with the stage's
-        seed), with this stage's checkpoints and metric logging."""
+        seed), with this stage's checkpoints and metric logging. Turns dropout off first
+        (`train.disable_dropout`) and warns when the learning rate is a from-scratch one and
+        the model a pretrained one."""
+        if self.settings.train.disable_dropout and (switched := disable_dropout(model)):
+            log.info(
+                "%s: dropout turned off in %d places (train.disable_dropout)", self.name, switched
+            )
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        warning = learning_rate_warning(self.name, parameters, self.settings.train.learning_rate)
+        if warning is not None:
+            log.warning(warning)
         result = train(
             model,
             objective,
@@ -94,6 +113,28 @@ class TrainingStage:
         )
         self.run.set_tags({"resumed_from": result.resumed_from})
         return result
+
+    def count_cut_ends(self, sequences: Sequence[Any], what: str) -> int:
+        """How many tokenized sequences lost their end (EOS) to `max_length`; warns when any
+        did. The count goes into the stage's metrics."""
+        cut = sum(1 for sequence in sequences if sequence.end_cut)
+        if cut:
+            log.warning(
+                "%s: %d of %d %s lost the end of their response, EOS included, to %s.max_length "
+                "%s; raise it (the model learns not to stop from these)",
+                self.name,
+                cut,
+                len(sequences),
+                what,
+                self.params_key,
+                getattr(self.settings, "max_length", "?"),
+            )
+        return cut
+
+    @property
+    def params_key(self) -> str:
+        """The params.yaml section of this stage: sft, reward, policy.dpo, policy.ppo."""
+        return self.name if self.name in ("sft", "reward") else f"policy.{self.name}"
 
     def finish(
         self,
@@ -122,6 +163,18 @@ class TrainingStage:
         self.run.log_model_dir(model_dir, "model")
         self.run.record_output(model_dir)
         return metrics
+
+
+def learning_rate_warning(stage: str, parameters: int, learning_rate: float) -> str | None:
+    """A warning when a from-scratch learning rate (the demo's) meets a pretrained model."""
+    if parameters < PRETRAINED_PARAMETERS or learning_rate <= PRETRAINED_MAX_LEARNING_RATE:
+        return None
+    return (
+        f"{stage}: learning rate {learning_rate:g} on a {parameters / 1e6:.0f}M-parameter model "
+        "is a from-scratch rate (the embedded demo's); fine-tuning a pretrained model usually "
+        f"takes at most {PRETRAINED_MAX_LEARNING_RATE:g} (1e-5 to 5e-5 is common), and more "
+        "makes it forget what it knew"
+    )
 
 
 def require_inputs(inputs: Mapping[str, Path]) -> None:

@@ -22,7 +22,15 @@ from rlhf_core.stages.datasets import data_set_files, set_kind
 log = logging.getLogger(__name__)
 
 STAGE = "validate"
-SUMMARY_KEYS = ("total", "valid", "quarantined", "valid_fraction", "passed", "reasons")
+SUMMARY_KEYS = (
+    "total",
+    "valid",
+    "quarantined",
+    "valid_fraction",
+    "min_valid_fraction",
+    "passed",
+    "reasons",
+)
 
 
 def run_validate(params: Params, root: Path = Path(".")) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from rlhf_core.algorithms.ppo import (
     ppo_value_loss,
 )
 from rlhf_core.config.training import PPOTrainSettings
-from rlhf_core.generation import SamplingSettings, generate
+from rlhf_core.generation import SamplingSettings, derived_seed, generate
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
@@ -52,7 +52,6 @@ from rlhf_core.training.rollout import (
     Experience,
     Messages,
     PPOModels,
-    derived_seed,
     forward_token_stats,
     inference_token_stats,
     iteration_prompt_indices,

@@ -9,7 +9,6 @@ arXiv:1909.08593), or group advantages for GRPO/RLOO. All math is `rlhf_core.alg
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,11 +22,18 @@ from rlhf_core.algorithms.logprobs import shift_for_causal_lm, token_logprobs
 from rlhf_core.algorithms.ppo import (
     compute_gae,
     group_advantages,
+    penalise_unfinished,
     shape_rewards,
     whiten,
 )
 from rlhf_core.config.training import PPOTrainSettings
-from rlhf_core.generation import Rollout, SamplingSettings, generate, score_token_ids
+from rlhf_core.generation import (
+    Rollout,
+    SamplingSettings,
+    derived_seed,
+    generate,
+    score_token_ids,
+)
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -83,15 +89,6 @@ def reward_model_scorer(reward_model: RewardModel, pad_id: int, batch_size: int 
         return score_token_ids(reward_model, sequences, pad_id, batch_size)
 
     return score_rollout
-
-
-def derived_seed(seed: int, stream: str, index: int = 0) -> int:
-    """A seed for one random stream of a run (`stream`, `index`), independent of the others.
-
-    The first 8 bytes of sha256(f"{seed}/{stream}/{index}"), as a non-negative int63.
-    """
-    digest = hashlib.sha256(f"{seed}/{stream}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def iteration_prompt_indices(num_prompts: int, count: int, iteration: int, seed: int) -> list[int]:
@@ -219,7 +216,9 @@ def make_experience(
             "it must return one score per response."
         )
     ended = torch.tensor(rollout.ended, device=device)
-    scores = raw_scores - settings.missing_eos_penalty * (~ended).float()
+    scores = penalise_unfinished(
+        raw_scores, ended, settings.missing_eos_penalty, settings.unfinished_score
+    )
     mask = tensors["response_mask"][:, 1:]  # (n, seq - 1)
     rewards, kl, advantages, returns = rewards_and_advantages(
         scores, old_logps, ref_logps, values, mask, settings, kl_coef
@@ -258,10 +257,12 @@ def rewards_and_advantages(
     """`(rewards, kl, advantages, returns)` of a rollout: the `algorithms.ppo` functions, wired.
 
     gae: `shape_rewards` (−β·KL_t per response token, the score on the last one), then
-    `compute_gae` against `values`. grpo/rloo: each response's shaped reward summed over its
-    tokens (score − β Σ_t KL_t; the score alone with `kl_in_reward: false`) goes through
-    `group_advantages` and is spread over the response's tokens; returns are None. Either way
-    the advantages are then whitened over the batch if `whiten_advantages`. Token tensors are
+    `compute_gae` against `values`, whitened over the batch's response tokens if
+    `whiten_advantages`. grpo/rloo: each response's shaped reward summed over its tokens
+    (score − β Σ_t KL_t; the score alone with `kl_in_reward: false`) goes through
+    `group_advantages` and is spread over the response's tokens as the papers define it, with
+    no further whitening (re-whitening over tokens would give a group of equal rewards a
+    non-zero push, weighted by response lengths); returns are None. Token tensors are
     `(n, seq - 1)`, scores `(n,)`.
     """
     use_kl = kl_coef if (not settings.uses_groups or settings.kl_in_reward) else 0.0
@@ -277,6 +278,6 @@ def rewards_and_advantages(
         if values is None:
             raise ValueError("GAE needs the value head's values; pass values for every token.")
         advantages, returns = compute_gae(rewards, values, mask, settings.gamma, settings.lam)
-    if settings.whiten_advantages:
-        advantages = whiten(advantages, mask)
+        if settings.whiten_advantages:
+            advantages = whiten(advantages, mask)
     return rewards, kl, advantages, returns

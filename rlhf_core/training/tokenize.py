@@ -23,12 +23,15 @@ class TokenizedCompletion:
     """One prompt + completion sequence.
 
     `completion_mask[t]` is 1 when token t is a completion token (its log-prob is in the
-    loss); the prompt tokens are 0. `prompt_length` counts the prompt tokens kept.
+    loss); the prompt tokens are 0. `prompt_length` counts the prompt tokens kept. `end_cut`
+    says the sequence lost the end of its completion, EOS included, to `max_length`: such an
+    example teaches a model not to stop.
     """
 
     input_ids: list[int]
     completion_mask: list[int]
     prompt_length: int
+    end_cut: bool = False  # truncation removed the end of the completion, EOS included
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -60,6 +63,7 @@ def join_truncated(
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     overflow = len(prompt_ids) + len(completion_ids) - max_length
+    full_completion = len(completion_ids)
     if overflow > 0:
         keep_prompt = max(len(prompt_ids) - overflow, min(len(prompt_ids), max_length // 2))
         prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
@@ -68,6 +72,7 @@ def join_truncated(
         input_ids=prompt_ids + completion_ids,
         completion_mask=[0] * len(prompt_ids) + [1] * len(completion_ids),
         prompt_length=len(prompt_ids),
+        end_cut=len(completion_ids) < full_completion,
     )
 
 
