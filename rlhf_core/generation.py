@@ -29,8 +29,7 @@ from rlhf_core.config.training import (
     SamplingSettings,
     require_batch_size,
 )
-from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
-from rlhf_core.training.tokenize import prompt_token_ids
+from rlhf_core.models.heads import PolicyWithValueHead, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def render_prompts(
     letting the tokenizer add its own BOS/EOS would double them. This is also what
     `apply_chat_template(..., tokenize=True)` does internally, so both give the same ids.
     """
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     texts = [
         tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
         for prompt in prompts
@@ -221,19 +220,19 @@ def generate(
         A `Rollout` in the order of `prompts`.
     """
     settings = settings or SamplingSettings()
-    pad_id, _ = _pad_and_eos_ids(tokenizer)
+    pad_id, _ = pad_and_eos_ids(tokenizer)
     lm = model.lm if isinstance(model, PolicyWithValueHead) else model
     eos_ids = end_token_ids(tokenizer, lm)
     prompt_ids = render_prompts(tokenizer, prompts)
     generation_config = _generation_config(settings, pad_id, eos_ids)
-    device = _device_of(lm)
-    batches = list(_length_sorted_batches([len(ids) for ids in prompt_ids], settings.batch_size))
+    device = device_of(lm)
+    batches = list(length_sorted_batches([len(ids) for ids in prompt_ids], settings.batch_size))
     responses: list[list[int]] = [[] for _ in prompt_ids]
     ended = [False] * len(prompt_ids)
-    with _eval_mode(model), torch.inference_mode(), _forked_rng(device):
+    with eval_mode(model), torch.inference_mode(), _forked_rng(device):
         torch.manual_seed(seed)
         for batch in _maybe_track(batches, progress, "Generating"):
-            input_ids, attention_mask = _pad([prompt_ids[i] for i in batch], pad_id, "left")
+            input_ids, attention_mask = pad_batch([prompt_ids[i] for i in batch], pad_id, "left")
             sequences = lm.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -277,73 +276,6 @@ def _generation_config(
 
 
 # --------------------------------------------------------------------------------------------
-# Reward scores
-# --------------------------------------------------------------------------------------------
-
-
-def score(
-    reward_model: RewardModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Messages],
-    responses: Sequence[str],
-    batch_size: int = 64,
-    ended: Sequence[bool] | None = None,
-) -> torch.Tensor:
-    """Reward r(x, y) for each (prompt, response) pair, as float32 (n,) in the given order.
-
-    Scored on exactly the token ids the reward model was trained on (`training.tokenize`):
-    the chat-rendered prompt with the assistant generation prompt, the response's tokens, and
-    the tokenizer's EOS when the response ended. `ended` says which responses ended (sampled
-    ones that hit the length limit did not); None means all did, as for preference data. A
-    re-rendered full chat template would add what follows the EOS (ChatML's newline) and move
-    the scored position off the token the model was trained to read.
-    """
-    if len(prompts) != len(responses) or (ended is not None and len(ended) != len(responses)):
-        raise ValueError(
-            f"score needs one response per prompt (and one ended flag per response) but got "
-            f"{len(prompts)} prompts and {len(responses)} responses."
-        )
-    _require_chat_template(tokenizer)
-    pad_id, eos_id = _pad_and_eos_ids(tokenizer)
-    ended = [True] * len(responses) if ended is None else list(ended)
-    sequences = [
-        prompt_token_ids(tokenizer, prompt)
-        + tokenizer.encode(response, add_special_tokens=False)
-        + ([eos_id] if finished else [])
-        for prompt, response, finished in zip(prompts, responses, ended, strict=True)
-    ]
-    return score_token_ids(reward_model, sequences, pad_id, batch_size)
-
-
-def score_token_ids(
-    reward_model: RewardModel,
-    input_ids_list: Sequence[Sequence[int]],
-    pad_id: int,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Reward of each already-tokenised sequence, as float32 (n,) in the given order.
-
-    Sequences are sorted by length, right-padded with `pad_id` in batches of `batch_size` and
-    scored in inference mode with the reward model in eval mode. PPO passes
-    `prompt_ids + response_ids` of its rollouts, so the reward model sees exactly the sampled
-    tokens.
-    """
-    require_batch_size(batch_size)
-    sequences = [[int(token) for token in ids] for ids in input_ids_list]
-    empty = [i for i, ids in enumerate(sequences) if not ids]
-    if empty:
-        raise ValueError(f"Sequences {empty} are empty; a reward model needs at least one token.")
-    scores = torch.empty(len(sequences), dtype=torch.float32)
-    device = _device_of(reward_model)
-    with _eval_mode(reward_model), torch.inference_mode():
-        for batch in _length_sorted_batches([len(ids) for ids in sequences], batch_size):
-            input_ids, attention_mask = _pad([sequences[i] for i in batch], pad_id, "right")
-            rewards = reward_model(input_ids.to(device), attention_mask.to(device))  # (batch,)
-            scores[batch] = rewards.float().cpu()
-    return scores
-
-
-# --------------------------------------------------------------------------------------------
 # Sequence log-probabilities
 # --------------------------------------------------------------------------------------------
 
@@ -369,9 +301,9 @@ def sequence_logprob_sums(
     """
     require_batch_size(batch_size)
     lm = model.lm if isinstance(model, PolicyWithValueHead) else model
-    device = _device_of(lm)
+    device = device_of(lm)
     sums: list[tuple[list[int], torch.Tensor]] = []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for rows, padded in _padded_batches(rollout_or_padded, batch_size):
             input_ids = padded["input_ids"].to(device)  # (b, seq)
             attention_mask = padded["attention_mask"].to(device)  # (b, seq)
@@ -407,7 +339,7 @@ def _padded_batches(
                 rollout_or_padded.prompt_ids, rollout_or_padded.response_ids, strict=True
             )
         ]
-        for rows in _length_sorted_batches(lengths, batch_size):
+        for rows in length_sorted_batches(lengths, batch_size):
             yield rows, rollout_or_padded.select(rows).to_padded(_MASKED_PAD_ID)
         return
     missing = {"input_ids", "attention_mask", "response_mask"} - set(rollout_or_padded)
@@ -432,7 +364,7 @@ def _padded_batches(
 # --------------------------------------------------------------------------------------------
 
 
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of `batch_size`, longest first, so padding per batch stays small.
 
     Longest first also makes an out-of-memory error show up on the first batch.
@@ -442,7 +374,7 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[
         yield order[start : start + batch_size]
 
 
-def _pad(
+def pad_batch(
     sequences: Sequence[Sequence[int]], pad_id: int, side: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(input_ids, attention_mask)`, both (batch, longest) long, padded on `side`."""
@@ -467,7 +399,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
 
 
 @contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """Put `module` in eval mode, then restore each submodule's own train/eval mode."""
     modes = [(submodule, submodule.training) for submodule in module.modules()]
     module.eval()
@@ -495,12 +427,12 @@ def _maybe_track(batches: list[list[int]], progress: bool, description: str) -> 
     return track(batches, description=description)
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
     parameter = next(module.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _pad_and_eos_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+def pad_and_eos_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     if tokenizer.eos_token_id is None:
         raise ValueError(
             "The tokenizer has no EOS token, so responses cannot end; set tokenizer.eos_token."
@@ -512,7 +444,7 @@ def _pad_and_eos_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     return tokenizer.pad_token_id, tokenizer.eos_token_id
 
 
-def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not tokenizer.chat_template:
         raise ValueError(
             "The tokenizer has no chat template; call "

@@ -14,13 +14,12 @@ from rlhf_core.generation import (
     end_token_ids,
     generate,
     render_prompts,
-    score,
-    score_token_ids,
     sequence_logprob_sums,
     truncate_at_eos,
 )
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.tiny import build_tiny_llama
+from rlhf_core.scoring import score, score_token_ids
 
 WORDS = FILM_WORDS
 GREEDY = SamplingSettings(max_new_tokens=6, do_sample=False, batch_size=4)

@@ -13,9 +13,9 @@ import torch
 from tiny_models import FILM_WORDS, word_tokenizer
 
 from rlhf_core.evaluation.comparison import ResponseJudge, reward_model_metrics
-from rlhf_core.generation import score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.tiny import build_tiny_llama
+from rlhf_core.scoring import score
 from rlhf_core.stages.reward import pair_groups
 from rlhf_core.training.objectives.reward import RewardObjective
 from rlhf_core.training.tokenize import tokenize_completion

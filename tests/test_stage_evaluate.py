@@ -16,10 +16,11 @@ from rlhf_core.config.stages import EvaluateSettings
 from rlhf_core.data.gold import GoldJudge
 from rlhf_core.evaluation.comparison import select_best_of_n
 from rlhf_core.evaluation.metrics import POLICY_SUMMARY_KEYS
-from rlhf_core.generation import Rollout, SamplingSettings, score
+from rlhf_core.generation import Rollout, SamplingSettings
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer, save_model
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.scoring import score
 from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
 from rlhf_core.stages.evaluate import run_evaluate
 from rlhf_core.tracking.lineage import read_producer_run_id, run_marker_path

@@ -15,10 +15,10 @@ from rlhf_core.algorithms.preference import bradley_terry_loss, plackett_luce_lo
 from rlhf_core.config import DataSettings
 from rlhf_core.config.stages import RewardSettings
 from rlhf_core.config.training import TrainSettings
-from rlhf_core.generation import score_token_ids
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.scoring import score_token_ids
 from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
 from rlhf_core.stages.reward import pair_groups, ranking_groups, run_reward
 from rlhf_core.tracking.lineage import read_producer_run_id

@@ -13,10 +13,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from rlhf_core.config.training import SamplingSettings
-from rlhf_core.generation import generate, score
+from rlhf_core.generation import generate
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import PICKLED_WEIGHT_SUFFIXES, load_causal_lm, load_tokenizer
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.scoring import score
 from rlhf_core.tracking.lineage import path_md5
 from rlhf_core.tracking.models import (
     MODEL_CODE_FILE,

@@ -21,10 +21,10 @@ from mlflow import MlflowClient
 
 from rlhf_core.config.gate import GateSettings
 from rlhf_core.gate import decide
-from rlhf_core.generation import score
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.scoring import score
 from rlhf_core.tracking.lineage import RUN_INFO_FILE, file_md5, path_md5, run_marker_path
 from rlhf_core.tracking.registry import (
     CANDIDATE,

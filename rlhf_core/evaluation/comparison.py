@@ -90,7 +90,7 @@ class ResponseJudge:
         import torch
 
         from rlhf_core.algorithms.ppo import penalise_unfinished
-        from rlhf_core.generation import score
+        from rlhf_core.scoring import score
 
         rewards = score(
             self.reward_model, self.tokenizer, prompts, texts, self.batch_size, ended=ended

@@ -17,11 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from rlhf_core.algorithms.ppo import penalise_unfinished
 from rlhf_core.data.gold import GoldJudge
 from rlhf_core.evaluation.metrics import bootstrap_ci, win_indicators, win_rate
-from rlhf_core.generation import Messages, SamplingSettings, generate, score
+from rlhf_core.generation import Messages, Rollout, SamplingSettings, generate
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer
+from rlhf_core.scoring import score
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +62,23 @@ def head_to_head_win_rate(
         raise ValueError("Head to head needs at least one held-out prompt.")
     if judge is None and reward_model_dir is None:
         raise ValueError("Head to head needs a judge: pass a GoldJudge or reward_model_dir.")
-    candidate_texts = _answers(Path(candidate_dir), prompts, sampling, seed)
-    champion_texts = _answers(Path(champion_dir), prompts, sampling, seed)
+    candidate = _answers(Path(candidate_dir), prompts, sampling, seed)
+    champion = _answers(Path(champion_dir), prompts, sampling, seed)
     if judge is not None:
         judge_name = "gold"
-        candidate_scores = judge.score_batch(candidate_texts)  # (n,)
-        champion_scores = judge.score_batch(champion_texts)  # (n,)
+        candidate_scores = judge.score_batch(candidate.texts)  # (n,)
+        champion_scores = judge.score_batch(champion.texts)  # (n,)
     else:
         judge_name = "reward_model"
         reward_model = RewardModel.from_pretrained(Path(reward_model_dir))
         tokenizer = load_tokenizer(str(reward_model_dir))
-        candidate_scores = score(reward_model, tokenizer, prompts, candidate_texts)  # (n,)
-        champion_scores = score(reward_model, tokenizer, prompts, champion_texts)  # (n,)
+        candidate_scores, champion_scores = (  # (n,) each; unfinished answers penalised
+            penalise_unfinished(
+                score(reward_model, tokenizer, prompts, answers.texts, ended=answers.ended),
+                torch.tensor(answers.ended, dtype=torch.bool),
+            )
+            for answers in (candidate, champion)
+        )
     interval = bootstrap_ci(win_indicators(candidate_scores, champion_scores), seed=seed)
     result = {
         "win_rate": win_rate(candidate_scores, champion_scores),
@@ -91,12 +100,12 @@ def head_to_head_win_rate(
 
 def _answers(
     model_dir: Path, prompts: Sequence[Messages], sampling: SamplingSettings | None, seed: int
-) -> list[str]:
+) -> Rollout:
     """One sampled answer per prompt from the policy in `model_dir`, loaded and then freed."""
     if not model_dir.is_dir():
         raise ValueError(f"Policy directory {model_dir} does not exist.")
     model, tokenizer = load_causal_lm(str(model_dir))
-    texts = generate(model, tokenizer, prompts, sampling, seed).texts
+    rollout = generate(model, tokenizer, prompts, sampling, seed)
     del model
     gc.collect()  # one policy in memory at a time
-    return texts
+    return rollout

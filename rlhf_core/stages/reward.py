@@ -76,7 +76,7 @@ def center_score_head(reward_model: Any, groups: Sequence[ComparisonGroup], pad_
 
     Returns {"reward_offset": the mean before the shift, "train_reward_std": the spread}.
     """
-    from rlhf_core.generation import score_token_ids
+    from rlhf_core.scoring import score_token_ids
 
     sequences = [s.input_ids for group in groups for s in group.sequences]
     rewards = score_token_ids(reward_model, sequences, pad_id)  # (sequences,)

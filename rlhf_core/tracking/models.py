@@ -169,7 +169,7 @@ class PretrainedModel(PythonModel):
         return generate(self._model, self._tokenizer, prompts, settings, seed=seed).texts
 
     def _score(self, frame: pd.DataFrame) -> list[float]:
-        from rlhf_core.generation import score
+        from rlhf_core.scoring import score
 
         prompts = [_user_turn(text) for text in _column(frame, "prompt")]
         responses = _column(frame, "response")

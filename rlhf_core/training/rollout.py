@@ -27,14 +27,9 @@ from rlhf_core.algorithms.ppo import (
     whiten,
 )
 from rlhf_core.config.training import PPOTrainSettings
-from rlhf_core.generation import (
-    Rollout,
-    SamplingSettings,
-    derived_seed,
-    generate,
-    score_token_ids,
-)
+from rlhf_core.generation import Rollout, SamplingSettings, derived_seed, generate
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
+from rlhf_core.scoring import score_token_ids
 
 log = logging.getLogger(__name__)
 
