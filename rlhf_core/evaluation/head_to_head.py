@@ -17,15 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from rlhf_core.algorithms.ppo import penalise_unfinished
 from rlhf_core.data.gold import GoldJudge
+from rlhf_core.evaluation.comparison import ResponseJudge
 from rlhf_core.evaluation.metrics import bootstrap_ci, win_indicators, win_rate
 from rlhf_core.generation import Messages, Rollout, SamplingSettings, generate
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm, load_tokenizer
-from rlhf_core.scoring import score
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +69,10 @@ def head_to_head_win_rate(
         judge_name = "reward_model"
         reward_model = RewardModel.from_pretrained(Path(reward_model_dir))
         tokenizer = load_tokenizer(str(reward_model_dir))
-        candidate_scores, champion_scores = (  # (n,) each; unfinished answers penalised
-            penalise_unfinished(
-                score(reward_model, tokenizer, prompts, answers.texts, ended=answers.ended),
-                torch.tensor(answers.ended, dtype=torch.bool),
-            )
-            for answers in (candidate, champion)
-        )
+        # The evaluation's judge: the one scoring path, unfinished answers penalised.
+        rm_judge = ResponseJudge(reward_model, tokenizer, None, batch_size=64)
+        candidate_scores = rm_judge.rm_scores(prompts, candidate.texts, candidate.ended)
+        champion_scores = rm_judge.rm_scores(prompts, champion.texts, champion.ended)
     interval = bootstrap_ci(win_indicators(candidate_scores, champion_scores), seed=seed)
     result = {
         "win_rate": win_rate(candidate_scores, champion_scores),
