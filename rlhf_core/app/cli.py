@@ -78,7 +78,9 @@ def validate(
 
     if kind not in KINDS:
         fail(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    settings = load_params_or_exit(params_path).data.validation if params_path.is_file() else None
+    settings = (
+        load_params_or_exit(params_path).validation_for(kind) if params_path.is_file() else None
+    )
     report = _run_validation(paths, kind, out, settings, tokenizer)
     if not report["passed"]:
         typer.secho(
@@ -146,7 +148,9 @@ def ingest(
     """
     from rlhf_core.data.store import ingest_files
 
-    settings = load_params_or_exit(params_path).data.validation if params_path.is_file() else None
+    settings = (
+        load_params_or_exit(params_path).validation_for(kind) if params_path.is_file() else None
+    )
     try:
         results = ingest_files(files, store, kind=kind, settings=settings)
     except (FileNotFoundError, ValueError) as error:

@@ -9,6 +9,7 @@ silent default), and every error names the key and the file. Nothing here import
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,28 @@ class Params(_Section):
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
+
+    def validation_for(self, kind: str) -> ValidationSettings:
+        """`data.validation` for a data set of `kind`, with `max_tokens` resolved: the value
+        set in params.yaml, else the shortest `max_length` of the stages that train on such
+        rows (each of them truncates longer ones): sft for `sft`, the reward model and DPO
+        for `preference`, the reward model for `ranked`, and the longest of them for
+        `prompts` (a prompt must leave room for an answer in every stage)."""
+        settings = self.data.validation
+        if settings.max_tokens is not None:
+            return settings
+        lengths = {
+            "sft": [self.sft.max_length],
+            "preference": [self.reward.max_length, self.policy.dpo.max_length],
+            "ranked": [self.reward.max_length],
+        }
+        if kind == "prompts":
+            limit = max(length for listed in lengths.values() for length in listed)
+        elif kind in lengths:
+            limit = min(lengths[kind])
+        else:
+            raise ValueError(f"unknown data set kind {kind!r}")
+        return dataclasses.replace(settings, max_tokens=max(limit, settings.min_tokens))
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -21,7 +21,9 @@ class ValidationSettings:
             ``prompts`` row); only checked when a tokenizer is given.
         max_tokens: most tokens allowed in the prompt (all message contents) plus the row's
             longest response; only checked when a tokenizer is given. Special tokens and the
-            chat template are not counted.
+            chat template are not counted. None (the default) follows the `max_length` of the
+            stages that train on the set (`Params.validation_for`); rows longer than that would
+            be truncated there, losing their end. With no stage to follow, nothing is checked.
         min_valid_fraction: the data set passes when valid / total is at least this.
         length_bias_threshold: warn (`length_bias`) when chosen is longer than rejected in more
             than this fraction of the valid pairs, or shorter in more than this fraction.
@@ -30,7 +32,7 @@ class ValidationSettings:
 
     max_chars: int = 20000
     min_tokens: int = 1
-    max_tokens: int = 2048
+    max_tokens: int | None = None
     min_valid_fraction: float = 0.9
     length_bias_threshold: float = 0.7
     check_duplicates: bool = True
@@ -38,7 +40,9 @@ class ValidationSettings:
     def __post_init__(self) -> None:
         if self.max_chars < 1:
             raise ValueError(f"max_chars must be at least 1, got {self.max_chars}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if self.min_tokens < 0 or (
+            self.max_tokens is not None and self.min_tokens > self.max_tokens
+        ):
             raise ValueError(
                 f"need 0 <= min_tokens <= max_tokens, got min_tokens={self.min_tokens} and "
                 f"max_tokens={self.max_tokens}"

@@ -143,14 +143,17 @@ def row_expectations(
             max_value=settings.max_chars,
         ),
     ]
-    if with_tokens:
-        expectations += [
+    if with_tokens and settings.max_tokens is not None:
+        expectations.append(
             _between(
                 "longest_sequence_tokens",
                 "too_long_tokens",
                 "Prompt plus longest response is within max_tokens tokens.",
                 max_value=settings.max_tokens,
-            ),
+            )
+        )
+    if with_tokens:
+        expectations += [
             _between(
                 "shortest_text_tokens",
                 "too_short_tokens",

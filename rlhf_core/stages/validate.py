@@ -76,7 +76,7 @@ def _validate_sets(sets: dict, params: Params, paths: ProjectPaths, run: Any) ->
             [str(p) for p in files],
             set_kind(name),
             out,
-            params.data.validation,
+            params.validation_for(set_kind(name)),
             tokenizer,
             docs_dir=paths.data_docs_dir(name),
             names_relative_to=paths.root,
