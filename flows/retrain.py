@@ -198,7 +198,8 @@ def track_preference_store(store: Path) -> str:
 
 
 def validation_settings(project_root: Path) -> Any:
-    """data.validation of params.yaml (the defaults when there is no params.yaml)."""
+    """data.validation of params.yaml for preference files, the token limit resolved from the
+    stages' max_length (`Params.validation_for`); the defaults when there is no params.yaml."""
     from rlhf_core.config.data import ValidationSettings
 
     params_file = project_root / "params.yaml"
@@ -206,7 +207,7 @@ def validation_settings(project_root: Path) -> Any:
         return ValidationSettings()
     from rlhf_core.config import load_params
 
-    return load_params(params_file).data.validation
+    return load_params(params_file).validation_for("preference")
 
 
 # --------------------------------------------------------------------------------------------
