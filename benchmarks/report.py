@@ -8,6 +8,9 @@ from typing import Any
 
 README_BEGIN = "<!-- bench:begin -->"
 README_END = "<!-- bench:end -->"
+# The real-model run (`make bench-real`) has a section of its own.
+REAL_README_BEGIN = "<!-- bench-real:begin -->"
+REAL_README_END = "<!-- bench-real:end -->"
 
 # (name, where in the results, comparison, threshold)
 TARGETS = (
@@ -94,11 +97,13 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as markdown tables (what README.md shows between the bench markers)."""
     settings = results["settings"]
     workload = results.get("workload", {})
+    model_name = Path(settings["base_model"]).name if settings.get("base_model") else None
     lines = [
         f"Measured by `make bench` on {results['created_at']} (commit "
         f"`{results['git_commit'][:10]}`), {results['machine']['cpu']}, "
         f"{results['machine']['torch_threads']} torch threads, fp32 matmul peak "
-        f"**{results['matmul_peak_gflops']:.0f} GFLOP/s**. Model `{settings['model_config']}` "
+        f"**{results['matmul_peak_gflops']:.0f} GFLOP/s**. Model "
+        f"`{model_name or settings['model_config']}` "
         f"({workload.get('parameters', 0) / 1e6:.1f}M parameters, vocabulary "
         f"{workload.get('model_vocab_size', '?')}), sequences up to {settings['max_length']} "
         f"tokens, {settings['sft_batch_size']} SFT examples or {settings['pair_batch_size']} "
@@ -109,7 +114,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| peak MB (ours / TRL) | final loss (ours / TRL) | mean loss over steps (ours / TRL) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for stage in ("sft", "reward", "dpo"):
+    for stage in ("sft", "reward", "dpo", "dpo_lora"):
         row = results["stages"].get(stage)
         if row is None:
             continue
@@ -160,12 +165,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, table: str) -> bool:
-    """Replace the text between the bench markers of `readme`; False if it has no markers."""
+def update_readme(
+    readme: Path, table: str, begin: str = README_BEGIN, end: str = README_END
+) -> bool:
+    """Replace the text between the markers `begin` and `end` of `readme` (the bench's, by
+    default); False if it has no such markers."""
     text = readme.read_text()
-    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         return False
-    replacement = f"{README_BEGIN}\n{table}{README_END}"
+    replacement = f"{begin}\n{table}{end}"
     readme.write_text(pattern.sub(lambda _: replacement, text))
     return True

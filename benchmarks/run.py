@@ -24,7 +24,13 @@ from typing import Annotated, Any
 
 import typer
 
-from benchmarks.settings import QUICK, QUICK_PIPELINE_PARAMS, TRL_STAGES, BenchSettings
+from benchmarks.settings import (
+    QUICK,
+    QUICK_PIPELINE_PARAMS,
+    TRL_STAGES,
+    BenchSettings,
+    real_model_settings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -141,8 +147,10 @@ def run_benchmarks(
     with_pipeline: bool = True,
     pipeline_params: dict[str, Any] | None = None,
     repeats: int = 1,
+    name: str = "latest",
 ) -> dict[str, Any]:
-    """Every measurement; returns the results dict (also written to `out_dir`)."""
+    """Every measurement; returns the results dict (also written to `out_dir` as
+    `<name>.json` and `<name>.md`)."""
     from rich.console import Console
 
     from benchmarks.hardware import configure_threads, matmul_peak_gflops
@@ -197,8 +205,8 @@ def run_benchmarks(
             )
     results["matmul_peak_gflops_after"] = matmul_peak_gflops(settings.matmul_size)
     results["targets"] = evaluate_targets(results)
-    (out_dir / "latest.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    (out_dir / "latest.md").write_text(markdown(results))
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown(results))
     return results
 
 
@@ -207,6 +215,13 @@ def main(
     quick: Annotated[
         bool, typer.Option(help="Tiny model and data: checks the harness in seconds.")
     ] = False,
+    real: Annotated[
+        Path | None,
+        typer.Option(
+            help="Measure this pretrained model (.gguf or safetensors folder) instead of the "
+            "from-scratch one; results go to real.json/real.md and the README's real section."
+        ),
+    ] = None,
     trl: Annotated[
         bool, typer.Option(help="Measure TRL beside ours (needs the bench extra).")
     ] = True,
@@ -216,30 +231,47 @@ def main(
     repeats: Annotated[
         int, typer.Option(min=1, help="Runs per side and stage; the fastest counts.")
     ] = 1,
-    out: Annotated[Path, typer.Option(help="Folder for latest.json and latest.md.")] = RESULTS_DIR,
+    out: Annotated[Path, typer.Option(help="Folder for the results files.")] = RESULTS_DIR,
     readme: Annotated[bool, typer.Option(help="Rewrite the results table in README.md.")] = False,
 ) -> None:
     """Benchmark our trainers against TRL and the CPU's peak, and the pipeline's overhead."""
-    from benchmarks.report import update_readme
+    from benchmarks.report import (
+        README_BEGIN,
+        README_END,
+        REAL_README_BEGIN,
+        REAL_README_END,
+        update_readme,
+    )
 
+    if quick and real is not None:
+        typer.secho("error: --quick and --real exclude each other", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    if real is not None and not real.exists():
+        typer.secho(f"error: {real}: no such model file or folder", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
     settings = QUICK if quick else BenchSettings()
+    name, markers = "latest", (README_BEGIN, README_END)
+    if real is not None:
+        settings, name = real_model_settings(str(real.resolve())), "real"
+        markers = (REAL_README_BEGIN, REAL_README_END)
     try:
         results = run_benchmarks(
             settings,
             out,
             with_trl=trl,
-            with_pipeline=pipeline,
+            with_pipeline=pipeline and real is None,  # the pipeline's cost is the demo's
             pipeline_params=QUICK_PIPELINE_PARAMS if quick else None,
             repeats=repeats,
+            name=name,
         )
     except RuntimeError as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
-    table = (out / "latest.md").read_text()
+    table = (out / f"{name}.md").read_text()
     typer.echo(table)
-    typer.echo(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
+    typer.echo(f"wrote {out / f'{name}.json'} and {out / f'{name}.md'}")
     if readme:
-        if update_readme(REPO / "README.md", table):
+        if update_readme(REPO / "README.md", table, *markers):
             typer.echo("updated the results table in README.md")
         else:
             typer.secho("README.md has no bench markers; table not copied", err=True)

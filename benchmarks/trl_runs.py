@@ -161,15 +161,31 @@ def run_reward(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
     return {"meter": meter, **_losses(trainer), "model": model}
 
 
-def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
-    """`trl.DPOTrainer`, sigmoid loss, β = 0.1, explicit reference, precomputed ref log-probs."""
+def run_dpo(workspace: Path, settings: BenchSettings, lora: bool = False) -> dict[str, Any]:
+    """`trl.DPOTrainer`, sigmoid loss, β = 0.1, explicit reference, precomputed ref log-probs;
+    with `lora`, a peft LoRA config instead of a reference model (TRL then uses the base with
+    the adapters off as the reference, as ours does)."""
     import time
 
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir(workspace)))
-    reference = AutoModelForCausalLM.from_pretrained(str(base_dir(workspace)))
+    reference = None if lora else AutoModelForCausalLM.from_pretrained(str(base_dir(workspace)))
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        from benchmarks.ours import lora_settings
+
+        ours = lora_settings(settings)
+        peft_config = LoraConfig(
+            r=ours.r,
+            lora_alpha=ours.alpha,
+            lora_dropout=ours.dropout,
+            target_modules=list(ours.target_modules),
+            task_type="CAUSAL_LM",
+        )
     tokenizer = _tokenizer(workspace)
     with tempfile.TemporaryDirectory() as out_dir:
         args = DPOConfig(
@@ -185,7 +201,9 @@ def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
             args=args,
             train_dataset=_pair_dataset(workspace, tokenizer),
             processing_class=tokenizer,
+            peft_config=peft_config,
         )
+        model = trainer.model  # the peft-wrapped model with LoRA
         del reference
         started = time.perf_counter()
         meter = _train(trainer, model, settings)
@@ -198,3 +216,8 @@ def run_dpo(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
         "model": model,
         "reference_and_setup_s": outside_steps_s,
     }
+
+
+def run_dpo_lora(workspace: Path, settings: BenchSettings) -> dict[str, Any]:
+    """`run_dpo` with a peft LoRA config (the same rank, alpha and modules as ours)."""
+    return run_dpo(workspace, settings, lora=True)

@@ -26,6 +26,7 @@ def _runner(stage: str, impl: str):
             "sft": ours.run_sft,
             "reward": ours.run_reward,
             "dpo": ours.run_dpo,
+            "dpo_lora": ours.run_dpo_lora,
             "ppo": ppo.run_ppo,
         }
     elif impl == "trl":
@@ -33,7 +34,12 @@ def _runner(stage: str, impl: str):
 
         from benchmarks import trl_runs
 
-        runners = {"sft": trl_runs.run_sft, "reward": trl_runs.run_reward, "dpo": trl_runs.run_dpo}
+        runners = {
+            "sft": trl_runs.run_sft,
+            "reward": trl_runs.run_reward,
+            "dpo": trl_runs.run_dpo,
+            "dpo_lora": trl_runs.run_dpo_lora,
+        }
     else:
         raise ValueError(f"impl must be ours or trl, not {impl!r}")
     if stage not in runners:
@@ -78,6 +84,7 @@ def measure(stage: str, impl: str, workspace: Path) -> dict:
                 decoder.config.num_hidden_layers,
                 decoder.config.hidden_size,
                 context,
+                trainable=matmul_weights(model, trainable_only=True),
             ),
         )
     record.update({k: v for k, v in result.items() if not k.startswith("_")})

@@ -103,9 +103,14 @@ def build_workspace(settings: BenchSettings, out_dir: str | Path) -> dict[str, A
             n_eval_prompts=16,
         )
     )
-    tokenizer = train_bpe_tokenizer(corpus_texts(demo), vocab_size=settings.vocab_size)
-    model = build_tiny_llama(settings.model_config, tokenizer, seed=settings.seed)
-    if settings.model_vocab_size:
+    if settings.base_model:
+        from rlhf_core.models.loading import load_causal_lm
+
+        model, tokenizer = load_causal_lm(settings.base_model)
+    else:
+        tokenizer = train_bpe_tokenizer(corpus_texts(demo), vocab_size=settings.vocab_size)
+        model = build_tiny_llama(settings.model_config, tokenizer, seed=settings.seed)
+    if settings.model_vocab_size and not settings.base_model:
         if settings.model_vocab_size < len(tokenizer):
             raise ValueError(f"model_vocab_size is below the tokenizer's {len(tokenizer)} tokens")
         with torch.random.fork_rng(devices=[]):

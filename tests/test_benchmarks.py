@@ -40,6 +40,9 @@ def test_llama_matmul_weights_are_the_projections_and_the_head():
     model = _tiny_llama()
     per_layer = 4 * 16 * 16 + 3 * 16 * 32  # q, k, v, o + gate, up, down
     assert matmul_weights(model) == 2 * per_layer + 16 * 32  # + LM head (embeddings excluded)
+    for module in model.model.layers[0].modules():
+        module.requires_grad_(False)
+    assert matmul_weights(model, trainable_only=True) == per_layer + 16 * 32
 
 
 def test_causal_context_and_flops_by_hand():
@@ -48,6 +51,9 @@ def test_causal_context_and_flops_by_hand():
     assert mean_causal_context([1, 3]) == pytest.approx((1 + 6) / 4)
     assert forward_flops_per_token(100, 2, 8, 4.0) == 2 * 100 + 4 * 2 * 8 * 4
     assert training_flops_per_token(100, 2, 8, 4.0) == 3 * (200 + 256)
+    # LoRA: the backward multiplies by every weight for input gradients (2 per weight) but
+    # makes weight gradients for the 10 trainable ones only (2 per weight)
+    assert training_flops_per_token(100, 2, 8, 4.0, trainable=10) == 4 * 100 + 2 * 10 + 3 * 256
     assert utilisation(2e9, 50.0, 200.0) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         mean_causal_context([])
@@ -191,7 +197,7 @@ def test_quick_run_measures_every_stage_and_the_pipeline(tmp_path):
 
     written = json.loads((tmp_path / "latest.json").read_text())
     assert written["matmul_peak_gflops"] == results["matmul_peak_gflops"] > 0
-    for stage in ("sft", "reward", "dpo"):
+    for stage in ("sft", "reward", "dpo", "dpo_lora"):
         row = written["stages"][stage]
         assert row["ours_tokens_per_s"] > 0 and row["trl_tokens_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["ours_tokens_per_s"] / row["trl_tokens_per_s"])
@@ -201,6 +207,10 @@ def test_quick_run_measures_every_stage_and_the_pipeline(tmp_path):
         assert row["ours"]["step_tokens"] == row["ours"]["loop_step_tokens"]
         assert len(row["ours"]["step_seconds"]) == QUICK.total_steps
     assert written["stages"]["sft"]["trl"]["step_tokens"][-1] > 0
+    # LoRA trains a few weights on both sides, and FLOPs count input gradients only elsewhere
+    for impl in ("ours", "trl"):
+        full, lora = written["stages"]["dpo"][impl], written["stages"]["dpo_lora"][impl]
+        assert lora["flops_per_token"] < full["flops_per_token"]
     ppo = written["stages"]["ppo"]
     assert ppo["trl_tokens_per_s"] is None and "no PPO trainer" in ppo["trl_note"]
     assert sum(ppo["time_split_fraction"].values()) == pytest.approx(1.0, abs=0.05)
@@ -215,3 +225,25 @@ def test_quick_run_measures_every_stage_and_the_pipeline(tmp_path):
     assert pipeline["noop_dvc_repro_s"] > 0 and pipeline["noop_flow_wall_s"] > 0
     assert {check["met"] for check in written["targets"]} <= {True, False}
     assert "| sft |" in (tmp_path / "latest.md").read_text()
+    assert "| dpo_lora |" in (tmp_path / "latest.md").read_text()
+
+
+def test_workspace_of_a_pretrained_model_uses_its_weights_and_tokenizer(tmp_path):
+    """`--real`: the shared starting point is the given model, not a from-scratch one."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from benchmarks.settings import QUICK
+    from benchmarks.workload import base_dir, build_workspace
+
+    scratch = build_workspace(QUICK, tmp_path / "scratch")
+    pretrained = dataclasses.replace(QUICK, base_model=str(base_dir(tmp_path / "scratch")))
+    real = build_workspace(pretrained, tmp_path / "real")
+    assert real["parameters"] == scratch["parameters"]
+    assert real["tokenizer_size"] == scratch["tokenizer_size"]
+    assert real["settings"]["base_model"] == pretrained.base_model
+    original = load_file(base_dir(tmp_path / "scratch") / "model.safetensors")
+    copied = load_file(base_dir(tmp_path / "real") / "model.safetensors")
+    assert original.keys() == copied.keys()
+    assert all(torch.equal(original[name], copied[name]) for name in original)
