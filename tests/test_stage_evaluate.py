@@ -37,6 +37,8 @@ SETTINGS = EvaluateSettings(
     max_prompts=PROMPTS,
     samples_in_report=SAMPLES_IN_REPORT,
     batch_size=16,
+    sanity_prompts={"Tell me about a film.": "the", "Name a city.": "paris"},
+    sanity_max_new_tokens=6,
 )
 DATA = DataSettings(eval_fraction=0.2)  # the demo task, so the gold judge is on
 POLICIES = ("sft", "dpo", "ppo", *(f"bon_{n}" for n in BEST_OF_N))
@@ -180,6 +182,32 @@ def test_reward_model_block_matches_a_direct_computation(evaluated):
     assert block["eval_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
     assert block["eval_margin_mean"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
     assert block["annotator_agreement"] == pytest.approx(float(np.mean(gold_outcomes)))
+
+
+def test_sanity_prompts_are_answered_greedily_by_sft_and_each_policy(evaluated):
+    text = (evaluated.paths.evaluation_dir / "sanity.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| sft", "| dpo", "| ppo"))]
+    assert len(rows) == len(SETTINGS.sanity_prompts) * 3  # sft, dpo, ppo per question
+    by_policy: dict[str, list[str]] = {}
+    for row in rows:
+        name, passes, answer = (cell.strip() for cell in row.strip("|").split(" | ", 2))
+        by_policy.setdefault(name, []).append(answer)
+        expected = "the" if len(by_policy[name]) == 1 else "paris"
+        ended = not answer.endswith("…(no EOS)")
+        assert passes == ("yes" if ended and expected in answer.casefold() else "no")
+    assert set(by_policy) == {"sft", "dpo", "ppo"}
+    assert by_policy["dpo"] == by_policy["sft"]  # greedy: SFT's exact copy answers the same
+    for policy in ("sft", "dpo", "ppo"):
+        passed = [
+            cell == "yes"
+            for cell in (
+                row.strip("|").split(" | ")[1].strip()
+                for row in rows
+                if row.startswith(f"| {policy} ")
+            )
+        ]
+        assert evaluated.metrics[policy]["sanity_pass_fraction"] == sum(passed) / len(passed)
+    assert "sanity_pass_fraction" not in evaluated.metrics["bon_2"]  # best-of-n is SFT's
 
 
 def test_reports_and_plots_are_written(evaluated):

@@ -295,6 +295,11 @@ class EvaluateSettings:
         missing_eos_penalty: subtracted from the reward-model score of a sampled response that
             never emitted EOS (1.0, as PPO's); it also steers best-of-n away from them.
         unfinished_score: when set, the reward-model score of every such response instead.
+        sanity_prompts: out-of-task questions, each with a text its answer must contain
+            (case-insensitive), e.g. {"What is the capital of France?": "Paris"}; SFT and
+            each policy answer them greedily (`evaluation.sanity`): a pretrained model tuned
+            too hard on the task forgets the rest. {} (the default) skips them.
+        sanity_max_new_tokens: most tokens of a sanity answer (64).
     """
 
     sampling: SamplingSettings = field(default_factory=_default_sampling)
@@ -306,6 +311,8 @@ class EvaluateSettings:
     bootstrap: bool = True
     missing_eos_penalty: float = 1.0
     unfinished_score: float | None = None
+    sanity_prompts: Mapping[str, str] = field(default_factory=dict)
+    sanity_max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
         # params.yaml gives plain mappings and lists; keep the typed forms.
@@ -340,3 +347,12 @@ class EvaluateSettings:
                 f"{self.missing_eos_penalty!r}."
             )
         require_finite_or_none("evaluate.unfinished_score", self.unfinished_score)
+        if not isinstance(self.sanity_prompts, Mapping) or not all(
+            isinstance(key, str) and key.strip() and isinstance(value, str) and value.strip()
+            for key, value in self.sanity_prompts.items()
+        ):
+            raise ValueError(
+                "evaluate.sanity_prompts must map each question to the text its answer must "
+                f"contain, both non-empty strings, got {self.sanity_prompts!r}."
+            )
+        require_minimums("evaluate", self, {"sanity_max_new_tokens": 1})

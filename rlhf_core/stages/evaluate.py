@@ -9,9 +9,12 @@ sits on the KL axis at the analytic log n − (n − 1)/n (Gao et al. 2023, arXi
 The reward model is also checked on the held-out preference pairs, next to the agreement of
 those labels with the gold judge (the accuracy ceiling the annotators' noise allows).
 
+With `sanity_prompts`, SFT and each policy also answer out-of-task questions greedily
+(`evaluation.sanity`): `sanity_pass_fraction` per policy, the answers in sanity.md.
+
 Outputs: artifacts/metrics/evaluate.json (DVC metrics), artifacts/evaluation/ (comparison
-table, sample responses, every response with its scores), artifacts/plots/reward_vs_kl.{png,
-json}; all logged to one MLflow run.
+table, sample responses, every response with its scores, sanity answers),
+artifacts/plots/reward_vs_kl.{png,json}; all logged to one MLflow run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from rlhf_core.evaluation.comparison import (
     summarise,
 )
 from rlhf_core.evaluation.comparison_report import comparison_markdown, log_to_run, write_reports
+from rlhf_core.evaluation.sanity import (
+    SANITY_METRIC,
+    SanityAnswer,
+    answer_sanity_prompts,
+    pass_fraction,
+    sanity_markdown,
+)
 from rlhf_core.generation import SamplingSettings, derived_seed
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
@@ -199,15 +209,24 @@ def run_evaluate(
                 progress=context.show_progress,
             )
 
+        def answer_sanity(name, model):
+            if settings.sanity_prompts:
+                sanity[name] = answer_sanity_prompts(
+                    model, tokenizer, settings.sanity_prompts, settings.sanity_max_new_tokens
+                )
+
+        sanity: dict[str, list[SanityAnswer]] = {}
         log.info("evaluate: %d responses per policy", len(items))
         started = time.perf_counter()
         responses = {SFT: sample(SFT, sft_model)}
+        answer_sanity(SFT, sft_model)
         log.info("evaluate: sft sampled and scored in %.1f s", time.perf_counter() - started)
         for name in algorithms:
             started = time.perf_counter()
             policy, policy_tokenizer = load_causal_lm(str(paths.policy_dir(name)))
             _require_same_vocabulary(name, policy_tokenizer, tokenizer)
             responses[name] = sample(name, policy, reference_model=sft_model)
+            answer_sanity(name, policy)
             del policy
             log.info(
                 "evaluate: %s sampled and scored in %.1f s", name, time.perf_counter() - started
@@ -241,11 +260,16 @@ def run_evaluate(
             )
             for name, policy_responses in responses.items()
         }
+        for name, answers in sanity.items():
+            results[name][SANITY_METRIC] = pass_fraction(answers)
         results[REWARD_MODEL] = reward_model_metrics(judge, held_out_pairs)
 
         written = write_reports(
             paths, results, prompts, responses, settings, has_gold=gold_judge is not None
         )
+        if sanity:
+            written["sanity"] = paths.evaluation_dir / "sanity.md"
+            written["sanity"].write_text(sanity_markdown(sanity), encoding="utf-8")
         log_to_run(run, results, written)
         for path in written.values():
             run.record_output(path)
