@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_core.config.gate import GateSettings, is_finite_number
+from rlhf_core.evaluation.sanity import SANITY_METRIC
 
 REWARD_MODEL_KEY = "reward_model"
 KL_METRIC = "kl_to_sft"
@@ -117,7 +118,8 @@ class GateDecision:
 
 def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -> list[Check]:
     """The absolute checks of one policy: its `policy_metric` (or fallback), its KL to SFT and
-    the share of its responses that ended (a policy that learned not to stop fails here)."""
+    the share of its responses that ended (a policy that learned not to stop fails here), and
+    with `min_sanity_pass_fraction`, its share of right answers to the sanity prompts."""
     metrics = evaluation.get(policy) or {}
     metric_name, value = settings.policy_metric, _number(metrics.get(settings.policy_metric))
     fallback_from = None
@@ -126,7 +128,7 @@ def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -
         if fallback_value is not None:
             metric_name, value = settings.fallback_metric, fallback_value
             fallback_from = settings.policy_metric
-    return [
+    checks = [
         Check(f"{policy}.{metric_name}", value, settings.min_policy_metric, ">=", fallback_from),
         Check(f"{policy}.{KL_METRIC}", _number(metrics.get(KL_METRIC)), settings.max_kl, "<="),
         Check(
@@ -136,6 +138,16 @@ def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -
             ">=",
         ),
     ]
+    if settings.min_sanity_pass_fraction is not None:
+        checks.append(
+            Check(
+                f"{policy}.{SANITY_METRIC}",
+                _number(metrics.get(SANITY_METRIC)),
+                settings.min_sanity_pass_fraction,
+                ">=",
+            )
+        )
+    return checks
 
 
 def select_candidate(evaluation: Evaluation, settings: GateSettings) -> CandidateSelection:

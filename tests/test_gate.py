@@ -67,6 +67,21 @@ def test_a_policy_that_stopped_ending_its_answers_is_no_candidate():
     assert decide(both, SETTINGS, None, has_champion=False).candidate == "ppo"
 
 
+def test_a_policy_that_forgot_general_answers_is_no_candidate_when_asked():
+    """With min_sanity_pass_fraction, the sanity prompts' pass share is one more check; a
+    policy evaluated without sanity prompts fails it; without the setting nothing changes."""
+    forgetful = {**policy(0.9), "sanity_pass_fraction": 1 / 3}
+    keeps = {**policy(0.7), "sanity_pass_fraction": 1.0}
+    strict = GateSettings(min_sanity_pass_fraction=0.66)
+    decision = decide(evaluation(dpo=forgetful, ppo=keeps), strict, None, has_champion=False)
+    assert decision.candidate == "ppo"
+    assert "dpo: sanity_pass_fraction 0.33 < 0.66" in decision.reasons
+    unasked = decide(evaluation(dpo=policy(0.9)), strict, None, has_champion=False)
+    assert not unasked.promote and not unasked.checks["dpo.sanity_pass_fraction"]["passed"]
+    lenient = decide(evaluation(dpo=forgetful), SETTINGS, None, has_champion=False)
+    assert lenient.candidate == "dpo" and "dpo.sanity_pass_fraction" not in lenient.checks
+
+
 def test_with_a_champion_the_head_to_head_win_rate_decides():
     metrics = evaluation(dpo=policy(0.71))
     unmeasured = decide(metrics, SETTINGS, None, has_champion=True)
@@ -146,6 +161,8 @@ def test_settings_reject_impossible_thresholds():
         GateSettings(min_win_rate_vs_champion=1.5)
     with pytest.raises(ValueError, match="candidate_policies"):
         GateSettings(candidate_policies=())
+    with pytest.raises(ValueError, match="min_sanity_pass_fraction"):
+        GateSettings(min_sanity_pass_fraction=2.0)
 
 
 def test_decision_serialises_to_plain_json_types():

@@ -30,6 +30,9 @@ class GateSettings:
             please a reward model that scores unfinished text high, fails.
         min_reward_accuracy: the least held-out pairwise accuracy of the reward model
             (default 0.6).
+        min_sanity_pass_fraction: when set, the least share of the out-of-task sanity prompts
+            (`evaluate.sanity_prompts`) a policy must still answer right; a policy evaluated
+            without them fails. None (default) skips the check.
         min_win_rate_vs_champion: the least head-to-head win rate of the candidate against the
             current champion (default 0.55, ties counting half).
         candidate_policies: the policies that may become the candidate (default dpo, ppo).
@@ -41,6 +44,7 @@ class GateSettings:
     max_kl: float = 25.0
     min_ended_fraction: float = 0.9
     min_reward_accuracy: float = 0.6
+    min_sanity_pass_fraction: float | None = None
     min_win_rate_vs_champion: float = 0.55
     candidate_policies: tuple[str, ...] = ("dpo", "ppo")
 
@@ -52,6 +56,11 @@ class GateSettings:
             0.0 <= self.min_win_rate_vs_champion <= 1.0
         ):
             raise ValueError("GateSettings.min_win_rate_vs_champion must lie in [0, 1].")
+        if self.min_sanity_pass_fraction is not None and not (
+            is_finite_number(self.min_sanity_pass_fraction)
+            and 0.0 <= self.min_sanity_pass_fraction <= 1.0
+        ):
+            raise ValueError("GateSettings.min_sanity_pass_fraction must lie in [0, 1] or be null.")
         if self.max_kl < 0:
             raise ValueError("GateSettings.max_kl must be non-negative (KL is never below 0).")
         if isinstance(self.candidate_policies, str) or not self.candidate_policies:
