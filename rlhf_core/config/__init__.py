@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rlhf_core.config.compute import ComputeSettings
 from rlhf_core.config.data import DemoSettings, ValidationSettings
 from rlhf_core.config.gate import GateSettings
 from rlhf_core.config.stages import (
@@ -109,6 +110,7 @@ class Params(_Section):
     """The whole params.yaml."""
 
     seed: int = Field(0, description="Global seed for every stage.")
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)

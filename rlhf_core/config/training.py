@@ -108,7 +108,8 @@ class TrainSettings(OptimizerSettings):
         micro_batch_size: examples per forward pass (gradient accumulation); None = batch_size.
         max_tokens_per_micro_batch: dynamic batching cap on examples × padded length.
         group_by_length: batch similar lengths together (less padding).
-        mixed_precision: fp32 | bf16 | fp16 (accelerate autocast; fp32 on CPUs without fast bf16).
+        mixed_precision: auto (default: `compute.precision`) | fp32 | bf16 | fp16 (accelerate
+            autocast; fp32 on CPUs without fast bf16).
         disable_dropout: turn the model's dropout off before training (True, as TRL's DPO and
             reward trainers); a pretrained model's dropout adds noise to every comparison.
         seed: seeds initial RNG state and the data order (each stage sets the global seed).
@@ -120,14 +121,14 @@ class TrainSettings(OptimizerSettings):
     micro_batch_size: int | None = None
     max_tokens_per_micro_batch: int | None = None
     group_by_length: bool = True
-    mixed_precision: str = "fp32"
+    mixed_precision: str = "auto"
     disable_dropout: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.mixed_precision != "auto" and self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be auto or one of {', '.join(MIXED_PRECISION)}")
         if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
             raise ValueError("batch_size and micro_batch_size must be at least 1")
         if self.epochs <= 0 and not self.max_steps:

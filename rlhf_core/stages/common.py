@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from rlhf_core.config import DataSettings
+from rlhf_core.config.compute import ComputeSettings
 from rlhf_core.data.splits import split_frame
 from rlhf_core.paths import ProjectPaths
 
@@ -52,14 +53,33 @@ def load_split(paths: ProjectPaths, set_name: str, data: Any) -> tuple[pd.DataFr
 @dataclass(frozen=True)
 class StageContext:
     """What every training and evaluation stage run shares: the data settings (the held-out
-    split), the global seed, the project root and whether to draw progress bars."""
+    split), the global seed, the project root, whether to draw progress bars, and where to
+    compute (`compute`: device and precision, resolved on this machine by `device` and
+    `precision`)."""
 
     data: DataSettings
     seed: int
     root: Path = Path(".")
     show_progress: bool = True
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
 
     @classmethod
     def from_params(cls, params: Any) -> StageContext:
         """The context of a params.yaml (`Params`) run from the project root."""
-        return cls(data=params.data, seed=params.seed)
+        return cls(data=params.data, seed=params.seed, compute=params.compute)
+
+    @property
+    def device(self) -> Any:
+        """The torch device of `compute.device` on this machine (`devices.resolve_device`)."""
+        from rlhf_core.devices import resolve_device
+
+        return resolve_device(self.compute)
+
+    def precision(self, stage_setting: str = "auto") -> str:
+        """A stage's training precision: its own `train.mixed_precision` unless that is
+        auto, else `compute.precision` resolved on this machine's device."""
+        if stage_setting != "auto":
+            return stage_setting
+        from rlhf_core.devices import resolve_precision
+
+        return resolve_precision(self.compute, self.device)

@@ -121,6 +121,7 @@ def run_dpo(
         datasets=datasets,
     ) as stage:
         model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
+        model = model.to(context.device)  # the reference pass below runs where training will
         train_pairs = _pairs(tokenizer, train_frame, settings.max_length)
         eval_pairs = _pairs(tokenizer, eval_frame, settings.max_length)
         cut_ends = stage.count_cut_ends(

@@ -183,8 +183,11 @@ def run_evaluate(
             run.log_dataset(
                 held_out_pairs, "preference_held_out", "evaluation", source=inputs["preference"]
             )
+        device = context.device  # fp32 on every device (see ComputeSettings)
         sft_model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
+        sft_model = sft_model.to(device)
         reward_model, reward_tokenizer = _load_reward_model(paths, tokenizer)
+        reward_model = reward_model.to(device)
         judge = ResponseJudge(
             reward_model,
             reward_tokenizer,
@@ -225,6 +228,7 @@ def run_evaluate(
             started = time.perf_counter()
             policy, policy_tokenizer = load_causal_lm(str(paths.policy_dir(name)))
             _require_same_vocabulary(name, policy_tokenizer, tokenizer)
+            policy = policy.to(device)
             responses[name] = sample(name, policy, reference_model=sft_model)
             answer_sanity(name, policy)
             del policy

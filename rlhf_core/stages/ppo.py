@@ -75,12 +75,14 @@ def run_ppo(
         label=ppo_run_label(settings.train),
         datasets=datasets,
     ) as stage:
+        device = context.device  # fp32 on every device (see ComputeSettings)
         policy_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         reference, _ = load_causal_lm(str(paths.sft_model_dir))
         policy = PolicyWithValueHead(policy_lm, seed=context.seed)
         with torch.no_grad():  # V ≈ 0 at the start: no value estimate before any return is seen
             policy.value_head.weight.mul_(0.01)
         reward_model = RewardModel.from_pretrained(paths.reward_model_dir).eval()
+        policy, reference, reward_model = (m.to(device) for m in (policy, reference, reward_model))
         scorer = reward_model_scorer(
             reward_model, tokenizer.pad_token_id, settings.scorer_batch_size
         )

@@ -101,10 +101,16 @@ class TrainingStage:
         warning = learning_rate_warning(self.name, parameters, self.settings.train.learning_rate)
         if warning is not None:
             log.warning(warning)
+        settings = dataclasses.replace(
+            self.settings.train,
+            seed=self.context.seed,
+            mixed_precision=self.context.precision(self.settings.train.mixed_precision),
+        )
         result = train(
             model,
             objective,
-            dataclasses.replace(self.settings.train, seed=self.context.seed),
+            settings,
+            accelerator=stage_accelerator(self.context, settings),
             checkpoints=self.checkpoint_manager(),
             on_log=self.log_step,
             on_eval=self.log_eval,
@@ -163,6 +169,19 @@ class TrainingStage:
         self.run.log_model_dir(model_dir, "model")
         self.run.record_output(model_dir)
         return metrics
+
+
+def stage_accelerator(context: StageContext, settings: Any) -> Any:
+    """The accelerate `Accelerator` of a training stage: its resolved precision on the
+    context's device. Only a CPU asked for where a GPU is visible needs `cpu=True`
+    (accelerate takes the GPU otherwise; its process state keeps the first choice)."""
+    import torch
+    from accelerate import Accelerator
+
+    from rlhf_core.config.training import MIXED_PRECISION
+
+    force_cpu = context.device.type == "cpu" and torch.cuda.is_available()
+    return Accelerator(mixed_precision=MIXED_PRECISION[settings.mixed_precision], cpu=force_cpu)
 
 
 def learning_rate_warning(stage: str, parameters: int, learning_rate: float) -> str | None:

@@ -141,9 +141,15 @@ def train(
     from accelerate import Accelerator
 
     seed_everything(settings.seed)
-    accelerator = accelerator or Accelerator(
-        mixed_precision=MIXED_PRECISION[settings.mixed_precision]
-    )
+    if accelerator is None:
+        precision = settings.mixed_precision
+        if precision == "auto":  # as `compute.precision: auto` on this machine's default device
+            from rlhf_core.config.compute import ComputeSettings
+            from rlhf_core.devices import resolve_device, resolve_precision
+
+            compute = ComputeSettings()
+            precision = resolve_precision(compute, resolve_device(compute))
+        accelerator = Accelerator(mixed_precision=MIXED_PRECISION[precision])
     lengths = list(task.lengths)
     if not lengths:
         raise ValueError("no training examples")
