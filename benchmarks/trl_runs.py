@@ -173,19 +173,11 @@ def run_dpo(workspace: Path, settings: BenchSettings, lora: bool = False) -> dic
     model = AutoModelForCausalLM.from_pretrained(str(base_dir(workspace)))
     reference = None if lora else AutoModelForCausalLM.from_pretrained(str(base_dir(workspace)))
     peft_config = None
-    if lora:
-        from peft import LoraConfig
-
+    if lora:  # the very LoraConfig our DPO stage builds
         from benchmarks.ours import lora_settings
+        from rlhf_core.stages.dpo import lora_config
 
-        ours = lora_settings(settings)
-        peft_config = LoraConfig(
-            r=ours.r,
-            lora_alpha=ours.alpha,
-            lora_dropout=ours.dropout,
-            target_modules=list(ours.target_modules),
-            task_type="CAUSAL_LM",
-        )
+        peft_config = lora_config(lora_settings(settings))
     tokenizer = _tokenizer(workspace)
     with tempfile.TemporaryDirectory() as out_dir:
         args = DPOConfig(

@@ -43,19 +43,26 @@ LORA_INSTALL_HINT = "install peft (pip install 'rlhf-pipeline[lora]')"
 # --------------------------------------------------------------------------------------------
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
-    """Wrap `model` in a peft LoRA model; only the adapters stay trainable."""
+def lora_config(lora: LoraSettings) -> Any:
+    """The peft `LoraConfig` of `lora` (a causal LM's adapters)."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
     except ImportError as error:
         raise ValueError(f"LoRA needs peft: {LORA_INSTALL_HINT}.") from error
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    """Wrap `model` in a peft LoRA model; only the adapters stay trainable."""
+    config = lora_config(lora)
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, config)
     except ValueError as error:
