@@ -18,7 +18,15 @@ from benchmarks.flops import (
     utilisation,
 )
 from benchmarks.meter import StepMeter, find_decoder
-from benchmarks.report import README_BEGIN, README_END, evaluate_targets, markdown, update_readme
+from benchmarks.report import (
+    README_BEGIN,
+    README_END,
+    REAL_README_BEGIN,
+    REAL_README_END,
+    evaluate_targets,
+    markdown,
+    update_readme,
+)
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -183,6 +191,24 @@ def test_markdown_table_and_readme_section(tmp_path):
     plain.write_text("no markers\n")
     assert not update_readme(plain, table)
     assert plain.read_text() == "no markers\n"
+
+
+def test_a_real_model_run_has_its_own_title_section_and_no_pipeline_rows(tmp_path):
+    results = _results(1.4, 0.2)
+    del results["pipeline"]
+    results["settings"]["base_model"] = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    results["targets"] = evaluate_targets(results)
+    table = markdown(results)
+    assert table.startswith("Measured by `make bench-real`")
+    assert "Model `SmolLM2-135M-Instruct.Q4_1.gguf`" in table
+    assert "pipeline" not in table and "not measured" not in table
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"{README_BEGIN}\ndemo\n{README_END}\n{REAL_README_BEGIN}\nprevious figures\n{REAL_README_END}\n"
+    )
+    assert update_readme(readme, table, REAL_README_BEGIN, REAL_README_END)
+    text = readme.read_text()
+    assert "demo" in text and "previous figures" not in text and table in text
 
 
 # ------------------------------------------------------------------------------------ a run
