@@ -204,7 +204,8 @@ def test_a_real_model_run_has_its_own_title_section_and_no_pipeline_rows(tmp_pat
     assert "pipeline" not in table and "not measured" not in table
     readme = tmp_path / "README.md"
     readme.write_text(
-        f"{README_BEGIN}\ndemo\n{README_END}\n{REAL_README_BEGIN}\nprevious figures\n{REAL_README_END}\n"
+        f"{README_BEGIN}\ndemo\n{README_END}\n"
+        f"{REAL_README_BEGIN}\nprevious figures\n{REAL_README_END}\n"
     )
     assert update_readme(readme, table, REAL_README_BEGIN, REAL_README_END)
     text = readme.read_text()

@@ -71,6 +71,20 @@ def test_params_flattened_and_more_than_100_logged(client, tmp_path):
     assert logged["sft.layers"] == "[4, 8]"
 
 
+def test_free_text_keys_are_logged_whole_as_json(client, tmp_path):
+    """MLflow refuses "?" in a param name: a mapping keyed by questions stays one JSON value."""
+    questions = {"What is the capital of France?": "Paris", "Sky's colour?": "blue"}
+    params = {"evaluate": {"sanity_prompts": questions, "batch_size": 8}}
+    assert flatten_params(params) == {
+        "evaluate.sanity_prompts": json.dumps(questions),
+        "evaluate.batch_size": "8",
+    }
+    with stage_run("free-text", project_root=tmp_path, params=params) as run:
+        pass
+    logged = client.get_run(run.run_id).data.params
+    assert json.loads(logged["evaluate.sanity_prompts"]) == questions
+
+
 def test_metric_history_per_step_exact_across_buffered_flushes(client, tmp_path):
     steps = FLUSH_EVERY_CALLS * 2 + 20
     losses = [1.0 / (step + 1) for step in range(steps)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -53,18 +54,24 @@ FLUSH_EVERY_SECONDS = 30.0
 _DATASET_READERS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
 
 
+# What MLflow accepts in a param name (mlflow.utils.validation).
+_PARAM_NAME = re.compile(r"^[/\w.\- :]*$")
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mapping -> {"dotted.key": "value"}; lists and tuples as JSON, the rest as str.
 
-    An empty mapping is kept as "{}" so that its key still shows up in the run.
+    An empty mapping is kept as "{}" so that its key still shows up in the run. A mapping
+    whose keys MLflow would refuse in a param name (free text such as the sanity prompts'
+    questions: "?", quotes, ...) is kept whole as JSON under its own key.
     """
     flat: dict[str, str] = {}
     for key, value in params.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping) and value and all(_PARAM_NAME.match(str(k)) for k in value):
             flat.update(flatten_params(value, prefix=f"{dotted}."))
         elif isinstance(value, Mapping):
-            flat[dotted] = "{}"
+            flat[dotted] = json.dumps(value, default=str, ensure_ascii=False) if value else "{}"
         elif isinstance(value, list | tuple):
             flat[dotted] = json.dumps(value, default=str)
         else:
