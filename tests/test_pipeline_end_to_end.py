@@ -32,11 +32,37 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A git + DVC copy of the project with a nano model and a few dozen rows."""
+def project(tmp_path_factory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A git + DVC copy of the project with a nano model and a few dozen rows, and a Prefect
+    server of its own (`prefect server start`, as a team runs one) that every flow run of the
+    module records to: PREFECT_API_URL in the environment. Prefect's ephemeral mode, which
+    starts a temporary API per flow run, is what the benchmark's `rlhf run` uses."""
+    from rlhf_core.app.prefect_server import prefect_server
+
     root = tmp_path_factory.mktemp("e2e") / "project"
     scratch_project(REPO, root, QUICK_PIPELINE_PARAMS)
-    return root, project_environment(root)
+    with prefect_server(root) as api_url:
+        yield root, {**project_environment(root), "PREFECT_API_URL": api_url}
+
+
+def _flow_runs(env: dict[str, str], flow_name: str) -> list[str]:
+    """State names of the server's runs of `flow_name`, oldest first."""
+    script = (
+        "import asyncio, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowFilter, FlowFilterName\n"
+        "from prefect.client.schemas.sorting import FlowRunSort\n"
+        "async def main():\n"
+        "    async with get_client() as client:\n"
+        "        runs = await client.read_flow_runs(\n"
+        "            flow_filter=FlowFilter(name=FlowFilterName(any_=[sys.argv[1]])),\n"
+        "            sort=FlowRunSort.START_TIME_ASC)\n"
+        "    print('STATES=' + ','.join(run.state_name for run in runs))\n"
+        "asyncio.run(main())\n"
+    )
+    out = _run([sys.executable, "-c", script, flow_name], REPO, env)
+    line = next(line for line in out.splitlines() if line.startswith("STATES="))
+    return [name for name in line.removeprefix("STATES=").split(",") if name]
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -141,6 +167,8 @@ def test_pipeline_end_to_end(project):
     third_run = client.get_run(third["mlflow_run_id"])
     assert third_run.info.run_name.startswith("#3 policy.dpo.beta=0.3 | data ")
     assert third_run.data.params["policy.dpo.beta"] == "0.3"
+    # The team's Prefect server recorded the three flow runs.
+    assert _flow_runs(env, "rlhf-pipeline") == ["Completed"] * 3
 
     # The DVC workflow people use around it.
     _run(["git", "add", "-A"], root, env)
@@ -228,6 +256,7 @@ def test_retrain_on_new_data_promotes_only_through_the_gate(project):
     assert kept["status"] == "retrained"
     assert kept["decision"]["status"] == "kept"
     assert client.get_model_version_by_alias(POLICY_MODEL, CHAMPION).version == after
+    assert _flow_runs(env, "rlhf-retrain") == ["Completed"] * 3
 
 
 @contextmanager
@@ -326,7 +355,11 @@ def test_mlflow_ui_compares_the_pipeline_runs_in_a_real_browser(project):
 def test_forced_repro_rebuilds_byte_identical_outputs(project):
     """Every cached DVC output is a pure function of its inputs and params: rerunning every
     stage on the same inputs gives the md5s dvc.lock already records (timings live in the
-    uncached metrics files and in MLflow)."""
+    uncached metrics files and in MLflow). The stages run forked from a warm stage server, as
+    in `rlhf run`: the outputs it checks were made by `rlhf run`, and `dvc exp run` above
+    runs stages cold."""
+    from rlhf_core.orchestration.warm_stages import StageServer
+
     root, env = project
 
     def cached_outputs() -> dict[str, str]:
@@ -342,7 +375,13 @@ def test_forced_repro_rebuilds_byte_identical_outputs(project):
 
     before = cached_outputs()
     assert len(before) >= 8
-    _run(["dvc", "repro", "--force"], root, env)
+    server = StageServer(root)
+    try:
+        warm = server.environment()
+        assert warm, "the warm stage server did not start"
+        _run(["dvc", "repro", "--force"], root, {**env, **warm})
+    finally:
+        server.stop()
     assert cached_outputs() == before
 
 
