@@ -118,9 +118,14 @@ def measure_pipeline(
     `repeats`: timings of the empty flow, the Prefect import and `dvc repro` (best counts).
     """
     root = scratch_project(repo, workdir / "project", params)
+    return measure_project_pipeline(root, log_dir or workdir, repeats)
+
+
+def measure_project_pipeline(root: Path, logs: Path, repeats: int = 3) -> dict[str, Any]:
+    """`measure_pipeline` on a scratch project made by `scratch_project` that no pipeline has
+    run in yet; leaves it after the no-op run (stages built, a champion promoted)."""
     env = project_environment(root)
     rlhf = str(Path(sys.executable).parent / "rlhf")
-    logs = log_dir or workdir
     logs.mkdir(parents=True, exist_ok=True)
 
     total_s = timed([rlhf, "run"], root, env, logs / "pipeline_first_run.log")

@@ -216,11 +216,13 @@ def test_a_real_model_run_has_its_own_title_section_and_no_pipeline_rows(tmp_pat
 
 
 @pytest.mark.slow
-def test_quick_run_measures_every_stage_and_the_pipeline(tmp_path):
+def test_quick_run_measures_every_stage(tmp_path):
+    """The pipeline measurement (`benchmarks.pipeline`) is tested in
+    tests/test_pipeline_end_to_end.py, on the project whose first run it measures."""
     from benchmarks.run import run_benchmarks
-    from benchmarks.settings import QUICK, QUICK_PIPELINE_PARAMS
+    from benchmarks.settings import QUICK
 
-    results = run_benchmarks(QUICK, tmp_path, with_trl=True, pipeline_params=QUICK_PIPELINE_PARAMS)
+    results = run_benchmarks(QUICK, tmp_path, with_trl=True, with_pipeline=False)
 
     written = json.loads((tmp_path / "latest.json").read_text())
     assert written["matmul_peak_gflops"] == results["matmul_peak_gflops"] > 0
@@ -242,15 +244,12 @@ def test_quick_run_measures_every_stage_and_the_pipeline(tmp_path):
     assert ppo["trl_tokens_per_s"] is None and "no PPO trainer" in ppo["trl_note"]
     assert sum(ppo["time_split_fraction"].values()) == pytest.approx(1.0, abs=0.05)
     assert ppo["generation"]["plain_generate_tokens_per_s"] > 0
-    pipeline = written["pipeline"]
-    stages = {"prepare", "validate", "sft", "reward", "dpo", "ppo", "evaluate"}
-    assert set(pipeline["stages"]) == stages
-    assert 0 < pipeline["compute_s"] < pipeline["total_s"]
-    assert pipeline["overhead_fraction"] == pytest.approx(
-        1 - pipeline["compute_s"] / pipeline["total_s"]
-    )
-    assert pipeline["noop_dvc_repro_s"] > 0 and pipeline["noop_flow_wall_s"] > 0
-    assert {check["met"] for check in written["targets"]} <= {True, False}
+    assert "pipeline" not in written
+    from benchmarks.report import TARGETS
+
+    for (_, path, _, _), check in zip(TARGETS, written["targets"], strict=True):
+        # the pipeline's targets are not measured here
+        assert check["met"] in ((None,) if path[0] == "pipeline" else (True, False))
     assert "| sft |" in (tmp_path / "latest.md").read_text()
     assert "| dpo_lora |" in (tmp_path / "latest.md").read_text()
 
