@@ -133,3 +133,35 @@ def test_stage_validate_says_which_set_failed_and_why(tiny_project, tiny_params,
         "data/validated/preference/quarantine.jsonl"
     ) in result.output
     assert "validate: sft:" not in result.output  # only the sets that failed
+
+
+def test_a_diverging_stage_exits_naming_the_step_and_keeps_the_model(
+    tiny_project, tiny_params, mlflow_store, monkeypatch
+):
+    """A learning rate of 1e30 sends the weights to ~1e30 in one step: the second step's
+    gradient (or loss) is not finite. The stage stops there, says so in one message (exit 2,
+    as every stage error), writes no model (the one at artifacts/sft stays as it was) and its
+    MLflow run ends FAILED."""
+    import hashlib
+
+    import yaml
+    from mlflow import MlflowClient
+
+    params = tiny_params.model_dump(mode="json")
+    params["sft"]["train"].update(learning_rate=1e30, warmup_steps=0, max_grad_norm=0.0)
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    model_file = tiny_project / "artifacts" / "sft" / "model.safetensors"
+    before = hashlib.md5(model_file.read_bytes()).hexdigest()
+    monkeypatch.chdir(tiny_project)
+    result = runner.invoke(app, ["stage", "sft"])
+    assert result.exit_code == 2, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: sft optimizer step 2 of ")
+    assert "(examples " in line and ("is nan." in line or "is inf." in line)
+    assert "Traceback" not in result.output
+    assert hashlib.md5(model_file.read_bytes()).hexdigest() == before
+    client = MlflowClient(mlflow_store)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("rlhf").experiment_id], "tags.stage = 'sft'"
+    )
+    assert run.info.status == "FAILED"

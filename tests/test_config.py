@@ -105,3 +105,22 @@ def test_validation_token_limit_follows_the_stages_max_length():
 def test_validation_token_limit_set_in_params_wins():
     params = parse_params({"data": {"validation": {"max_tokens": 64}}, "sft": {"max_length": 128}})
     assert params.validation_for("sft").max_tokens == 64
+
+
+@pytest.mark.parametrize("text", [".inf", ".nan", "-.inf"])
+def test_nan_and_infinity_are_errors_naming_every_key(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        f"sft:\n  train:\n    learning_rate: {text}\n"
+        f"policy:\n  dpo:\n    beta: {text}\n"
+        f"evaluate:\n  best_of_n: [2, {text}]\n"
+    )
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ")
+    for key in ("sft.train.learning_rate", "policy.dpo.beta", "evaluate.best_of_n[1]"):
+        assert key in message
+    assert "finite" in message
+    # Finite values of the same keys are fine.
+    parse_params({"sft": {"train": {"learning_rate": 1e-4}}, "policy": {"dpo": {"beta": 0.1}}})

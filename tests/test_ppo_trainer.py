@@ -429,3 +429,27 @@ def test_saved_policy_and_value_head_reload_whole(tokenizer, prompts, tmp_path):
     torch.testing.assert_close(reloaded_logits, logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(reloaded_values, values, rtol=0, atol=1e-6)
     torch.testing.assert_close(lm_logits, logits, rtol=0, atol=1e-5)
+
+
+def test_a_nan_loss_stops_ppo_before_the_update(tokenizer, prompts, monkeypatch):
+    from rlhf_core.training import ppo_trainer
+    from rlhf_core.training.divergence import TrainingDivergedError
+
+    original = ppo_trainer._micro_batch_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats, tokens = original(*args, **kwargs)
+        return loss * float("nan"), stats, tokens
+
+    monkeypatch.setattr(ppo_trainer, "_micro_batch_loss", nan_loss)
+    policy, reference = new_policy(tokenizer), new_reference(tokenizer)
+    before = snapshot(policy)
+    with pytest.raises(TrainingDivergedError, match=r"^ppo iteration 1 of 2 \(rollout rows "):
+        train_ppo(
+            PPOModels(policy, reference, favoured_tokens_scorer(len(tokenizer)), tokenizer),
+            prompts,
+            small_settings(iterations=2),
+            show_progress=False,
+        )
+    for name, parameter in policy.named_parameters():  # no update reached the weights
+        assert torch.equal(parameter, before[name]), name

@@ -188,6 +188,51 @@ def test_checkpoints_are_pruned_atomic_and_fingerprinted(tmp_path):
     assert other.latest() is None
 
 
+def _diverging(task, at_call: int, how: str):
+    """`task` whose loss turns non-finite at its `at_call`-th call: "loss" makes the loss NaN,
+    "gradient" keeps the loss finite and makes the gradient NaN (d/dw sqrt((0 w)^2) = 0/0)."""
+    original, calls = task.loss, []
+
+    def loss(model, batch):
+        calls.append(1)
+        value, metrics = original(model, batch)
+        if len(calls) == at_call:
+            if how == "loss":
+                value = value * float("nan")
+            else:
+                value = value + (model[0].weight * 0.0).pow(2).sum().sqrt()
+        return value, metrics
+
+    task.loss = loss
+    return task
+
+
+@pytest.mark.parametrize("how", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_training_before_the_update(tmp_path, how):
+    from rlhf_core.training.divergence import TrainingDivergedError
+
+    task = _diverging(SequenceRegression(), at_call=3, how=how)  # one micro-batch per step
+    model = _model()
+    manager = CheckpointManager(tmp_path / "ckpt", keep=5, fingerprint="nan")
+    after_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def snapshot(step, metrics):
+        after_step[step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    settings = _settings(epochs=3, checkpoint_every=1)
+    with pytest.raises(TrainingDivergedError) as error:
+        train(model, task, settings, checkpoints=manager, on_log=snapshot, show_progress=False)
+    message = str(error.value)
+    what = "loss" if how == "loss" else "gradient norm"
+    assert "train optimizer step 3 of 9" in message and f"the {what} is nan" in message
+    assert "examples " in message and "no model is written" in message
+    # Stopped at once: no update, no log and no checkpoint of step 3; the weights are step 2's.
+    assert sorted(after_step) == [1, 2]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_step[2][name]) and torch.isfinite(value).all(), name
+    assert [p.name for p in manager.checkpoints()] == ["step-00000001", "step-00000002"]
+
+
 def test_eval_every_and_callbacks():
     task = SequenceRegression()
     logged, evaluated = [], []

@@ -10,6 +10,7 @@ silent default), and every error names the key and the file. Nothing here import
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,28 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(problems)
 
 
+def non_finite_keys(raw: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every NaN or infinite number in a loaded mapping (lists by index):
+    YAML reads `.nan` and `.inf` as floats, and no knob of the pipeline means anything there
+    (an infinite learning rate trains a NaN model to the end)."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return [prefix or "(top level)"]
+    if isinstance(raw, dict):
+        items = ((f"{prefix}.{key}" if prefix else str(key), value) for key, value in raw.items())
+    elif isinstance(raw, list):
+        items = ((f"{prefix}[{index}]", value) for index, value in enumerate(raw))
+    else:
+        return []
+    return [found for key, value in items for found in non_finite_keys(value, key)]
+
+
 def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
     """Validate an already-loaded mapping; `source` names it in error messages."""
+    if bad := non_finite_keys(raw or {}):
+        raise ParamsError(
+            f"{source}: {', '.join(bad)} must be a finite number (NaN and infinity are not "
+            "settings; use null where a key allows no limit)"
+        )
     try:
         return Params.model_validate(raw or {})
     except ValidationError as error:

@@ -130,11 +130,12 @@ def _run_stage(stage_function, params_path: Path, stage: str):
     """Run a stage function; its timing split goes to artifacts/timings/<stage>.json."""
     from rlhf_core.paths import ProjectPaths
     from rlhf_core.tracking.timing import record_stage_timing
+    from rlhf_core.training.divergence import TrainingDivergedError
 
     params_obj = load_params_or_exit(params_path)
     timings_dir = ProjectPaths(params_path.parent).timings_dir
     try:
         result, _ = record_stage_timing(stage, timings_dir, lambda: stage_function(params_obj))
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, TrainingDivergedError) as error:
         fail(str(error))
     return result

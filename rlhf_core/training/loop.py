@@ -29,6 +29,7 @@ from rlhf_core.config.training import (
 )
 from rlhf_core.training.batching import plan_epoch, split_micro_batches
 from rlhf_core.training.checkpoint import CheckpointManager
+from rlhf_core.training.divergence import describe_examples, require_finite
 from rlhf_core.training.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,11 @@ def train(
                     )
                 }
             step_indices = plans[epoch][position][rank::world]
+            where = f"{description} optimizer step {step + 1} of {steps}"
             metrics = _optimizer_step(
-                model, task, settings, accelerator, optimizer, trainable, step_indices, lengths
-            )
+                model, task, settings, accelerator, optimizer, trainable, step_indices, lengths,
+                where,
+            )  # fmt: skip
             metrics["lr"] = scheduler.get_last_lr()[0]
             scheduler.step()
             result.global_step = step + 1
@@ -217,9 +220,11 @@ def train(
 
 
 def _optimizer_step(
-    model, task, settings, accelerator, optimizer, trainable, step_indices, lengths
+    model, task, settings, accelerator, optimizer, trainable, step_indices, lengths, where
 ) -> dict[str, float]:
-    """Forward/backward every micro-batch of one step, then clip and update."""
+    """Forward/backward every micro-batch of one step, then clip and update; a NaN or infinite
+    loss or gradient norm raises TrainingDivergedError before the update (`where` names the
+    step in its message). Every process reaches the check after the same collectives."""
     step_started = time.perf_counter()
     micro_batches = split_micro_batches(
         step_indices, lengths, settings.micro_batch_size, settings.max_tokens_per_micro_batch
@@ -235,17 +240,28 @@ def _optimizer_step(
     # DDP averages gradients over processes; scale so the result is the mean over all units.
     scale = accelerator.num_processes / global_units
     loss_sum, tokens, metric_sums = 0.0, 0, {}
+    first_bad: tuple[int, float] | None = None  # (micro-batch, its loss)
     for index, batch in enumerate(batches):
         is_last = index == len(batches) - 1
         sync = contextlib.nullcontext() if is_last else accelerator.no_sync(model)
         with sync, accelerator.autocast():
             batch_loss, batch_metrics = task.loss(model, batch)
             accelerator.backward(batch_loss * scale)
-        loss_sum += float(batch_loss.detach())
+        batch_loss_value = float(batch_loss.detach())
+        if first_bad is None and not math.isfinite(batch_loss_value):
+            first_bad = (index, batch_loss_value)
+        loss_sum += batch_loss_value
         tokens += task.tokens(batch)
         for key, value in batch_metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
     grad_norm = _grad_norm(accelerator, trainable, settings.max_grad_norm)
+    if first_bad is not None:
+        index, value = first_bad
+        examples = describe_examples(micro_batches[index])
+        require_finite("loss", value, lambda: f"{where}, micro-batch {index + 1} ({examples})")
+    require_finite(
+        "gradient norm", grad_norm, lambda: f"{where} ({describe_examples(step_indices)})"
+    )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - step_started

@@ -47,6 +47,7 @@ from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.generation import SamplingSettings, derived_seed, generate
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.training.checkpoint import CheckpointManager
+from rlhf_core.training.divergence import describe_examples, require_finite
 from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
 from rlhf_core.training.rollout import (
     Experience,
@@ -136,8 +137,11 @@ def _update(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
+    where: str = "ppo update",
 ) -> dict[str, float]:
-    """`ppo_epochs` passes of minibatch updates; returns token-weighted means of the stats."""
+    """`ppo_epochs` passes of minibatch updates; returns token-weighted means of the stats.
+    A NaN or infinite loss or gradient norm raises TrainingDivergedError before the optimizer
+    step (`where` names the iteration in its message)."""
     trainable = [p for p in policy.parameters() if p.requires_grad]
     n = experience.input_ids.shape[0]
     micro = settings.micro_batch_size_or_minibatch
@@ -151,6 +155,11 @@ def _update(
             for micro_start in range(0, len(minibatch), micro):
                 rows = minibatch[micro_start : micro_start + micro].to(experience.mask.device)
                 loss, stats, tokens = _micro_batch_loss(policy, experience, rows, settings)
+                require_finite(
+                    "loss",
+                    float(loss.detach()),
+                    _naming(where, rows),
+                )
                 # Weighting each micro-batch's token mean by its share of the minibatch's
                 # tokens makes the accumulated gradient the minibatch's exact token mean.
                 (loss * (tokens / minibatch_tokens)).backward()
@@ -158,12 +167,22 @@ def _update(
                     totals[key] = totals.get(key, 0.0) + float(value) * tokens
                 total_tokens += tokens
             grad_norms.append(_clip_gradients(trainable, settings.max_grad_norm))
+            require_finite(
+                "gradient norm",
+                grad_norms[-1],
+                _naming(where, minibatch),
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     metrics = {key: value / total_tokens for key, value in totals.items()}
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics
+
+
+def _naming(where: str, rows: torch.Tensor) -> Callable[[], str]:
+    """The failure message's place: the iteration and the rollout rows."""
+    return lambda: f"{where} ({describe_examples(rows.tolist(), 'rollout rows')})"
 
 
 def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -378,7 +397,8 @@ def _iteration(
     update_started = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     generator = torch.Generator().manual_seed(derived_seed(seed, "shuffle", iteration))
-    metrics.update(_update(policy, experience, settings, optimizer, scheduler, generator))
+    where = f"ppo iteration {iteration + 1} of {settings.iterations}"
+    metrics.update(_update(policy, experience, settings, optimizer, scheduler, generator, where))
     finished = time.perf_counter()
     controller.update(metrics["kl/mean"], settings.rollout_batch_size)
     seconds = finished - started
