@@ -146,3 +146,24 @@ def test_ingest_command(tmp_path):
         ["ingest", str(tmp_path / "nope.jsonl"), "--store", str(store), "--params", str(params)],
     )
     assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_every_file_the_store_and_metrics_write_follows_the_umask(tmp_path, umask, mode):
+    """Written by atomic replace of a temporary file, yet with the mode `open` would give
+    (`tempfile.mkstemp` makes 0600 files: a team's shared store and metrics were private)."""
+    import os
+
+    from rlhf_core.files import write_json
+
+    previous = os.umask(umask)
+    try:
+        store = tmp_path / "store"
+        ingest_files([_write_jsonl(tmp_path / "b.jsonl", [_pair(0), _pair(1)])], store, now=T0)
+        metrics = write_json(tmp_path / "metrics" / "sft.json", {"loss": 0.5})
+    finally:
+        os.umask(previous)
+    written = [path for path in store.rglob("*") if path.is_file()] + [metrics]
+    assert any(path.suffix == ".parquet" for path in written)
+    assert {path: path.stat().st_mode & 0o777 for path in written} == dict.fromkeys(written, mode)
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -365,3 +365,40 @@ def test_mlflow_tracking_uri_postgresql_works_from_the_client(postgres, tmp_path
     assert run.info.status == "FINISHED"
     assert run.data.params == {"beta": "0.1"}
     assert run.data.metrics == {"loss": 0.25}
+
+
+@pytest.mark.slow
+def test_no_credential_of_the_tracking_uri_reaches_outputs_or_mlflow(
+    postgres, tmp_path, monkeypatch
+):
+    """A password in MLFLOW_TRACKING_URI (this server trusts loopback, so any password is
+    accepted) is in no file a stage writes (run markers are DVC outputs) and in none of its
+    run's params or tags; the producer lookup by md5 (after a DVC checkout of an older
+    version) still finds the run in that store."""
+    from mlflow import MlflowClient
+
+    from rlhf_core.tracking.lineage import _with_credentials, read_producer_run_id
+    from rlhf_core.tracking.runs import stage_run
+
+    secret = "s3cr3t-pw"
+    uri = postgres.create_database("mlflow_secret").replace("postgres@", f"postgres:{secret}@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "artifacts" / "sft"
+    versions = {}
+    for content in (b"version one", b"version two"):
+        with stage_run("sft", project_root=tmp_path, params={"seed": 0}) as run:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "model.safetensors").write_bytes(content)
+            run.record_output(out)
+        versions[content] = run.run_id
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name.endswith("run_info.json") for path in written)
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+    recorded = MlflowClient(uri).get_run(versions[b"version two"]).data
+    assert secret not in json.dumps({**recorded.params, **recorded.tags})
+    (out / "model.safetensors").write_bytes(b"version one")
+    assert read_producer_run_id(out) == versions[b"version one"]
+    # The masked store of a marker is the one in use: looked up with its credentials.
+    marker = json.loads(next(p for p in written if p.name.endswith("run_info.json")).read_text())
+    assert secret not in marker["tracking_uri"] and _with_credentials(marker["tracking_uri"]) == uri

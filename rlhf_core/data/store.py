@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from rlhf_core.files import create_temporary_beside
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
 from rlhf_core.data.validation import validate_files
 from rlhf_core.config.data import ValidationSettings
@@ -105,7 +106,7 @@ def _check_kind(kind: str) -> str:
 
 def _write_parquet_atomically(frame: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = create_temporary_beside(path)
     os.close(handle)
     try:
         frame.to_parquet(temporary, index=False)

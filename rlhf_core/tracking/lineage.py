@@ -165,7 +165,7 @@ def _run_with_output_md5(marker: Mapping[str, Any], md5: str) -> str | None:
     if not name or not uri:
         return None
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = MlflowClient(tracking_uri=_with_credentials(uri))
         runs = client.search_runs(
             [marker["experiment_id"]],
             filter_string=f"tags.`output.{name}.md5` = '{md5}'",
@@ -176,6 +176,20 @@ def _run_with_output_md5(marker: Mapping[str, Any], md5: str) -> str | None:
         log.warning("Cannot look up the run that produced %s (md5 %s): %s", name, md5, error)
         return None
     return runs[0].info.run_id if runs else None
+
+
+def _with_credentials(recorded: str) -> str:
+    """The marker records its store with credentials masked (`mask_uri`); the store in use
+    (MLFLOW_TRACKING_URI, or the active tracking URI) when it is the same one, with its
+    credentials, else the recorded URI as it is."""
+    import mlflow
+
+    from rlhf_core.tracking.check import mask_uri
+
+    for current in (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()):
+        if current and mask_uri(current) == recorded:
+            return current
+    return recorded
 
 
 def lineage_tags(inputs: Mapping[str, Path]) -> dict[str, str]:

@@ -28,6 +28,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_core.tracking.check import mask_uri
 from rlhf_core.tracking.experiment import (
     artifact_location,
     ensure_experiment,
@@ -366,7 +367,7 @@ def stage_run(
                         "run_id": run.run_id,
                         "experiment_id": experiment_id,
                         "stage": stage_name,
-                        "tracking_uri": uri,
+                        "tracking_uri": mask_uri(uri),  # markers are DVC outputs: no secrets
                         "git_commit": commit,
                     }
                 )
