@@ -169,6 +169,54 @@ def test_kill_and_resume_equals_the_uninterrupted_run(tmp_path):
     assert result.history[-1]["loss"] == pytest.approx(reference_result.history[-1]["loss"])
 
 
+def _damage(checkpoint, how):
+    if how == "truncated weights":
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        return "model.safetensors has"
+    if how == "flipped optimizer byte":
+        state = checkpoint / "optimizer.pt"
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+        return "optimizer.pt does not match its sha256"
+    (checkpoint / "manifest.json").unlink()
+    return "it has no manifest.json"
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "flipped optimizer byte", "no manifest"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog, how):
+    task = SequenceRegression()
+    settings = _settings(epochs=3, checkpoint_every=2, keep_checkpoints=2)
+    reference = _model(dropout=0.3)
+    train(reference, task, settings, show_progress=False)
+    manager = CheckpointManager(tmp_path / "ckpt", keep=2, fingerprint="run-a")
+
+    def crash_at_step_5(step, metrics):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(
+            _model(dropout=0.3),
+            task,
+            settings,
+            checkpoints=manager,
+            on_log=crash_at_step_5,
+            show_progress=False,
+        )
+    older, newest = manager.checkpoints()
+    said = _damage(newest, how)
+
+    resumed = _model(seed=99, dropout=0.3)
+    with caplog.at_level("WARNING", logger="rlhf_core.training.checkpoint"):
+        result = train(resumed, task, settings, checkpoints=manager, show_progress=False)
+    assert result.resumed_from == 2 and older.name == "step-00000002"
+    assert f"skipping checkpoint {newest}: {said}" in caplog.text
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_checkpoints_are_pruned_atomic_and_fingerprinted(tmp_path):
     task = SequenceRegression()
     manager = CheckpointManager(tmp_path, keep=2, fingerprint="a")

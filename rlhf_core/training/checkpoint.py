@@ -1,14 +1,19 @@
 """Atomic training checkpoints: weights, optimizer, scheduler, RNG states and data position.
 
 A checkpoint is a directory `step-<N>` written under a temporary name and renamed into place,
-so a run killed mid-write never leaves a half checkpoint that looks complete. The last K are
-kept. Weights are safetensors; the optimizer state is read back with `torch.load(...,
-weights_only=True)`, which refuses arbitrary pickled objects. A checkpoint records the
-fingerprint of the run that wrote it (params and inputs), and is ignored by a different run.
+so a run killed mid-write never leaves a half checkpoint that looks complete. Its files are
+flushed to disk, then `manifest.json` (each file's size and sha256) is written last: a
+checkpoint whose files no longer match it (truncated, corrupted, half copied) is skipped with
+a warning naming it and the file, and the run resumes from the newest one that is whole. The
+last K are kept. Weights are safetensors; the optimizer state is read back with
+`torch.load(..., weights_only=True)`, which refuses arbitrary pickled objects. A checkpoint
+records the fingerprint of the run that wrote it (params, inputs and the stage's code), and is
+ignored by a different run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -86,12 +91,20 @@ class CheckpointManager:
         return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
     def latest(self) -> Path | None:
-        """The newest checkpoint written by a run with the same fingerprint, if any."""
+        """The newest whole checkpoint (its manifest verified) written by a run with the same
+        fingerprint, if any; every newer one skipped is named in a warning with the reason."""
         for path in reversed(self.checkpoints()):
+            problem = verify_checkpoint(path)
+            if problem is not None:
+                log.warning("skipping checkpoint %s: %s", path, problem)
+                continue
             state = json.loads((path / "trainer_state.json").read_text())
             if state["fingerprint"] == self.fingerprint:
                 return path
-            log.warning("ignoring checkpoint %s: it belongs to a run with other params", path)
+            log.warning(
+                "ignoring checkpoint %s: it belongs to a run with other params, inputs or code",
+                path,
+            )
         return None
 
     def save(
@@ -119,6 +132,7 @@ class CheckpointManager:
                 "extra": extra or {},
             }
             (staging / "trainer_state.json").write_text(json.dumps(state))
+            _write_manifest(staging)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -137,13 +151,65 @@ class CheckpointManager:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> TrainerState:
         """Restore everything `save` wrote into the given objects; return the loop state."""
-        state = json.loads((path / "trainer_state.json").read_text())
-        load_model(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"], load_file(str(path / "rng.safetensors")))
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            load_model(model, str(path / "model.safetensors"))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng_state(state["rng"], load_file(str(path / "rng.safetensors")))
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            # Its manifest verified, so the files are as written: a different model or
+            # library version. The objects may be half restored; training must not go on.
+            raise RuntimeError(
+                f"checkpoint {path} does not load into this run ({error}); move it away to "
+                "start the stage from its beginning"
+            ) from error
         return TrainerState(state["global_step"], state["fingerprint"], state["extra"])
 
     def clear(self) -> None:
         """Remove every checkpoint (after a run completed and saved its final model)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    """Flush every file of `directory` to disk, then write the manifest of their sizes and
+    sha256s (flushed too): present only once everything it lists is on disk."""
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    with open(directory / MANIFEST, "w", encoding="utf-8") as handle:
+        json.dump({"files": files}, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be trusted (a sentence naming the file), or None when
+    every file its manifest lists is there with its size and sha256."""
+    manifest_path = path / MANIFEST
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (written before manifests, or not finished)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {MANIFEST} is unreadable ({error})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, the manifest says {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
