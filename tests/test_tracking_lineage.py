@@ -136,3 +136,35 @@ def test_an_unreadable_marker_is_ignored_with_a_warning(tmp_path, caplog):
     run_marker_path(out).write_text("{not json")
     assert read_producer_run_id(out) is None
     assert "not a run marker" in caplog.text
+
+
+def test_bytecode_caches_change_no_md5_for_dvc_or_the_pipeline(tmp_path):
+    """Python writes __pycache__/*.pyc into a code folder on import: with the project's
+    .dvcignore, DVC does not see a stage with that folder as a dep change, and path_md5 (the
+    fingerprints and lineage) agrees with dvc.lock."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    dvc = str(Path(sys.executable).parent / "dvc")
+    project = tmp_path / "project"
+    code = project / "code"
+    code.mkdir(parents=True)
+    (code / "step.py").write_text("VALUE = 1\n")
+    shutil.copy(repo / ".dvcignore", project / ".dvcignore")
+    stage = {"cmd": "echo done > out.txt", "deps": ["code"], "outs": ["out.txt"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"step": stage}}))
+    for command in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "repro", "-q"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True)
+    locked = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["step"]["deps"][0]
+    (code / "__pycache__").mkdir()
+    (code / "__pycache__" / "step.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    status = subprocess.run(
+        [dvc, "status"], cwd=project, check=True, capture_output=True, text=True
+    ).stdout
+    assert "up to date" in status, status
+    assert path_md5(code) == locked["md5"]

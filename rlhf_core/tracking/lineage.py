@@ -59,9 +59,12 @@ def path_md5(path: Path) -> str:
 
 
 def _files_under(directory: Path) -> Iterator[Path]:
-    for folder, _, names in os.walk(directory):
+    """Files DVC hashes in `directory`: the project's .dvcignore leaves out run markers and
+    Python's bytecode caches."""
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = [name for name in subfolders if name != "__pycache__"]
         for name in names:
-            if not is_run_marker(name):  # as `.dvcignore` tells DVC
+            if not is_run_marker(name) and not name.endswith(".pyc"):
                 yield Path(folder) / name
 
 
