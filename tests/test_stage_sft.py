@@ -270,3 +270,40 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     run_id = read_producer_run_id(paths.sft_model_dir)
     run = MlflowClient(mlflow_uri).get_run(run_id)
     assert run.data.tags["resumed_from"] == "4"
+
+
+def test_a_code_change_of_the_stage_means_no_resume(
+    tiny_project, tiny_params, monkeypatch, mlflow_uri
+):
+    """The checkpoint fingerprint holds the md5s of the stage's code deps in dvc.yaml: DVC
+    reruns the stage when they change, and the rerun starts over instead of resuming weights
+    made by the old code."""
+    import yaml
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    helper = tiny_project / "code" / "sft_helper.py"
+    helper.parent.mkdir()
+    helper.write_text("SCALE = 1\n")
+    sft_entry = {
+        "cmd": "rlhf stage sft",
+        "deps": ["code/sft_helper.py", "data/validated/sft", "artifacts/base"],
+        "outs": ["artifacts/sft"],
+    }
+    (tiny_project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sft": sft_entry}}))
+    settings = _stage_settings(epochs=1.5, eval_every=0)
+    context = StageContext(_data(tiny_params), 0, tiny_project, show_progress=False)
+    original_loss = sft_stage.SFTObjective.loss
+    calls = []
+
+    def crash_at_step_6(self, model, batch):
+        calls.append(1)
+        if len(calls) == 6:
+            raise Crash
+        return original_loss(self, model, batch)
+
+    monkeypatch.setattr(sft_stage.SFTObjective, "loss", crash_at_step_6)
+    with pytest.raises(Crash):
+        run_sft(settings, context)
+    monkeypatch.setattr(sft_stage.SFTObjective, "loss", original_loss)
+    helper.write_text("SCALE = 2\n")  # the code changed: DVC reruns the stage
+    assert run_sft(settings, context)["resumed_from"] == 0

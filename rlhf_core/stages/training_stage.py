@@ -10,9 +10,10 @@
 `run_training_stage` opens the stage's MLflow run with the section's settings, the split and
 the seed as params, logs the training and held-out data sets, and seeds every RNG. `train`
 resumes from the newest checkpoint of an interrupted run with the same fingerprint (settings,
-seed, split, input md5s) and streams per-step and held-out metrics to the run. `finish` writes
-artifacts/metrics/<stage>.json, the curves (JSON for `dvc plots` and a PNG) and logs the model
-and its output record. Checkpoints are removed once the run has ended well.
+seed, split, input md5s, the md5s of its code deps in dvc.yaml) and streams per-step and
+held-out metrics to the run. `finish` writes artifacts/metrics/<stage>.json, the curves (JSON
+for `dvc plots` and a PNG) and logs the model and its output record. Checkpoints are removed
+once the run has ended well.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from rlhf_core.files import write_json
 from rlhf_core.models.heads import disable_dropout
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_split
+from rlhf_core.stages.stage_code import code_fingerprint
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.loop import seed_everything, train
 
@@ -261,16 +263,24 @@ def run_training_stage(
             context=context,
             paths=paths,
             run=run,
-            fingerprint=run_fingerprint(settings, data, seed, inputs),
+            fingerprint=run_fingerprint(
+                settings, data, seed, inputs, code_fingerprint(context.root, name)
+            ),
         )
         yield stage
     if stage.checkpoints is not None:
         stage.checkpoints.clear()
 
 
-def run_fingerprint(settings: Any, data: Any, seed: int, inputs: Mapping[str, Path]) -> str:
-    """sha256 of a stage's settings, seed, split and input md5s: a changed run never resumes
-    a stale checkpoint."""
+def run_fingerprint(
+    settings: Any,
+    data: Any,
+    seed: int,
+    inputs: Mapping[str, Path],
+    code: Mapping[str, str] | None = None,
+) -> str:
+    """sha256 of a stage's settings, seed, split, input md5s and code md5s (`stage_code`): a
+    changed run never resumes a stale checkpoint."""
     from rlhf_core.tracking.lineage import path_md5
 
     payload = {
@@ -278,6 +288,7 @@ def run_fingerprint(settings: Any, data: Any, seed: int, inputs: Mapping[str, Pa
         "seed": seed,
         "split": [data.eval_fraction, data.split_salt],
         "inputs": {name: path_md5(Path(path)) for name, path in sorted(inputs.items())},
+        "code": dict(sorted((code or {}).items())),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
