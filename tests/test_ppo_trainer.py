@@ -389,8 +389,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer, prompts, tm
     assert [p.name for p in manager.checkpoints()] == ["step-00000002"]
 
     resumed_policy = new_policy(tokenizer)
-    resumed = run(resumed_policy, manager)
+    logged = []
+    resumed = run(resumed_policy, manager, lambda step, metrics: logged.append(step))
     assert resumed.resumed_from == 2 and resumed.iterations == 4
+    assert logged == [1, 2, 3, 4]  # iterations 1-2 replayed from the checkpoint to the logger
     for name, parameter in uninterrupted_policy.named_parameters():
         assert torch.equal(parameter, dict(resumed_policy.named_parameters())[name]), name
 

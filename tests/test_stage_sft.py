@@ -270,6 +270,11 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     run_id = read_producer_run_id(paths.sft_model_dir)
     run = MlflowClient(mlflow_uri).get_run(run_id)
     assert run.data.tags["resumed_from"] == "4"
+    # The curves file and the resumed run's MLflow history hold every step, not only 5 on.
+    curves = json.loads((paths.plots_dir / "sft_curves.json").read_text())
+    assert [row["step"] for row in curves] == list(range(1, reference["steps"] + 1))
+    history = MlflowClient(mlflow_uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, reference["steps"] + 1))
 
 
 def test_a_code_change_of_the_stage_means_no_resume(

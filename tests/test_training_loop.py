@@ -158,8 +158,23 @@ def test_kill_and_resume_equals_the_uninterrupted_run(tmp_path):
     assert [p.name for p in manager.checkpoints()] == ["step-00000002", "step-00000004"]
 
     resumed = _model(seed=99, dropout=0.3)  # different init: everything must come from disk
-    result = train(resumed, task, settings, checkpoints=manager, show_progress=False)
+    logged = []
+    result = train(
+        resumed,
+        task,
+        settings,
+        checkpoints=manager,
+        on_log=lambda step, metrics: logged.append((step, metrics["loss"])),
+        show_progress=False,
+    )
     assert result.resumed_from == 4
+    # The curves continue across the resume: steps 1-4 from the checkpoint, replayed to the
+    # logger (MLflow), then the rest, equal to the uninterrupted run's.
+    steps = reference_result.global_step
+    assert [row["step"] for row in result.history] == list(range(1, steps + 1))
+    assert [step for step, _ in logged] == list(range(1, steps + 1))
+    for row, expected in zip(result.history, reference_result.history, strict=True):
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert result.global_step == reference_result.global_step
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

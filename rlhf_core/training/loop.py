@@ -169,11 +169,12 @@ def train(
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
+    result = TrainResult(global_step=0, resumed_from=0)
     if checkpoints is not None and (latest := checkpoints.latest()) is not None:
         state = checkpoints.load(latest, accelerator.unwrap_model(model), optimizer, scheduler)
         start = state.global_step
         log.info("resuming %s from %s (step %d of %d)", description, latest, start, steps)
-    result = TrainResult(global_step=start, resumed_from=start)
+        result = _resumed_result(state.extra, start, on_log, on_eval)
     trainable = [p for p in model.parameters() if p.requires_grad]
     plans: dict[int, list[list[int]]] = {}
     started = time.perf_counter()
@@ -212,11 +213,42 @@ def train(
                 and not is_last
                 and accelerator.is_main_process
             ):
-                checkpoints.save(step + 1, accelerator.unwrap_model(model), optimizer, scheduler)
+                checkpoints.save(
+                    step + 1,
+                    accelerator.unwrap_model(model),
+                    optimizer,
+                    scheduler,
+                    extra=_progress(result),
+                )
     result.train_seconds = time.perf_counter() - started
     _evaluate(model, task, result.global_step, result, on_eval)
     result.final_eval = result.eval_history[-1] if result.eval_history else {}
     return result
+
+
+def _progress(result: TrainResult) -> dict[str, Any]:
+    """What a checkpoint keeps of the run so far: its curves (tokens and seconds count this
+    process's work only, for its throughput)."""
+    return {"history": result.history, "eval_history": result.eval_history}
+
+
+def _resumed_result(progress: dict[str, Any], start: int, on_log, on_eval) -> TrainResult:
+    """The result of the run up to checkpoint step `start` (`_progress`), its curves replayed
+    to the callbacks: the resumed run's curves file and MLflow history hold every step."""
+    result = TrainResult(global_step=start, resumed_from=start)
+    result.history = [row for row in progress.get("history", []) if row["step"] <= start]
+    result.eval_history = [row for row in progress.get("eval_history", []) if row["step"] <= start]
+    replay_history(result.history, on_log)
+    replay_history(result.eval_history, on_eval)
+    return result
+
+
+def replay_history(rows: list[dict[str, Any]], callback) -> None:
+    """Call `callback(step, metrics)` for each restored history row (`{"step": n, ...}`)."""
+    if callback is None:
+        return
+    for row in rows:
+        callback(row["step"], {key: value for key, value in row.items() if key != "step"})
 
 
 def _optimizer_step(

@@ -48,7 +48,7 @@ from rlhf_core.generation import SamplingSettings, derived_seed, generate
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.divergence import describe_examples, require_finite
-from rlhf_core.training.loop import param_groups, progress_bar, seed_everything
+from rlhf_core.training.loop import param_groups, progress_bar, replay_history, seed_everything
 from rlhf_core.training.rollout import (
     Experience,
     Messages,
@@ -313,6 +313,8 @@ def train_ppo(
             train_seconds=float(state.extra["train_seconds"]),
         )
         log.info("resuming PPO from %s (iteration %d)", latest, state.global_step)
+        replay_history(result.history, on_log)  # the resumed run's MLflow curves are whole
+        replay_history(result.eval_history, on_eval)
 
     def run_eval(iteration: int) -> None:
         if not eval_prompts:
