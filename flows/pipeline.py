@@ -33,6 +33,7 @@ from rlhf_core.tracking.experiment import (
     tracking_uri,
 )
 from rlhf_core.tracking.lineage import git_state
+from rlhf_core.tracking.orphans import end_orphaned_runs, process_tags
 
 # tasks/ is not a package: load the task module by path, beside this flow's folder.
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
@@ -275,11 +276,13 @@ def parent_run(project_root: Path) -> Iterator[str]:
     experiment_id = ensure_experiment(
         client, experiment_name(), artifact_location(project_root, uri)
     )
+    end_orphaned_runs(client, experiment_id, "pipeline")  # a pipeline process killed before
     previous = previous_pipeline_run(client, experiment_id)
     number = 1 + int(previous.data.tags.get(RUN_NUMBER_TAG, 0)) if previous else 1
     commit, dirty = git_state(project_root)
     tags = {
         "stage": "pipeline",
+        **process_tags(),
         RUN_NUMBER_TAG: str(number),
         "orchestrator": "prefect",
         "prefect.flow_run_id": str(flow_run.id or "none"),

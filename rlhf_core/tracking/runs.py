@@ -37,6 +37,7 @@ from rlhf_core.tracking.experiment import (
     tracking_uri,
 )
 from rlhf_core.tracking.lineage import git_state, lineage_tags, path_md5, write_run_marker
+from rlhf_core.tracking.orphans import end_orphaned_runs, process_tags
 from rlhf_core.tracking.timing import counts_as_tracking, tracking_time
 
 if TYPE_CHECKING:
@@ -331,7 +332,8 @@ def stage_run(
     `stage_name`. It lives in the project's experiment, and is nested under
     `MLFLOW_PARENT_RUN_ID` when that is set (else under an active run, if any). On success
     buffered metrics are flushed, outputs are marked and hashed, and the run ends FINISHED;
-    on an exception it ends FAILED (KILLED for Ctrl-C) and the exception propagates.
+    on an exception it ends FAILED (KILLED for Ctrl-C) and the exception propagates. Runs of
+    this stage left RUNNING by a process that died are ended first (`orphans`).
     """
     with ExitStack() as stack:
         with tracking_time():  # MLflow set-up is tracking time, not the stage's compute
@@ -345,6 +347,7 @@ def stage_run(
             experiment_id = ensure_experiment(
                 client, experiment_name(), artifact_location(root, uri)
             )
+            end_orphaned_runs(client, experiment_id, stage_name)
             input_tags = lineage_tags(inputs or {})
             commit, dirty = git_state(root)
             stack.enter_context(global_tracking_uri(uri))
@@ -353,7 +356,7 @@ def stage_run(
                 run_name=f"{stage_name} {label}" if label else stage_name,
                 nested=True,
                 parent_run_id=_parent_run_id(client, uri),
-                tags={"stage": stage_name},
+                tags={"stage": stage_name, **process_tags()},
             )
             run = StageRun(client, active.info.run_id, root)
         try:
