@@ -165,3 +165,23 @@ def test_a_diverging_stage_exits_naming_the_step_and_keeps_the_model(
         [client.get_experiment_by_name("rlhf").experiment_id], "tags.stage = 'sft'"
     )
     assert run.info.status == "FAILED"
+
+
+def test_a_stage_with_a_tracking_server_that_does_not_answer_stops_at_once(
+    tiny_project, tiny_params, monkeypatch
+):
+    """One line naming the store (credentials masked) before any work, instead of minutes of
+    client retries and a traceback in the middle of training."""
+    import yaml
+
+    from rlhf_core.app.processes import free_port
+
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(tiny_params.model_dump(mode="json")))
+    dead = f"http://alice:s3cr3t@127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.chdir(tiny_project)
+    result = runner.invoke(app, ["stage", "sft"])
+    assert result.exit_code == 2, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert "127.0.0.1" in line and "s3cr3t" not in result.output
+    assert not (tiny_project / "artifacts" / "metrics" / "sft.json").exists()

@@ -129,11 +129,16 @@ def _run_training_stage(params_path: Path, stage_function, stage: str) -> None:
 def _run_stage(stage_function, params_path: Path, stage: str):
     """Run a stage function; its timing split goes to artifacts/timings/<stage>.json."""
     from rlhf_core.paths import ProjectPaths
+    from rlhf_core.tracking.check import TrackingStoreError, check_tracking_store
     from rlhf_core.tracking.timing import record_stage_timing
     from rlhf_core.training.divergence import TrainingDivergedError
 
     params_obj = load_params_or_exit(params_path)
     timings_dir = ProjectPaths(params_path.parent).timings_dir
+    try:  # a store that does not answer: one line now, not minutes of retries mid-stage
+        check_tracking_store(params_path.parent)
+    except TrackingStoreError as error:
+        fail(str(error))
     try:
         result, _ = record_stage_timing(stage, timings_dir, lambda: stage_function(params_obj))
     except (FileNotFoundError, ValueError, TrainingDivergedError) as error:
