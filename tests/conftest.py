@@ -155,3 +155,16 @@ def reward_model(tokenizer):
     from rlhf_core.models.tiny import build_tiny_llama
 
     return RewardModel.from_causal_lm(build_tiny_llama("nano", tokenizer, seed=1), seed=0).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The longest test files first: `make test` runs a file per worker (pytest-xdist, --dist
+# loadfile) in collection order, and the end-to-end file started last would set the suite's
+# length alone. Within a file, and among the others, the order is unchanged (a stable sort).
+
+LONGEST_FIRST = ("test_pipeline_end_to_end.py", "test_benchmarks.py", "test_flows.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
