@@ -585,3 +585,28 @@ def test_to_hf_dataset_of_mixed_value_types_is_a_clear_error(tmp_path: Path) -> 
     frame = read_records([write_jsonl(rows, tmp_path / "data")], "sft").frame
     with pytest.raises(ValueError, match="validate the data"):
         to_hf_dataset(frame)
+
+
+def test_a_row_nested_too_deep_for_json_is_one_quarantined_row_not_a_lost_file(tmp_path):
+    """100 000 nested lists raise RecursionError in json.loads: before, the exception lost
+    the whole file (and blocked every retrain); now that row alone is rejected with a reason,
+    in JSON Lines, in a JSON file (the whole document is that one value) and in a CSV cell."""
+    good = {"prompt": "Review film 1.", "chosen": "Great film.", "rejected": "Dull film."}
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = tmp_path / "pairs.jsonl"
+    poison = '{"prompt": "p", "chosen": ' + deep + ', "rejected": "b"}'
+    lines.write_text("\n".join([json.dumps(good), poison, json.dumps(good)]) + "\n")
+    result = read_records([lines], "preference")
+    assert len(result.frame) == 2
+    assert list(result.rejected["reason"]) == ["too_deeply_nested"]
+    assert list(result.rejected["source_line"]) == [2]
+    assert len(result.rejected["raw"].iloc[0]) < 10_000  # a clipped prefix, not the row
+
+    document = tmp_path / "pairs.json"
+    document.write_text("[" + json.dumps(good) + ", " + deep + "]")
+    assert list(read_records([document], "preference").rejected["reason"]) == ["too_deeply_nested"]
+
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"prompt,chosen,rejected\nReview film 2.,{deep},Dull.\n")
+    csv_result = read_records([table], "preference")
+    assert len(csv_result.frame) + len(csv_result.rejected) == 1  # read, never raised

@@ -109,6 +109,11 @@ def _clip(text: str) -> str:
     return text[:MAX_RAW_CHARS]
 
 
+# json.loads recurses once per level of nesting; a value deeper than the interpreter's stack
+# (a poison row, or a hostile one) raised RecursionError and lost the whole file.
+TOO_DEEP = "the value nests lists or objects deeper than a JSON reader can follow"
+
+
 def _bytes_as_text(data: bytes) -> str:
     """Text of possibly invalid UTF-8 bytes, invalid bytes shown as escapes like \\xff."""
     return data.decode("utf-8", errors="backslashreplace")
@@ -126,6 +131,8 @@ def _jsonl_line(line_number: int, line: bytes) -> _Parsed | _Failure:
     except json.JSONDecodeError as error:
         detail = f"the line is not valid JSON ({error.msg} at column {error.colno})"
         return _Failure(line_number, "malformed_json", detail, _clip(text))
+    except RecursionError:
+        return _Failure(line_number, "too_deeply_nested", TOO_DEEP, _clip(text))
     return _Parsed(line_number, value, raw_text=_clip(text))
 
 
@@ -174,6 +181,9 @@ def _read_json(path: Path) -> Iterator[_Parsed | _Failure]:
         detail = f"the file is not valid JSON ({error.msg} at line {error.lineno})"
         yield _Failure(error.lineno, "malformed_json", detail, _clip(text))
         return
+    except RecursionError:
+        yield _Failure(1, "too_deeply_nested", TOO_DEEP, _clip(text))
+        return
     groups = _json_record_lists(document)
     if groups is None:
         if not isinstance(document, dict):
@@ -199,8 +209,8 @@ def _csv_cell(field: str, cell: str) -> Any:
     if field in CSV_JSON_FIELDS and cell.lstrip()[:1] in ("[", "{"):
         try:
             decoded = json.loads(cell)
-        except json.JSONDecodeError:
-            return cell
+        except (json.JSONDecodeError, RecursionError):
+            return cell  # kept as text: validation rejects it with the field's reason
         return decoded if isinstance(decoded, list | dict) else cell
     if field == "margin":
         try:
