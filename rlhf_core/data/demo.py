@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import statistics
 from collections.abc import Iterator
@@ -25,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from rlhf_core.config.data import DemoSettings
 from rlhf_core.data.demo_grammar import (
     DEGENERATE_KINDS,
     EVAL_TITLES,
     TRAIN_TITLES,
     FilmPrompt,
     degenerate_review,
-    distinct_prompt_count,
     fluent_review,
     sample_prompt,
 )
@@ -42,7 +41,6 @@ from rlhf_core.data.gold import (
     observed_agreement,
     words_of,
 )
-from rlhf_core.config.data import DemoSettings
 from rlhf_core.data.texts import corpus_from_rows
 
 CREATED_AT_BASE = datetime(2024, 1, 1, tzinfo=UTC)

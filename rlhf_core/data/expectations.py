@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.schemas import (
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
@@ -38,7 +39,6 @@ from rlhf_core.data.schemas import (
     content_hash,
     prompt_key,
 )
-from rlhf_core.config.data import ValidationSettings
 
 # Primary reason = the first failing code in this order.
 REASON_PRIORITY = (

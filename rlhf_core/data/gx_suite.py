@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.expectations import ROW_NUMBER, RowFindings
 from rlhf_core.data.schemas import REQUIRED_FIELDS
-from rlhf_core.config.data import ValidationSettings
 
 DOCS_SITE = "rlhf_validation"
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.expectations import (
     REASON_PRIORITY,
     ROW_NUMBER,
@@ -49,7 +50,6 @@ from rlhf_core.data.gx_suite import (
     run_suite,
 )
 from rlhf_core.data.schemas import SPLIT_FIELD, canonical_json, check_kind
-from rlhf_core.config.data import ValidationSettings
 
 if TYPE_CHECKING:
     from rlhf_core.data.readers import ReadResult
