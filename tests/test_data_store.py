@@ -167,3 +167,57 @@ def test_every_file_the_store_and_metrics_write_follows_the_umask(tmp_path, umas
     assert any(path.suffix == ".parquet" for path in written)
     assert {path: path.stat().st_mode & 0o777 for path in written} == dict.fromkeys(written, mode)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_partial_archive_copy_is_replaced_not_reused(tmp_path):
+    """A copy cut short (a full disk, a kill) left at archive/<sha>/ was taken as the archive
+    by the retry: 152 of 500 rows ingested, exit 0. The archive is now checked by sha256."""
+    store = tmp_path / "store"
+    source = _write_jsonl(tmp_path / "b.jsonl", [_pair(i) for i in range(40)])
+    archived = store / "archive" / file_sha256(source) / "b.jsonl"
+    archived.parent.mkdir(parents=True)
+    archived.write_bytes(source.read_bytes()[: len(source.read_bytes()) // 3])
+    [result] = ingest_files([source], store, now=T0)
+    assert (result.status, result.valid, result.added) == ("ingested", 40, 40)
+    assert archived.read_bytes() == source.read_bytes()
+    assert len(read_table(rebuild_store(store, tmp_path / "rebuilt"))) == 40
+
+
+def test_a_full_disk_while_archiving_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    """ENOSPC in the middle of the copy: an error naming the archive, no partial file at the
+    archive's name or beside it, no manifest entry; the retry ingests every row."""
+    import errno
+    import shutil
+
+    store = tmp_path / "store"
+    source = _write_jsonl(tmp_path / "b.jsonl", [_pair(i) for i in range(40)])
+    real_copy = shutil.copyfileobj
+
+    def copy_then_fill_the_disk(reader, writer, *args):
+        writer.write(reader.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_then_fill_the_disk)
+    with pytest.raises(OSError, match=r"cannot archive .*b\.jsonl.*No space left"):
+        ingest_files([source], store, now=T0)
+    assert [p for p in (store / "archive").rglob("*") if p.is_file()] == []
+    assert read_manifest(store) == []
+    monkeypatch.setattr(shutil, "copyfileobj", real_copy)
+    [result] = ingest_files([source], store, now=T0)
+    assert (result.status, result.added) == ("ingested", 40)
+
+
+def test_a_symbolic_link_is_refused_and_nothing_it_points_to_is_archived(tmp_path):
+    """A link (in data/incoming, or given to `rlhf ingest`) to a file outside the project had
+    its target's content archived and quarantined into the DVC-tracked store."""
+    secret = tmp_path / "outside" / "credentials.jsonl"
+    secret.parent.mkdir()
+    secret.write_text('{"aws_secret_access_key": "not-a-real-key"}\n')
+    link = tmp_path / "incoming" / "batch.jsonl"
+    link.parent.mkdir()
+    link.symlink_to(secret)
+    store = tmp_path / "store"
+    with pytest.raises(ValueError, match=r"symbolic link .*copy the file"):
+        ingest_files([link], store, now=T0)
+    stored = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    assert not any(b"not-a-real-key" in content for content in stored)

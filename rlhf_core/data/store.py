@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,10 +29,10 @@ from typing import Any
 
 import pandas as pd
 
-from rlhf_core.files import create_temporary_beside
+from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
 from rlhf_core.data.validation import validate_files
-from rlhf_core.config.data import ValidationSettings
+from rlhf_core.files import create_temporary_beside
 
 TABLES = {"preference": "pairs.parquet", "ranked": "rankings.parquet"}
 MANIFEST = "manifest.jsonl"
@@ -195,6 +194,11 @@ def ingest_files(
     results = []
     for path in paths:
         path = Path(path)
+        if path.is_symlink():
+            raise ValueError(
+                f"{path}: a symbolic link (to {os.readlink(path)}); ingest reads regular files "
+                "only, so no link can pull a file from elsewhere into the store: copy the file"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file to ingest")
         sha = file_sha256(path)
@@ -203,9 +207,8 @@ def ingest_files(
             results.append(IngestResult(file=path.name, sha256=sha, status="already_ingested"))
             continue
         archived = store / "archive" / sha / path.name
-        if not archived.exists():
-            archived.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, archived)
+        if not archived.is_file() or file_sha256(archived) != sha:  # absent, or a partial copy
+            _archive(path, archived, sha)
         when = (now or datetime.now(UTC)).isoformat()
         result, merged = _ingest_one(
             archived, path.name, sha, when, store, kind, settings, tokenizer
@@ -224,6 +227,27 @@ def ingest_files(
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
         results.append(result)
     return results
+
+
+def _archive(source: Path, archived: Path, sha: str) -> None:
+    """Copy `source` to `archived` under a temporary name, check its sha256, then rename it
+    into place: a copy cut short (a full disk, a kill) never stands as the archive, and a
+    file that changed while it was read is an error, not a mislabelled archive."""
+    archived.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = create_temporary_beside(archived)
+    try:
+        with open(source, "rb") as reader, os.fdopen(handle, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
+            writer.flush()
+            os.fsync(writer.fileno())
+        if file_sha256(temporary) != sha:
+            raise ValueError(f"{source} changed while it was being ingested; ingest it again")
+        os.replace(temporary, archived)
+    except OSError as error:
+        raise OSError(f"cannot archive {source} to {archived}: {error}") from error
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def rebuild_store(store_dir: str | Path, out_dir: str | Path, upto: int | None = None) -> Path:
