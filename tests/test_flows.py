@@ -259,6 +259,16 @@ def test_ingest_incoming_moves_good_files_to_processed_and_unreadable_ones_aside
     assert (incoming / "processed" / "good.jsonl").is_file()
     assert (incoming / "unreadable" / "notes.txt").is_file()
     assert retrain_module.incoming_files(incoming) == [] and len(read_table(store)) == 5
+    # A link to a file elsewhere is refused and set aside, the link itself (never its target).
+    outside = write_pairs(tmp_path / "outside.jsonl", range(5, 9))
+    (incoming / "linked.jsonl").symlink_to(outside)
+    [linked] = retrain_module.ingest_incoming(
+        retrain_module.incoming_files(incoming), store, ValidationSettings()
+    )
+    assert (linked["file"], linked["status"]) == ("linked.jsonl", "unreadable")
+    assert "symbolic link" in linked["error"]
+    assert (incoming / "unreadable" / "linked.jsonl").is_symlink() and outside.is_file()
+    assert len(read_table(store)) == 5
 
 
 def test_project_lock_lets_one_holder_in_at_a_time(tmp_path):
