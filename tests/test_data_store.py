@@ -146,6 +146,12 @@ def test_ingest_command(tmp_path):
         ["ingest", str(tmp_path / "nope.jsonl"), "--store", str(store), "--params", str(params)],
     )
     assert missing.exit_code == 2 and "no such file" in missing.output
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(source)
+    linked = runner.invoke(
+        app, ["ingest", str(link), "--store", str(store), "--params", str(params)]
+    )
+    assert linked.exit_code == 2 and "a symbolic link" in linked.output
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])

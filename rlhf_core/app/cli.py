@@ -153,7 +153,7 @@ def ingest(
     )
     try:
         results = ingest_files(files, store, kind=kind, settings=settings)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, OSError) as error:  # OSError: a full disk
         fail(str(error))
     for result in results:
         if result.status == "already_ingested":
