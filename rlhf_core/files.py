@@ -1,7 +1,8 @@
-"""Writing the pipeline's JSON files (metrics, plots data): atomically, and always valid JSON."""
+"""Writing the pipeline's files atomically (JSON always valid), and hashing them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,15 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def create_temporary_beside(path: Path) -> tuple[int, Path]:

@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 from rlhf_core.app.cli import app
 from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.store import (
-    file_sha256,
     ingest_files,
     read_manifest,
     read_table,
     rebuild_store,
 )
+from rlhf_core.files import file_sha256
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

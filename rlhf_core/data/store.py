@@ -17,7 +17,6 @@ version of the table exactly.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import pandas as pd
 from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
 from rlhf_core.data.validation import validate_files
-from rlhf_core.files import create_temporary_beside
+from rlhf_core.files import create_temporary_beside, file_sha256
 
 TABLES = {"preference": "pairs.parquet", "ranked": "rankings.parquet"}
 MANIFEST = "manifest.jsonl"
@@ -53,15 +52,6 @@ class IngestResult:
     duplicates: int = 0
     valid_fraction: float | None = None
     report_dir: str | None = None
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:

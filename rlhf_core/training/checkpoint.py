@@ -13,7 +13,6 @@ ignored by a different run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from rlhf_core.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,18 @@ class CheckpointManager:
         """The newest whole checkpoint (its manifest verified) written by a run with the same
         fingerprint, if any; every newer one skipped is named in a warning with the reason."""
         for path in reversed(self.checkpoints()):
-            problem = verify_checkpoint(path)
+            fingerprint = _fingerprint_of(path)  # cheap: before hashing another run's files
+            if fingerprint is not None and fingerprint != self.fingerprint:
+                log.warning(
+                    "ignoring checkpoint %s: it belongs to a run with other params, inputs or code",
+                    path,
+                )
+                continue
+            problem = verify_checkpoint(path)  # an unreadable state file fails here too
             if problem is not None:
                 log.warning("skipping checkpoint %s: %s", path, problem)
                 continue
-            state = json.loads((path / "trainer_state.json").read_text())
-            if state["fingerprint"] == self.fingerprint:
-                return path
-            log.warning(
-                "ignoring checkpoint %s: it belongs to a run with other params, inputs or code",
-                path,
-            )
+            return path
         return None
 
     def save(
@@ -174,9 +176,12 @@ class CheckpointManager:
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+def _fingerprint_of(path: Path) -> str | None:
+    """The fingerprint a checkpoint's trainer_state.json records; None when unreadable."""
+    try:
+        return json.loads((path / "trainer_state.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _write_manifest(directory: Path) -> None:
@@ -186,7 +191,7 @@ def _write_manifest(directory: Path) -> None:
     for path in sorted(p for p in directory.iterdir() if p.is_file()):
         with open(path, "rb+") as handle:
             os.fsync(handle.fileno())
-        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     with open(directory / MANIFEST, "w", encoding="utf-8") as handle:
         json.dump({"files": files}, handle, indent=2)
         handle.flush()
@@ -210,6 +215,6 @@ def verify_checkpoint(path: Path) -> str | None:
         size = file.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes, the manifest says {expected['size']}"
-        if _sha256(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None

@@ -236,8 +236,8 @@ def _resumed_result(progress: dict[str, Any], start: int, on_log, on_eval) -> Tr
     """The result of the run up to checkpoint step `start` (`_progress`), its curves replayed
     to the callbacks: the resumed run's curves file and MLflow history hold every step."""
     result = TrainResult(global_step=start, resumed_from=start)
-    result.history = [row for row in progress.get("history", []) if row["step"] <= start]
-    result.eval_history = [row for row in progress.get("eval_history", []) if row["step"] <= start]
+    result.history = list(progress.get("history", []))
+    result.eval_history = list(progress.get("eval_history", []))
     replay_history(result.history, on_log)
     replay_history(result.eval_history, on_eval)
     return result
