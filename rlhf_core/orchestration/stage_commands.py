@@ -128,7 +128,9 @@ def _run_training_stage(params_path: Path, stage_function, stage: str) -> None:
 
 def _run_stage(stage_function, params_path: Path, stage: str):
     """Run a stage function; its timing split goes to artifacts/timings/<stage>.json."""
+    from rlhf_core.files import CannotWriteError
     from rlhf_core.paths import ProjectPaths
+    from rlhf_core.stages.preflight import PreflightError
     from rlhf_core.tracking.check import TrackingStoreError, check_tracking_store
     from rlhf_core.tracking.timing import record_stage_timing
     from rlhf_core.training.divergence import TrainingDivergedError
@@ -141,6 +143,12 @@ def _run_stage(stage_function, params_path: Path, stage: str):
         fail(str(error))
     try:
         result, _ = record_stage_timing(stage, timings_dir, lambda: stage_function(params_obj))
-    except (FileNotFoundError, ValueError, TrainingDivergedError) as error:
+    except (
+        FileNotFoundError,
+        ValueError,
+        TrainingDivergedError,
+        CannotWriteError,  # a full disk or unwritable folder at a write: what and where
+        PreflightError,  # the same found before training
+    ) as error:
         fail(str(error))
     return result

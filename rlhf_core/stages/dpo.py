@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlhf_core.config.stages import DPOSettings, LoraSettings
+from rlhf_core.files import writing
 from rlhf_core.models.loading import atomic_directory, load_causal_lm, save_model
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
@@ -81,9 +82,10 @@ def save_policy(
     base by absolute path (`base_dir`, the SFT model), so it loads from any working directory.
     """
     if not lora:
-        save_model(model, tokenizer, out_dir)
+        with writing("the DPO policy", out_dir):
+            save_model(model, tokenizer, out_dir)
         return
-    with atomic_directory(out_dir) as staging:
+    with writing("the DPO policy and its adapter", out_dir), atomic_directory(out_dir) as staging:
         model.save_pretrained(staging / "adapter")
         adapter_config = staging / "adapter" / "adapter_config.json"
         config = json.loads(adapter_config.read_text(encoding="utf-8"))
@@ -159,6 +161,7 @@ def run_dpo(
         reference_seconds = time.perf_counter() - reference_started
         if settings.lora.enabled:
             model = apply_lora(model, settings.lora)
+        stage.check_outputs(model, paths.policy_dir(STAGE))  # LoRA: optimizer state of adapters
         objective = PreferenceObjective(
             settings.pair_loss(),
             train_pairs,

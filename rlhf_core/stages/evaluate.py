@@ -46,6 +46,7 @@ from rlhf_core.evaluation.sanity import (
     pass_fraction,
     sanity_markdown,
 )
+from rlhf_core.files import writing
 from rlhf_core.generation import SamplingSettings, derived_seed
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
@@ -273,7 +274,8 @@ def run_evaluate(
         )
         if sanity:
             written["sanity"] = paths.evaluation_dir / "sanity.md"
-            written["sanity"].write_text(sanity_markdown(sanity), encoding="utf-8")
+            with writing("the sanity report", written["sanity"]):
+                written["sanity"].write_text(sanity_markdown(sanity), encoding="utf-8")
         log_to_run(run, results, written)
         for path in written.values():
             run.record_output(path)

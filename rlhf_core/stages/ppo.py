@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from rlhf_core.config.stages import PPOSettings
+from rlhf_core.files import writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.training_stage import (
@@ -82,6 +83,7 @@ def run_ppo(
         with torch.no_grad():  # V ≈ 0 at the start: no value estimate before any return is seen
             policy.value_head.weight.mul_(0.01)
         reward_model = RewardModel.from_pretrained(paths.reward_model_dir).eval()
+        stage.check_outputs(policy, paths.policy_dir(STAGE))
         policy, reference, reward_model = (m.to(device) for m in (policy, reference, reward_model))
         scorer = reward_model_scorer(
             reward_model, tokenizer.pad_token_id, settings.scorer_batch_size
@@ -99,7 +101,8 @@ def run_ppo(
         )
         stage.run.set_tags({"resumed_from": result.resumed_from})
         out_dir = paths.policy_dir(STAGE)
-        policy.save_pretrained(out_dir, tokenizer=tokenizer)
+        with writing("the PPO policy", out_dir):
+            policy.save_pretrained(out_dir, tokenizer=tokenizer)
         metrics = stage.finish(
             result,
             final_metrics(result, len(train_frame), len(eval_frame)),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_core.config import Params
+from rlhf_core.files import writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.datasets import TOKENIZER_SETS, data_set_files, set_kind
 
@@ -59,8 +60,10 @@ def run_prepare(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         run.log_metrics(prepare_metrics(summary), step=0)
         run.record_output(paths.base_model_dir)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    paths.metrics_dir.mkdir(parents=True, exist_ok=True)
-    (paths.metrics_dir / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    metrics_file = paths.metrics_dir / "prepare.json"
+    with writing("the prepare metrics", metrics_file):
+        paths.metrics_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -132,7 +135,8 @@ def _prepare_base_model(params: Params, files: dict[str, list[Path]], out: Path)
             model_params.base,
             tokenizer.eos_token,
         )
-    save_model(model, tokenizer, out)
+    with writing("the base model", out):
+        save_model(model, tokenizer, out)
     return {
         "out": str(out),
         "source": model_params.base,

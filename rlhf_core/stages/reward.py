@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from rlhf_core.config.stages import RewardSettings
+from rlhf_core.files import writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.training_stage import (
@@ -121,6 +122,7 @@ def run_reward(
         causal_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         reward_model = RewardModel.from_causal_lm(causal_lm, seed=context.seed)
         del causal_lm  # its LM head is not part of the reward model
+        stage.check_outputs(reward_model, paths.reward_model_dir)
 
         train_groups = pair_groups(tokenizer, train_pairs, settings.max_length, settings.use_margin)
         eval_groups = pair_groups(tokenizer, eval_pairs, settings.max_length, settings.use_margin)
@@ -149,7 +151,8 @@ def run_reward(
             else {}
         )
         out_dir = paths.reward_model_dir
-        reward_model.save_pretrained(out_dir, tokenizer=tokenizer)
+        with writing("the reward model", out_dir):
+            reward_model.save_pretrained(out_dir, tokenizer=tokenizer)
         last = result.history[-1] if result.history else {}
         metrics = {
             "train_pairs": len(train_pairs),

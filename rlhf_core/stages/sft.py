@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from rlhf_core.config.stages import SFTSettings
+from rlhf_core.files import writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.training_stage import (
@@ -67,6 +68,7 @@ def run_sft(
         datasets=datasets,
     ) as stage:
         model, tokenizer = load_causal_lm(str(paths.base_model_dir))
+        stage.check_outputs(model, paths.sft_model_dir)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and settings.max_length > limit:
             raise ValueError(
@@ -95,7 +97,8 @@ def run_sft(
             description="sft",
         )
         out_dir = paths.sft_model_dir
-        save_model(model, tokenizer, out_dir)
+        with writing("the SFT model", out_dir):
+            save_model(model, tokenizer, out_dir)
         samples = []
         if settings.num_samples and len(eval_frame):
             prompts = list(eval_frame["prompt"].iloc[: settings.num_samples])

@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from rlhf_core.config import DataSettings
-from rlhf_core.files import write_json
+from rlhf_core.files import write_json, writing
 from rlhf_core.models.heads import disable_dropout
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_split
@@ -81,6 +81,21 @@ class TrainingStage:
                 fingerprint=self.fingerprint,
             )
         return self.checkpoints
+
+    def check_outputs(self, model: Any, model_dir: Path) -> None:
+        """Before the first step: the folders this stage writes are writable and their file
+        systems have room for the model and its checkpoints (`preflight`), else one
+        `PreflightError` line."""
+        from rlhf_core.stages.preflight import check_training_outputs
+
+        check_training_outputs(
+            self.name,
+            model,
+            self.settings.train,
+            model_dir=model_dir,
+            checkpoint_dir=self.paths.checkpoints_dir(self.name),
+            small_outputs=(self.paths.metrics_dir, self.paths.plots_dir),
+        )
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """Per-step training metrics to the run (the loop's token count is not a curve)."""
@@ -161,7 +176,7 @@ class TrainingStage:
         curves = training_curves(result.history, result.eval_history)
         step = result.global_step
         metrics_file = self.paths.metrics_file(self.name)
-        write_json(metrics_file, metrics)
+        write_json(metrics_file, metrics, what=f"the {self.name} metrics")
         self.run.log_metrics(  # the summary values that are not already a curve
             {k: v for k, v in metrics.items() if isinstance(v, int | float) and k not in curves},
             step,
@@ -324,7 +339,12 @@ def write_curve_plots(
     `shown` series, also logged to the stage's MLflow run."""
     from rlhf_core.evaluation.report import curves_figure, write_curves_json
 
-    run.log_artifact(write_curves_json(curves, paths.plots_dir / f"{stage}_curves.json"), "plots")
+    curves_json = paths.plots_dir / f"{stage}_curves.json"
+    with writing(f"the {stage} curves", curves_json):
+        write_curves_json(curves, curves_json)
+    run.log_artifact(curves_json, "plots")
     figure = curves_figure({k: v for k, v in curves.items() if k in shown}, title)
-    figure.savefig(paths.plots_dir / f"{stage}_curves.png", dpi=100)
+    curves_png = paths.plots_dir / f"{stage}_curves.png"
+    with writing(f"the {stage} curves plot", curves_png):
+        figure.savefig(curves_png, dpi=100)
     run.log_figure(figure, f"plots/{stage}_curves.png")

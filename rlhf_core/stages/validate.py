@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_core.config import Params
+from rlhf_core.files import writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.datasets import data_set_files, set_kind
 
@@ -57,8 +58,10 @@ def run_validate(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         run.log_metrics(validation_metrics(summary), step=0)
         run.log_dict(summary, "validation/summary.json")
         run.record_output(paths.validated_dir)
-    paths.metrics_dir.mkdir(parents=True, exist_ok=True)
-    (paths.metrics_dir / "validate.json").write_text(json.dumps(summary, indent=2) + "\n")
+    metrics_file = paths.metrics_dir / "validate.json"
+    with writing("the validate metrics", metrics_file):
+        paths.metrics_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

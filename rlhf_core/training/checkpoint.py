@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from rlhf_core.files import file_sha256
+from rlhf_core.files import file_sha256, writing
 
 log = logging.getLogger(__name__)
 
@@ -117,33 +117,52 @@ class CheckpointManager:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         extra: dict[str, Any] | None = None,
     ) -> Path:
-        """Write checkpoint `step` atomically and prune old ones."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write checkpoint `step` atomically and prune old ones. A failed write (a full
+        disk: torch.save's "unexpected pos", safetensors' "os error 28") leaves no partial
+        checkpoint and is one `CannotWriteError` naming the checkpoint."""
         final = self.directory / f"{PREFIX}{step:08d}"
-        staging = Path(tempfile.mkdtemp(dir=self.directory, prefix=".writing-"))
-        try:
-            save_model(model, str(staging / "model.safetensors"))
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            rng_json, rng_tensors = capture_rng_state()
-            save_file(rng_tensors, str(staging / "rng.safetensors"))
-            state = {
-                "global_step": step,
-                "fingerprint": self.fingerprint,
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_json,
-                "extra": extra or {},
-            }
-            (staging / "trainer_state.json").write_text(json.dumps(state))
-            _write_manifest(staging)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+        with writing(f"checkpoint step {step}", final):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=self.directory, prefix=".writing-"))
+            self._write(staging, final, step, model, optimizer, scheduler, extra)
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old)
         return final
+
+    def _write(
+        self,
+        staging: Path,
+        final: Path,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        extra: dict[str, Any] | None,
+    ) -> None:
+        """Fill `staging` (manifest last) and rename it to `final`; removed on failure, after
+        the error is named (a full disk is only seen as full before the files are removed)."""
+        try:
+            with writing(f"checkpoint step {step}", final):
+                save_model(model, str(staging / "model.safetensors"))
+                with open(staging / "optimizer.pt", "wb") as handle:  # closed on failure too
+                    torch.save(optimizer.state_dict(), handle)
+                rng_json, rng_tensors = capture_rng_state()
+                save_file(rng_tensors, str(staging / "rng.safetensors"))
+                state = {
+                    "global_step": step,
+                    "fingerprint": self.fingerprint,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_json,
+                    "extra": extra or {},
+                }
+                (staging / "trainer_state.json").write_text(json.dumps(state))
+                _write_manifest(staging)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
 
     def load(
         self,
