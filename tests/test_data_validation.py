@@ -176,10 +176,15 @@ def test_quarantine_records_keep_their_content_and_explain_themselves(
     by_place = {
         (Path(r["source_file"]).name, r["source_line"]): r for r in preference_run.quarantine
     }
+    # A huge row is a prefix of its canonical JSON with the digest of all of it, not a copy.
     huge = by_place[("one_megabyte.jsonl", 2)]
-    assert huge["chosen"] == "x" * 1_000_000
-    assert huge["prompt"] == [user("Generated case: write a lot.")]
+    assert "chosen" not in huge and "prompt" not in huge
+    assert len(huge["raw"]) == 2000 and huge["raw"].startswith('{"annotator":null,"chosen":"xxx')
+    assert huge["raw_bytes"] > 1_000_000 and len(huge["raw_sha256"]) == 64
     assert "1000000 characters" in huge["detail"]
+    small = next(r for r in preference_run.quarantine if r["reason"] == "chosen_equals_rejected")
+    assert small["chosen"] == small["rejected"]  # a small row keeps its fields beside `raw`
+    assert json.loads(small["raw"])["chosen"] == small["chosen"]
 
     undecodable = by_place[("invalid_utf8.jsonl", 2)]
     assert "\\xe9" in undecodable["raw"]

@@ -28,6 +28,19 @@ class ValidationSettings:
         length_bias_threshold: warn (`length_bias`) when chosen is longer than rejected in more
             than this fraction of the valid pairs, or shorter in more than this fraction.
         check_duplicates: quarantine rows whose content repeats an earlier row (`duplicate_row`).
+        max_file_mb: largest data file read, in MiB (of a .jsonl.gz, once decompressed); a
+            larger file is refused whole, before it is read (the retrain flow sets it aside in
+            data/incoming/unreadable/). 1024 holds the usual preference sets in one file
+            (HH-RLHF's largest split is ~170 MB of JSON Lines) while keeping what validation
+            holds in memory (every row, in pandas and in the GX check frame, a few times the
+            file) within an ordinary machine; a JSON file, parsed whole, needs several times
+            its size, so JSON Lines suits big sets better.
+        max_row_mb: largest single record, in MiB (a JSONL line, a CSV row, a JSON or Parquet
+            record); a larger one is quarantined as `row_too_large` and a JSONL or CSV reader
+            reads it through in blocks without holding it. `max_chars` is the per-text limit
+            (`too_long_chars`); this one bounds what a reader holds for one record, so it must
+            leave room for a record's texts: 16 MiB is hundreds of texts at the default
+            `max_chars`.
     """
 
     max_chars: int = 20000
@@ -36,10 +49,32 @@ class ValidationSettings:
     min_valid_fraction: float = 0.9
     length_bias_threshold: float = 0.7
     check_duplicates: bool = True
+    max_file_mb: float = 1024.0
+    max_row_mb: float = 16.0
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
+
+    @property
+    def max_row_bytes(self) -> int:
+        return int(self.max_row_mb * 2**20)
 
     def __post_init__(self) -> None:
         if self.max_chars < 1:
             raise ValueError(f"max_chars must be at least 1, got {self.max_chars}")
+        for name in ("max_file_mb", "max_row_mb"):
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of MiB, got {value!r}")
+        # A text of max_chars characters takes up to 4 bytes each in UTF-8.
+        if not 4 * self.max_chars <= self.max_row_bytes <= self.max_file_bytes:
+            raise ValueError(
+                f"need 4 * max_chars <= max_row_mb <= max_file_mb (a record must hold one text "
+                f"of max_chars characters, and fit in a file), got max_chars={self.max_chars}, "
+                f"max_row_mb={self.max_row_mb} and max_file_mb={self.max_file_mb}"
+            )
         if self.min_tokens < 0 or (
             self.max_tokens is not None and self.min_tokens > self.max_tokens
         ):

@@ -21,16 +21,28 @@ Every record is converted by ``adapters.adapt_record``. Parse-level failures bec
 ``ReadResult.rejected`` (never exceptions), so for every input the number of rows plus the
 number of rejections equals the number of non-blank records. Field values are not checked
 here: that is validation's job.
+
+Poison input is bounded: a file larger than `max_file_bytes` is refused before it is read; a
+JSON Lines or CSV record larger than `max_row_bytes` is read through in blocks, never held
+whole, and rejected as ``row_too_large`` (a JSON or Parquet record too, once parsed); a
+rejection keeps at most MAX_RAW_CHARS characters of the record's text, with the sha256 and
+byte size of the whole record. A file with UNREADABLE_RUN records that fail to parse while
+fewer than UNREADABLE_RUN / 100 parse (random bytes, a binary file given the wrong
+extension) is not a file of its format: it is refused as a whole rather than turned into a
+quarantine larger than itself. So is a CSV file whose header is not valid UTF-8. Whole-file
+failures are ValueError (or OSError from the file system), each naming the file.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +65,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REJECTED_COLUMNS = ("source_file", "source_line", "reason", "detail", "raw")
+REJECTED_COLUMNS = ("source_file", "source_line", "reason", "detail", "raw", "raw_sha256")
+REJECTED_COLUMNS += ("raw_bytes",)
 MAX_RAW_CHARS = 2000
+# Limits when the caller gives none; `ValidationSettings.max_file_mb`/`max_row_mb` set them.
+DEFAULT_MAX_FILE_BYTES = 1024 * 2**20
+DEFAULT_MAX_ROW_BYTES = 16 * 2**20
+# A file whose read-level failures reach this many while fewer than 1 in 100 of this many
+# records parsed is not a file of its format (random bytes, a binary file): refused whole.
+UNREADABLE_RUN = 1000
+_READ_BLOCK = 1 << 20
 CSV_JSON_FIELDS = ("prompt", "responses", "messages", "completions", "ranking", "meta")
 FILE_FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json"}
 FILE_FORMATS |= {".parquet": "parquet", ".csv": "csv"}
@@ -73,7 +93,15 @@ class ReadResult:
     """Canonical rows read from some files, and the records that could not be read."""
 
     frame: pd.DataFrame  # the kind's fields, `split`, `source_file`, `source_line`
-    rejected: pd.DataFrame  # `source_file`, `source_line`, `reason`, `detail`, `raw`
+    rejected: pd.DataFrame  # `source_file`, `source_line`, `reason`, `detail`, `raw`, ...
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """The most bytes one file, and one record of it, may hold."""
+
+    file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    row_bytes: int = DEFAULT_MAX_ROW_BYTES
 
 
 @dataclass(frozen=True)
@@ -86,27 +114,105 @@ class _Parsed:
     split: str | None = None  # the split its container (JSON key, DatasetDict) implies
 
     def shown(self) -> str:
-        """The record's text for a rejection report."""
+        """The record's whole text, for a rejection (which keeps a prefix and its hash)."""
         if self.raw_text is not None:
             return self.raw_text
-        try:
-            return canonical_json(self.value)
-        except (TypeError, ValueError):
-            return repr(self.value)
+        return value_text(self.value)
 
 
 @dataclass(frozen=True)
 class _Failure:
-    """A record a format reader could not parse."""
+    """A record a format reader could not parse: a prefix of its text, the hash and size of
+    the whole of it."""
 
     line: int
     reason: str
     detail: str
     raw: str
+    raw_sha256: str
+    raw_bytes: int
 
 
-def _clip(text: str) -> str:
-    return text[:MAX_RAW_CHARS]
+def value_text(value: Any) -> str:
+    """The canonical JSON text of a parsed value (its repr where JSON cannot hold it)."""
+    try:
+        return canonical_json(value)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+
+
+def raw_digest(raw: str | bytes) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a record's text; lone surrogates are kept as their
+    UTF-8-style bytes, so every text has a digest."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", errors="surrogatepass")
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _failure(line: int, reason: str, detail: str, raw: str | bytes) -> _Failure:
+    """A rejection keeping MAX_RAW_CHARS characters of `raw` and the digest of all of it."""
+    sha256, size = raw_digest(raw)
+    shown = _bytes_as_text(raw[: MAX_RAW_CHARS * 4]) if isinstance(raw, bytes) else raw
+    return _Failure(line, reason, detail, shown[:MAX_RAW_CHARS], sha256, size)
+
+
+@dataclass(frozen=True)
+class _Oversized:
+    """A record longer than the row limit: its first bytes and the digest of all of it."""
+
+    prefix: bytes
+    sha256: str
+    size: int
+
+    def failure(self, line: int, limit: int) -> _Failure:
+        detail = (
+            f"the record is {self.size} bytes, more than the {limit}-byte limit on one record "
+            "(data.validation.max_row_mb); raise it if such records are real"
+        )
+        shown = _bytes_as_text(self.prefix)[:MAX_RAW_CHARS]
+        return _Failure(line, "row_too_large", detail, shown, self.sha256, self.size)
+
+
+def _read_through(first: bytes | str, rest: Any) -> _Oversized:
+    """Digest a long line from `first` to its newline, reading `rest()` block by block."""
+    as_bytes = (lambda part: part) if isinstance(first, bytes) else _text_bytes
+    data = as_bytes(first)
+    digest, size, prefix = hashlib.sha256(data), len(data), data[: MAX_RAW_CHARS * 4]
+    part = first
+    while part and not part.endswith(b"\n" if isinstance(part, bytes) else "\n"):
+        part = rest()
+        data = as_bytes(part)
+        digest.update(data)
+        size += len(data)
+    return _Oversized(prefix, digest.hexdigest(), size)
+
+
+def _text_bytes(text: str) -> bytes:
+    """Bytes of text decoded with surrogateescape (invalid bytes come back as they were)."""
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def _bounded_lines(handle: BinaryIO, limits: _Limits, path: Path) -> Iterator[bytes | _Oversized]:
+    """Physical lines of a binary file; a line over the row limit is read through, never held.
+
+    Raises ValueError once more than the file limit has been read (a .gz that inflates past
+    it, or a file that grew while it was read).
+    """
+    total = 0
+    while line := handle.readline(limits.row_bytes + 1):
+        if len(line) > limits.row_bytes and not line.endswith(b"\n"):
+            oversized = _read_through(line, lambda: handle.readline(_READ_BLOCK))
+            total += oversized.size
+            item: bytes | _Oversized = oversized
+        else:
+            total += len(line)
+            item = line
+        if total > limits.file_bytes:
+            raise ValueError(
+                f"{path} holds more than {limits.file_bytes} bytes once read (decompressed), "
+                "the limit on one data file (data.validation.max_file_mb); split it or raise "
+                "the limit"
+            )
+        yield item
 
 
 # json.loads recurses once per level of nesting; a value deeper than the interpreter's stack
@@ -119,34 +225,56 @@ def _bytes_as_text(data: bytes) -> str:
     return data.decode("utf-8", errors="backslashreplace")
 
 
+def _loads(text: str, line: int, what: str) -> Any:
+    """json.loads of a record's text, or the _Failure that says why it cannot be read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"column {error.colno}" if what == "line" else f"line {error.lineno}"
+        detail = f"the {what} is not valid JSON ({error.msg} at {where})"
+        return _failure(error.lineno if what == "file" else line, "malformed_json", detail, text)
+    except RecursionError:
+        return _failure(line, "too_deeply_nested", TOO_DEEP, text)
+    except ValueError as error:  # e.g. an integer longer than Python converts (4300 digits)
+        return _failure(
+            line, "malformed_json", f"the {what} holds a value JSON cannot read ({error})", text
+        )
+
+
 def _jsonl_line(line_number: int, line: bytes) -> _Parsed | _Failure:
     """Parse one non-blank JSONL line."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
         detail = f"the line is not valid UTF-8 ({error.reason} at byte {error.start})"
-        return _Failure(line_number, "invalid_utf8", detail, _clip(_bytes_as_text(line)))
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        detail = f"the line is not valid JSON ({error.msg} at column {error.colno})"
-        return _Failure(line_number, "malformed_json", detail, _clip(text))
-    except RecursionError:
-        return _Failure(line_number, "too_deeply_nested", TOO_DEEP, _clip(text))
-    return _Parsed(line_number, value, raw_text=_clip(text))
+        return _failure(line_number, "invalid_utf8", detail, line)
+    value = _loads(text, line_number, "line")
+    if isinstance(value, _Failure):
+        return value
+    return _Parsed(line_number, value, raw_text=text)
 
 
-def _read_jsonl(path: Path) -> Iterator[_Parsed | _Failure]:
+def _read_jsonl(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
     """Records of a JSON Lines file, read in binary so each line is decoded on its own."""
-    opener: Any = gzip.open if path.name.lower().endswith(".gz") else open
+    compressed = path.name.lower().endswith(".gz")
+    opener: Any = gzip.open if compressed else open
     handle: BinaryIO
-    with opener(path, "rb") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line_number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
-            line = line.strip()
-            if line:
-                yield _jsonl_line(line_number, line)
+    try:
+        with opener(path, "rb") as handle:
+            for line_number, line in enumerate(_bounded_lines(handle, limits, path), start=1):
+                if isinstance(line, _Oversized):
+                    yield line.failure(line_number, limits.row_bytes)
+                    continue
+                if line_number == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                line = line.strip()
+                if line:
+                    yield _jsonl_line(line_number, line)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(
+            f"{path} is not a readable gzip file ({error or type(error).__name__}); compress "
+            "it again or set it aside"
+        ) from error
 
 
 def _json_record_lists(document: Any) -> list[tuple[str | None, Any]] | None:
@@ -163,26 +291,26 @@ def _json_record_lists(document: Any) -> list[tuple[str | None, Any]] | None:
     return None
 
 
-def _read_json(path: Path) -> Iterator[_Parsed | _Failure]:
-    """Records of a JSON file holding an array, ``{"data": [...]}`` or split keys."""
+def _read_json(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
+    """Records of a JSON file holding an array, ``{"data": [...]}`` or split keys.
+
+    The document is parsed whole (JSON has no record boundaries to stream by), so the file
+    limit is what bounds its memory; JSON Lines suits large data sets better.
+    """
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         detail = f"the file is not valid UTF-8 ({error.reason} at byte {error.start})"
-        yield _Failure(line, "invalid_utf8", detail, _clip(_bytes_as_text(data)))
+        yield _failure(line, "invalid_utf8", detail, data)
         return
+    del data
     if not text.strip():
         return
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        detail = f"the file is not valid JSON ({error.msg} at line {error.lineno})"
-        yield _Failure(error.lineno, "malformed_json", detail, _clip(text))
-        return
-    except RecursionError:
-        yield _Failure(1, "too_deeply_nested", TOO_DEEP, _clip(text))
+    document = _loads(text, 1, "file")
+    if isinstance(document, _Failure):
+        yield document
         return
     groups = _json_record_lists(document)
     if groups is None:
@@ -193,7 +321,7 @@ def _read_json(path: Path) -> Iterator[_Parsed | _Failure]:
             'a JSON file must hold an array of records, {"data": [...]}, or split keys such '
             'as {"train": [...], "eval": [...]}'
         )
-        yield _Failure(1, "unrecognised_shape", detail, _clip(text))
+        yield _failure(1, "unrecognised_shape", detail, text)
         return
     index = 0
     for split, records in groups:
@@ -209,7 +337,7 @@ def _csv_cell(field: str, cell: str) -> Any:
     if field in CSV_JSON_FIELDS and cell.lstrip()[:1] in ("[", "{"):
         try:
             decoded = json.loads(cell)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: malformed, or a 5000-digit integer
             return cell  # kept as text: validation rejects it with the field's reason
         return decoded if isinstance(decoded, list | dict) else cell
     if field == "margin":
@@ -223,63 +351,127 @@ def _csv_cell(field: str, cell: str) -> Any:
 def _csv_row(line: int, header: list[str], cells: list[str], raw: str) -> _Parsed | _Failure:
     """One CSV data row as a record, or the reason it cannot be one."""
     if _ESCAPED_BYTE.search(raw):
-        shown = _bytes_as_text(raw.encode("utf-8", errors="surrogateescape"))
-        return _Failure(line, "invalid_utf8", "the row is not valid UTF-8", _clip(shown))
+        return _failure(line, "invalid_utf8", "the row is not valid UTF-8", _text_bytes(raw))
     if len(cells) > len(header):
         detail = f"the row has {len(cells)} cells but the header names {len(header)} columns"
-        return _Failure(line, "unrecognised_shape", detail, _clip(raw))
+        return _failure(line, "unrecognised_shape", detail, raw)
     record = {field: _csv_cell(field, cell) for field, cell in zip(header, cells, strict=False)}
-    return _Parsed(line, record, raw_text=_clip(raw))
+    return _Parsed(line, record, raw_text=raw)
 
 
-def _read_csv(path: Path) -> Iterator[_Parsed | _Failure]:
+class _RowTooLarge(Exception):
+    def __init__(self, oversized: _Oversized) -> None:
+        super().__init__("a CSV row over the row limit")
+        self.oversized = oversized
+
+
+class _CsvLines:
+    """Physical lines for csv.reader, keeping those of the row being read.
+
+    A row that grows past `max_bytes` raises _RowTooLarge once the rest of its physical line
+    has been read through (digested, not kept), so no row is ever held whole; the csv reader
+    starts afresh on its next call.
+    """
+
+    def __init__(self, handle: Any, max_bytes: int) -> None:
+        self.handle = handle
+        self.max_bytes = max_bytes
+        self.consumed: list[str] = []
+        self.size = 0  # characters of the row so far (each at least one byte)
+        self.count = 0  # physical lines read
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline(self.max_bytes - self.size + 1)
+        if not line:
+            raise StopIteration
+        self.consumed.append(line)
+        self.size += len(line)
+        if self.size > self.max_bytes:
+            first = "".join(self.consumed)
+            self.take()
+            self.count += 1
+            raise _RowTooLarge(_read_through(first, lambda: self.handle.readline(_READ_BLOCK)))
+        self.count += 1
+        return line
+
+    def take(self) -> str:
+        """The text of the row just read, forgetting it."""
+        raw = "".join(self.consumed)
+        self.consumed.clear()
+        self.size = 0
+        return raw
+
+
+def _read_csv(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
     """Records of a CSV file with a header; a row's line is the physical line it starts on."""
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        consumed: list[str] = []  # physical lines of the row being read
-
-        def lines() -> Iterator[str]:
-            for line in handle:
-                consumed.append(line)
-                yield line
-
+        lines = _CsvLines(handle, limits.row_bytes)
         csv.field_size_limit(max(csv.field_size_limit(), CSV_MAX_CELL_CHARS))
-        reader = csv.reader(lines())
+        reader = csv.reader(lines)
         try:
-            header = next(reader, None)
+            try:
+                header = next(reader, None)
+            except _RowTooLarge as error:
+                raise ValueError(
+                    f"the header of CSV file {path} is longer than the row limit "
+                    f"({limits.row_bytes} bytes, data.validation.max_row_mb); is it a CSV file?"
+                ) from error
             if header is None:
                 return
-            consumed.clear()
-            last_line = reader.line_num
-            for cells in reader:
-                first_line, last_line = last_line + 1, reader.line_num
-                raw = "".join(consumed).rstrip("\r\n")
-                consumed.clear()
+            if _ESCAPED_BYTE.search("".join(header)):
+                raise ValueError(
+                    f"the header (first line) of CSV file {path} is not valid UTF-8, so the file "
+                    "is not a UTF-8 CSV file: save it as UTF-8, or set it aside"
+                )
+            lines.take()
+            last_line = lines.count
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except _RowTooLarge as error:
+                    yield error.oversized.failure(last_line + 1, limits.row_bytes)
+                    last_line = lines.count
+                    continue
+                first_line, last_line = last_line + 1, lines.count
+                raw = lines.take().rstrip("\r\n")
                 if not "".join(cells).strip() and len(cells) <= 1:
                     continue  # a blank line
                 yield _csv_row(first_line, header, cells, raw)
         except csv.Error as error:
             raise ValueError(
-                f"cannot parse CSV file {path} near line {reader.line_num} ({error}); fix its "
+                f"cannot parse CSV file {path} near line {lines.count} ({error}); fix its "
                 "quoting or save it as JSONL"
             ) from error
 
 
-def _read_parquet(path: Path) -> Iterator[_Parsed | _Failure]:
-    """Records of a Parquet file, read in batches of PARQUET_BATCH_ROWS."""
+def _read_parquet(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
+    """Records of a Parquet file, read in batches of PARQUET_BATCH_ROWS.
+
+    A damaged file (bad magic bytes, cut short, corrupt pages) is one ValueError naming it,
+    whether the damage shows when it is opened or only at a later batch.
+    """
     import pyarrow
     import pyarrow.parquet
 
     if path.stat().st_size == 0:
         return
+    index = 0
     try:
         parquet_file = pyarrow.parquet.ParquetFile(path)
-    except pyarrow.ArrowInvalid as error:
-        raise ValueError(f"{path} is not a readable Parquet file ({error}).") from error
-    index = 0
-    for batch in parquet_file.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for record in batch.to_pylist():
-            index += 1
-            yield _Parsed(index, record)
+        for batch in parquet_file.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                index += 1
+                yield _Parsed(index, record)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable Parquet file ({error}) after {index} record(s); "
+            "write it again or set it aside"
+        ) from error
 
 
 def _read_hf_dataset(
@@ -347,7 +539,18 @@ _FORMAT_READERS = {
 }
 
 
-def _records_of(source: str) -> Iterator[_Parsed | _Failure]:
+def check_file_size(path: str | Path, max_bytes: int) -> None:
+    """Raise ValueError when a data file is larger than `max_bytes` (it is not read at all)."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        raise ValueError(
+            f"{path} is {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:g} MB limit on "
+            "one data file (data.validation.max_file_mb in params.yaml); split the file or "
+            "raise the limit"
+        )
+
+
+def _records_of(source: str, limits: _Limits) -> Iterator[_Parsed | _Failure]:
     """The records of one source (file, saved dataset directory or hub id), by its format."""
     path = Path(source)
     if path.is_dir():
@@ -359,7 +562,8 @@ def _records_of(source: str) -> Iterator[_Parsed | _Failure]:
                 f"cannot tell the format of {source!r} from its extension; use .jsonl, "
                 ".jsonl.gz, .json, .parquet, .csv or a datasets save_to_disk directory"
             )
-        return _FORMAT_READERS[format_name](path)
+        check_file_size(path, limits.file_bytes)
+        return _FORMAT_READERS[format_name](path, limits)
     if format_name is None and _HUB_ID.match(source):
         return _read_hub_dataset(source)
     raise FileNotFoundError(
@@ -388,17 +592,87 @@ def _frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def read_records(paths: Sequence[str | Path] | str | Path, kind: str) -> ReadResult:
+def value_exceeds(value: Any, max_bytes: int) -> bool:
+    """Whether a parsed value's JSON text would be longer than `max_bytes`, estimated from
+    its strings and items without serialising it (and without recursion, however deep)."""
+    pending, size = [value], 0
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str | bytes):
+            size += len(item) + 2
+        elif isinstance(item, Mapping):
+            size += 2 + len(item)
+            for key, nested in item.items():
+                pending += (key, nested)
+        elif isinstance(item, list | tuple):
+            size += 2 + len(item)
+            pending.extend(item)
+        else:
+            size += 8
+        if size > max_bytes:
+            return True
+    return False
+
+
+def _checked(item: _Parsed | _Failure, limits: _Limits) -> _Parsed | _Failure:
+    """A parsed record too large for the row limit (JSON, Parquet and datasets records, which
+    are parsed before they can be measured) as a row_too_large rejection."""
+    if isinstance(item, _Failure) or item.raw_text is not None:
+        return item  # JSON Lines and CSV records were measured as they were read
+    if not value_exceeds(item.value, limits.row_bytes):
+        return item
+    text = item.shown()
+    sha256, size = raw_digest(text)
+    prefix = text[:MAX_RAW_CHARS].encode("utf-8", errors="surrogatepass")
+    return _Oversized(prefix, sha256, size).failure(item.line, limits.row_bytes)
+
+
+def _rejection(provenance: dict[str, Any], item: _Failure) -> dict[str, Any]:
+    return {
+        **provenance,
+        "reason": item.reason,
+        "detail": item.detail,
+        "raw": item.raw,
+        "raw_sha256": item.raw_sha256,
+        "raw_bytes": item.raw_bytes,
+    }
+
+
+def _refuse_unreadable(source_file: str, first: _Failure, parsed: int) -> None:
+    """Raise for a file that is mostly records that do not parse (see UNREADABLE_RUN)."""
+    format_name = file_format(source_file) or "data"
+    raise ValueError(
+        f"{source_file}: {UNREADABLE_RUN} of its records could not be read as {format_name} "
+        f"and only {parsed} could (the first failure, line {first.line}: {first.detail}); it "
+        f"is not a {format_name} file or it is damaged, so it is refused as a whole: fix or "
+        "convert it"
+    )
+
+
+def read_records(
+    paths: Sequence[str | Path] | str | Path,
+    kind: str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+) -> ReadResult:
     """Read data files (or saved datasets, or hub ids) as canonical rows of `kind`.
 
     Returns the rows (``frame``: the kind's fields with None where absent, ``split``,
     ``source_file`` as given and 1-based ``source_line``: the physical line for JSONL and CSV,
     whose header is line 1, the record's position for JSON, Parquet and datasets) and the
     records that could not be read (``rejected``: ``source_file``, ``source_line``, ``reason``,
-    ``detail``, ``raw``). Raises FileNotFoundError for a missing path and ValueError for an
-    unknown kind or file extension, or a hub id while hub access is off.
+    ``detail``, ``raw`` (at most MAX_RAW_CHARS characters of the record's text),
+    ``raw_sha256`` and ``raw_bytes`` (of the whole record)). A record over `max_row_bytes` is
+    rejected as ``row_too_large``.
+
+    Raises FileNotFoundError for a missing path; ValueError for an unknown kind or file
+    extension, a hub id while hub access is off, a file over `max_file_bytes`, a file of
+    mostly unparseable records (see UNREADABLE_RUN), a CSV header that is not UTF-8, or a
+    damaged Parquet or gzip file or CSV quoting; OSError (e.g. PermissionError) when the
+    file system refuses the file.
     """
     check_kind(kind)
+    limits = _Limits(file_bytes=max_file_bytes, row_bytes=max_row_bytes)
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     rows: list[dict[str, Any]] = []
@@ -406,24 +680,24 @@ def read_records(paths: Sequence[str | Path] | str | Path, kind: str) -> ReadRes
     for path in paths:
         source_file = str(path)
         rows_before, rejected_before = len(rows), len(rejected)
-        for item in _records_of(source_file):
+        failures: list[_Failure] = []  # read-level, of this file
+        parsed = 0
+        for item in _records_of(source_file, limits):
+            item = _checked(item, limits)
             provenance = {"source_file": source_file, "source_line": item.line}
             if isinstance(item, _Failure):
-                rejected.append(
-                    {**provenance, "reason": item.reason, "detail": item.detail, "raw": item.raw}
-                )
+                rejected.append(_rejection(provenance, item))
+                if len(failures) < UNREADABLE_RUN:
+                    failures.append(item)
+                    if len(failures) == UNREADABLE_RUN and parsed * 100 < UNREADABLE_RUN:
+                        _refuse_unreadable(source_file, failures[0], parsed)
                 continue
+            parsed += 1
             try:
                 rows.append({**_canonical_row(item, kind), **provenance})
             except AdapterError as error:
-                rejected.append(
-                    {
-                        **provenance,
-                        "reason": error.reason,
-                        "detail": error.detail,
-                        "raw": item.shown(),
-                    }
-                )
+                failure = _failure(item.line, error.reason, error.detail, item.shown())
+                rejected.append(_rejection(provenance, failure))
         logger.info(
             "read %d %s rows from %s (%d rejected)",
             len(rows) - rows_before,

@@ -278,11 +278,34 @@ def _write_valid(valid: pd.DataFrame, out_dir: Path) -> None:
     table.to_parquet(out_dir / "valid.parquet", index=False)
 
 
+# Columns of a quarantine record that are not the row's own fields.
+_QUARANTINE_META = ("source_file", "source_line", "reason", "reasons", "detail")
+
+
+def bounded_quarantine_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A row-level quarantine record that can never be a copy of a huge row.
+
+    `raw` is at most MAX_RAW_CHARS characters of the row's canonical JSON, with the
+    `raw_sha256` and `raw_bytes` of all of it; the row's fields stay beside it only when that
+    text fits whole in MAX_RAW_CHARS (so small rows remain easy to read), else they are left
+    out, since any one of them may be the megabytes that got the row quarantined.
+    """
+    from rlhf_core.data.readers import MAX_RAW_CHARS, raw_digest, value_text
+
+    fields = {key: value for key, value in record.items() if key not in _QUARANTINE_META}
+    text = value_text(_jsonable(fields))
+    sha256, size = raw_digest(text)
+    kept = {key: record[key] for key in _QUARANTINE_META if key in record}
+    if len(text) <= MAX_RAW_CHARS:
+        kept.update(fields)
+    return {**kept, "raw": text[:MAX_RAW_CHARS], "raw_sha256": sha256, "raw_bytes": size}
+
+
 def _quarantine_records(
     quarantined: pd.DataFrame, rejected: pd.DataFrame, file_order: dict[str, int]
 ) -> list[dict[str, Any]]:
     """Row-level and read-level rejections as records, in input order (file, then line)."""
-    records = quarantined.to_dict(orient="records")
+    records = [bounded_quarantine_record(r) for r in quarantined.to_dict(orient="records")]
     for rejection in rejected.to_dict(orient="records"):
         records.append({**rejection, "reasons": [rejection["reason"]]})
     return sorted(
@@ -393,9 +416,12 @@ def validate_files(
 
     Writes to `out_dir`: ``report.json``, ``valid.parquet`` and ``valid.jsonl`` (valid rows:
     canonical fields, ``split`` and provenance; free-form ``meta`` as JSON text in Parquet),
-    ``quarantine.jsonl`` (one object per rejected record, in input order: its fields,
-    ``reason``, ``reasons``, ``detail``, ``source_file``, ``source_line``, and ``raw`` for
-    read-level rejections). With `data_docs`, GX Data Docs go to `docs_dir` (default
+    ``quarantine.jsonl`` (one object per rejected record, in input order: ``reason``,
+    ``reasons``, ``detail``, ``source_file``, ``source_line``, ``raw`` (at most MAX_RAW_CHARS
+    characters of the record: its source text for read-level rejections, its canonical JSON
+    for row-level ones), ``raw_sha256`` and ``raw_bytes`` of the whole record, and a
+    row-level rejection's fields when its text fits in ``raw``: a huge row is never copied).
+    With `data_docs`, GX Data Docs go to `docs_dir` (default
     ``<out_dir>/data_docs``; the pipeline's validate stage keeps them out of its DVC output,
     since GX stamps every page with the time of the run). With `names_relative_to` (the
     project root), input files are named relative to it in the rows' ``source_file`` and in
@@ -424,7 +450,9 @@ def validate_files(
     docs = Path(docs_dir).resolve() if docs_dir is not None else out / "data_docs"
     shutil.rmtree(docs, ignore_errors=True)  # stale pages of an earlier run
 
-    read = read_records(paths, kind)
+    read = read_records(
+        paths, kind, max_file_bytes=settings.max_file_bytes, max_row_bytes=settings.max_row_bytes
+    )
     names = [os.fspath(path) for path in paths]
     if names_relative_to is not None:
         renamed = {name: _relative_name(name, Path(names_relative_to)) for name in names}
