@@ -91,8 +91,11 @@ def test_metric_history_per_step_exact_across_buffered_flushes(client, tmp_path)
     with stage_run("metrics", project_root=tmp_path) as run:
         for step, loss in enumerate(losses):
             run.log_metrics({"train/loss": loss, "train/step_x2": 2.0 * step}, step=step)
-        # two automatic flushes so far; the last 20 steps still sit in the buffer
-        assert len(client.get_metric_history(run.run_id, "train/loss")) == 2 * FLUSH_EVERY_CALLS
+        assert run.flush(timeout_s=30)  # the background writer sent every step so far
+        assert len(client.get_metric_history(run.run_id, "train/loss")) == steps
+        run.log_metrics({"train/loss": 0.0, "train/step_x2": 2.0 * steps}, step=steps)
+        losses.append(0.0)
+        steps += 1
     history = client.get_metric_history(run.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == list(enumerate(losses))
     doubled = client.get_metric_history(run.run_id, "train/step_x2")

@@ -23,12 +23,12 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_core.tracking.check import mask_uri
+from rlhf_core.tracking.check import TrackingStoreError, check_store_uri, mask_uri
 from rlhf_core.tracking.experiment import (
     artifact_location,
     ensure_experiment,
@@ -37,22 +37,28 @@ from rlhf_core.tracking.experiment import (
     tracking_uri,
 )
 from rlhf_core.tracking.lineage import git_state, lineage_tags, path_md5, write_run_marker
+from rlhf_core.tracking.metric_writer import MetricWriter, batch_sender
 from rlhf_core.tracking.orphans import end_orphaned_runs, process_tags
+from rlhf_core.tracking.spool import Spool, is_unreachable, replay_spools
 from rlhf_core.tracking.timing import counts_as_tracking, tracking_time
 
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
 
-# A metric buffer is written after this many `log_metrics` calls or this many seconds,
-# whichever comes first, and always at the end of the run.
+# The metric writer sends after this many `log_metrics` calls or this many seconds,
+# whichever comes first, and always at the end of the run, waiting at most
+# RLHF_TRACKING_FLUSH_TIMEOUT_S seconds there.
 FLUSH_EVERY_CALLS = 50
 FLUSH_EVERY_SECONDS = 30.0
+FLUSH_TIMEOUT_ENV = "RLHF_TRACKING_FLUSH_TIMEOUT_S"
+DEFAULT_FLUSH_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 2.0  # a look at the store before a call that would wait minutes on it
+_SKIPPED = object()  # what `_store_call` returns when the store did not answer
 _DATASET_READERS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
 
 
@@ -82,47 +88,68 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 class StageRun:
-    """The MLflow run of one stage: buffered metrics, artifacts, datasets and outputs."""
+    """The MLflow run of one stage: metrics written in the background, artifacts, datasets
+    and outputs; a store that stops answering never stops the stage (module docstring)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, project_root: Path) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        project_root: Path,
+        *,
+        uri: str | None = None,
+        stage: str = "",
+    ) -> None:
         self._client = client
         self._run_id = run_id
         self._project_root = Path(project_root)
-        self._pending: list[Metric] = []
-        self._calls_since_flush = 0
-        self._last_flush = time.monotonic()
+        self._uri = uri or client.tracking_uri
         self._outputs: dict[str, Path] = {}
+        self._spool = Spool.for_run(self._project_root, run_id, stage, self._uri)
+        self._writer = MetricWriter(
+            batch_sender(client, self._uri),
+            run_id,
+            self._spool,
+            self._uri,
+            every_calls=FLUSH_EVERY_CALLS,
+            every_s=FLUSH_EVERY_SECONDS,
+        )
+        self._offline_reason = ""  # set once the store stopped answering a call
+        self._late_tags: dict[str, str] = {}  # tags to send when it answers again
+        self._not_logged: list[str] = []  # what was left out while it did not
 
     @property
     def run_id(self) -> str:
         """The MLflow run id."""
         return self._run_id
 
-    @counts_as_tracking
+    @property
+    def offline(self) -> bool:
+        """Whether the store stopped answering: calls are skipped, what can wait is spooled."""
+        return bool(self._offline_reason)
+
+    @property
+    def spool_path(self) -> Path:
+        """Where metrics, tags and the end status wait while the store does not answer."""
+        return self._spool.path
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Buffer one step's metrics; written every FLUSH_EVERY_CALLS calls or seconds."""
+        """Queue one step's metrics; a background thread writes them (never blocks)."""
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        self._pending.extend(
-            Metric(key=key, value=float(value), timestamp=timestamp, step=int(step))
-            for key, value in metrics.items()
+        self._writer.put(
+            [
+                Metric(key=key, value=float(value), timestamp=timestamp, step=int(step))
+                for key, value in metrics.items()
+            ]
         )
-        self._calls_since_flush += 1
-        if (
-            self._calls_since_flush >= FLUSH_EVERY_CALLS
-            or time.monotonic() - self._last_flush >= FLUSH_EVERY_SECONDS
-        ):
-            self.flush()
 
     @counts_as_tracking
-    def flush(self) -> None:
-        """Write buffered metrics now (the client splits them into batches of <= 1000)."""
-        if self._pending:
-            self._client.log_batch(self._run_id, metrics=self._pending)
-        self._pending = []
-        self._calls_since_flush = 0
-        self._last_flush = time.monotonic()
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Write queued metrics now, waiting at most `timeout_s` (default: the final flush's,
+        `RLHF_TRACKING_FLUSH_TIMEOUT_S`); True when all reached the store."""
+        return self._writer.flush(final_flush_timeout_s() if timeout_s is None else timeout_s)
 
     @counts_as_tracking
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -130,19 +157,36 @@ class StageRun:
         from mlflow.entities import Param
 
         flat = flatten_params(params)
-        self._client.log_batch(self._run_id, params=[Param(k, v) for k, v in flat.items()])
+        self._store_call(
+            "params",
+            lambda: self._client.log_batch(
+                self._run_id, params=[Param(k, v) for k, v in flat.items()]
+            ),
+        )
 
     @counts_as_tracking
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Set run tags, values as strings (<= 100 per store call)."""
+        """Set run tags, values as strings (<= 100 per store call); kept for later while the
+        store does not answer."""
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        values = {key: str(value) for key, value in tags.items()}
+        sent = self._store_call(
+            "tags",
+            lambda: self._client.log_batch(
+                self._run_id, tags=[RunTag(k, v) for k, v in values.items()]
+            ),
+            keep=False,
+        )
+        if sent is _SKIPPED:
+            self._late_tags.update(values)
 
     @counts_as_tracking
     def log_figure(self, figure: Any, artifact_path: str) -> None:
         """Save a matplotlib or plotly figure as the artifact file `artifact_path`."""
-        self._client.log_figure(self._run_id, figure, artifact_path)
+        self._store_call(
+            artifact_path, lambda: self._client.log_figure(self._run_id, figure, artifact_path)
+        )
 
     @counts_as_tracking
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -150,7 +194,10 @@ class StageRun:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"Cannot log artifact {path}: no such file.")
-        self._client.log_artifact(self._run_id, str(path), artifact_path)
+        self._store_call(
+            f"{artifact_path}/{path.name}" if artifact_path else path.name,
+            lambda: self._client.log_artifact(self._run_id, str(path), artifact_path),
+        )
 
     @counts_as_tracking
     def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
@@ -158,16 +205,97 @@ class StageRun:
         directory = Path(directory)
         if not directory.is_dir():
             raise ValueError(f"Cannot log artifacts from {directory}: no such directory.")
-        self._client.log_artifacts(self._run_id, str(directory), artifact_path)
+        self._store_call(
+            artifact_path or directory.name,
+            lambda: self._client.log_artifacts(self._run_id, str(directory), artifact_path),
+        )
 
     @counts_as_tracking
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Write a JSON/YAML-serialisable object as `artifact_file` (format from its suffix)."""
-        self._client.log_dict(self._run_id, obj, artifact_file)
+        self._store_call(
+            artifact_file, lambda: self._client.log_dict(self._run_id, obj, artifact_file)
+        )
+
+    def _store_call(self, what: str, call: Callable[[], Any], keep: bool = True) -> Any:
+        """Make one store call unless the store does not answer; then skip it (`what` is
+        listed as not logged when `keep`) and return _SKIPPED. The first such call logs one
+        warning; later ones are skipped at once instead of waiting on the client's retries."""
+        if not self.offline and not self._store_answers():
+            self._go_offline(f"no answer at {what}")
+        if not self.offline:
+            try:
+                return call()
+            except Exception as error:
+                if not is_unreachable(error):
+                    raise
+                self._go_offline(f"{what}: {str(error).splitlines()[0][:200]}")
+        if keep:
+            self._not_logged.append(what)
+        return _SKIPPED
+
+    def _store_answers(self) -> bool:
+        """A quick look at the store (`check_store_uri`, seconds at most)."""
+        try:
+            check_store_uri(self._uri, self._project_root, PROBE_TIMEOUT_S)
+        except TrackingStoreError:
+            return False
+        return True
+
+    def _go_offline(self, reason: str) -> None:
+        if not self.offline:
+            self._offline_reason = reason
+            log.warning(
+                "MLflow tracking store %s does not answer (%s); the stage goes on without it, "
+                "what it logs waits in %s.",
+                mask_uri(self._uri),
+                reason,
+                self._spool.path,
+            )
+
+    def _close(self, status: str) -> bool:
+        """Send the last metrics (bounded: `RLHF_TRACKING_FLUSH_TIMEOUT_S`) and end the run
+        with `status`. When the store does not answer, the metrics, late tags and the status
+        go to the spool for the next stage start, with one warning; returns whether the run
+        reached the store whole."""
+        timeout_s = final_flush_timeout_s()
+        if not self.offline and not self._writer.close(timeout_s):
+            self._go_offline(f"the last metrics not sent within {timeout_s:g} s")
+        elif self.offline:
+            self._writer.close(0.0)
+        if not self.offline and not self._store_answers():
+            self._go_offline("no answer at the end of the run")
+        if not self.offline:
+            try:
+                _end_run(self._client, self._run_id, status)
+                return True
+            except Exception as error:
+                if not is_unreachable(error):
+                    raise
+                self._go_offline(f"ending the run: {str(error).splitlines()[0][:200]}")
+        if self._late_tags:
+            self._spool.append_tags(self._late_tags)
+        if self._not_logged:
+            self._spool.append_not_logged(self._not_logged)
+        self._spool.append_end(status)
+        _end_run_offline(self._client, self._run_id, status)
+        left_out = f"; not logged: {', '.join(self._not_logged)}" if self._not_logged else ""
+        log.warning(
+            "MLflow run %s not ended on %s (%s): the stage's outputs are written; its metrics, "
+            "tags and end status %s wait in %s and are sent by the next stage start%s.",
+            self._run_id,
+            mask_uri(self._uri),
+            self._offline_reason,
+            status,
+            self._spool.path,
+            left_out,
+        )
+        return False
 
     @counts_as_tracking
-    def log_model_dir(self, model_dir: Path, artifact_path: str) -> str:
-        """Log a `save_pretrained` directory as the MLflow model `artifact_path`; its model id.
+    def log_model_dir(self, model_dir: Path, artifact_path: str) -> str | None:
+        """Log a `save_pretrained` directory as the MLflow model `artifact_path`; its model id
+        (None when the store did not answer and the model was not logged).
 
         The model is a pyfunc wrapping a copy of the directory (`tracking.models`),
         so `mlflow.pyfunc.load_model` and `mlflow models serve` work on it and on every
@@ -177,7 +305,11 @@ class StageRun:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir} is not a save_pretrained model directory.")
-        model_id = self._log_pyfunc_model(model_dir, artifact_path)
+        model_id = self._store_call(
+            f"{artifact_path} (model)", lambda: self._log_pyfunc_model(model_dir, artifact_path)
+        )
+        if model_id is _SKIPPED:
+            return None
         self.set_tags(
             {
                 f"model.{artifact_path}.md5": path_md5(model_dir),
@@ -240,7 +372,12 @@ class StageRun:
             dataset = mlflow.data.from_pandas(frame, source=str(source), name=f"{name}@{md5[:12]}")
             entity = dataset._to_mlflow_entity()
         input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("md5", md5)]
-        self._client.log_inputs(self._run_id, datasets=[DatasetInput(entity, input_tags)])
+        self._store_call(
+            f"dataset {name}",
+            lambda: self._client.log_inputs(
+                self._run_id, datasets=[DatasetInput(entity, input_tags)]
+            ),
+        )
         self.set_tags({f"dataset.{name}.md5": md5})
 
     @counts_as_tracking
@@ -347,6 +484,7 @@ def stage_run(
             experiment_id = ensure_experiment(
                 client, experiment_name(), artifact_location(root, uri)
             )
+            replay_spools(client, root, uri)  # before orphans: a spooled run ends as recorded
             end_orphaned_runs(client, experiment_id, stage_name)
             input_tags = lineage_tags(inputs or {})
             commit, dirty = git_state(root)
@@ -358,13 +496,12 @@ def stage_run(
                 parent_run_id=_parent_run_id(client, uri),
                 tags={"stage": stage_name, **process_tags()},
             )
-            run = StageRun(client, active.info.run_id, root)
+            run = StageRun(client, active.info.run_id, root, uri=uri, stage=stage_name)
         try:
             run.set_tags({"git_commit": commit, "git_dirty": dirty, **input_tags, **(tags or {})})
             run.log_params(params or {})
             yield run
             with tracking_time():
-                run.flush()
                 run._finish_outputs(
                     {
                         "run_id": run.run_id,
@@ -375,17 +512,53 @@ def stage_run(
                     }
                 )
         except BaseException as error:
-            _flush_quietly(run)
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            _end_run(client, run.run_id, status)
+            # The curve up to the failure is kept (sent, or spooled), and the error propagates.
+            try:
+                run._close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            except Exception:  # never hide the stage's own error behind a tracking one
+                log.warning("Could not end MLflow run %s.", run.run_id, exc_info=True)
             raise
         with tracking_time():
-            _end_run(client, run.run_id, "FINISHED")
+            run._close("FINISHED")
 
 
-def _flush_quietly(run: StageRun) -> None:
-    # Keep the curve up to the failure, but never hide the original exception.
+def final_flush_timeout_s() -> float:
+    """The most a stage's end waits for its last metrics to reach the store:
+    `RLHF_TRACKING_FLUSH_TIMEOUT_S` (seconds, default 30)."""
+    raw = os.environ.get(FLUSH_TIMEOUT_ENV, "")
+    if not raw.strip():
+        return DEFAULT_FLUSH_TIMEOUT_S
     try:
-        run.flush()
-    except Exception:
-        log.warning("Could not write the last metrics of run %s.", run.run_id, exc_info=True)
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(
+            f"{FLUSH_TIMEOUT_ENV}={raw!r} is not a number of seconds >= 0; set it to e.g. 30."
+        )
+    return seconds
+
+
+def _end_run_offline(client: MlflowClient, run_id: str, status: str) -> None:
+    """End the run locally (MLflow's active run) with one quick try at the store: no client
+    retries, a 2 s timeout. The spool holds the status for the next stage start."""
+    with _mlflow_http_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2"):
+        try:
+            _end_run(client, run_id, status)
+        except Exception as error:
+            if not is_unreachable(error):
+                raise
+
+
+@contextmanager
+def _mlflow_http_env(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
