@@ -6,7 +6,9 @@
     import_s     inside the stage function, time in `import` statements that load modules
                  (the heavy libraries are imported lazily, where first needed)
     tracking_s   inside the stage function, time in MLflow calls (`tracking.runs.stage_run` and
-                 every `StageRun` method: runs, params, metrics, artifacts, model copies)
+                 every `StageRun` method: runs, params, artifacts, model copies, the final
+                 flush); per-step metrics are sent by a background thread while the stage
+                 computes (`tracking.metric_writer`), so only the final flush's wait counts
     compute_s    the rest of the stage function: reading data, training, generating,
                  evaluating, writing outputs - the work the stage exists to do
 
