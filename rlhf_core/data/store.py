@@ -7,6 +7,15 @@ in `rlhf_core.orchestration.store_versioning.track_store`; this module knows not
     manifest.jsonl        one line per ingested file, in order: hash, name, time, counts, status
     archive/<sha256>/     each ingested file, byte for byte, never deleted
     reports/<sha256>/     its validation report and quarantined rows (with reasons)
+    commit.json           only between an ingest's commit point and its end (see below)
+
+One writer at a time: every write holds the store's cross-process lock (`store_lock`). Each
+file's ingest ends in a commit that a crash cannot split: the new table is written under a
+temporary name and synced, then `commit.json` (the new table's name and the manifest entry)
+is written atomically, which is the commit point; then the table is renamed into place, the
+manifest rewritten atomically and the journal removed. The next writer finishes a journal it
+finds (`recover_store`) and deletes temporaries no journal names, so a kill at any point
+leaves the store as it was before that file's ingest or as it is after it, never between.
 
 Every row carries provenance: `content_hash`, `source_file` (name as given), `source_line`,
 `file_sha256` and `ingested_at`. Because ingestion is a pure function of the archived files,
@@ -30,11 +39,13 @@ import pandas as pd
 
 from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
+from rlhf_core.data.store_lock import store_lock
 from rlhf_core.data.validation import validate_files
 from rlhf_core.files import create_temporary_beside, file_sha256
 
 TABLES = {"preference": "pairs.parquet", "ranked": "rankings.parquet"}
 MANIFEST = "manifest.jsonl"
+COMMIT_JOURNAL = "commit.json"
 PROVENANCE_COLUMNS = ["content_hash", "source_file", "source_line", "file_sha256", "ingested_at"]
 
 
@@ -93,16 +104,43 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _write_parquet_atomically(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _sync_folder(folder: Path) -> None:
+    """Make the renames inside `folder` durable (its directory entry is fsynced)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_durably(path: Path, write: Any) -> None:
+    """Write `path` atomically and durably: `write(temporary path)`, fsync, rename, fsync the
+    folder. A crash leaves the old file or the new one, never a part of either."""
+    temporary = _stage(path, write)
+    os.replace(temporary, path)
+    _sync_folder(path.parent)
+
+
+def _stage(path: Path, write: Any) -> Path:
+    """`write(temporary path)` beside `path` and fsync it; returns the temporary's path."""
     handle, temporary = create_temporary_beside(path)
     os.close(handle)
     try:
-        frame.to_parquet(temporary, index=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def _write_text(text: str) -> Any:
+    return lambda temporary: Path(temporary).write_text(text, encoding="utf-8")
+
+
+def _manifest_text(entries: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
 
 
 def _new_rows(
@@ -181,42 +219,87 @@ def ingest_files(
     settings = settings or ValidationSettings()
     store = Path(store_dir)
     store.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path in paths:
-        path = Path(path)
-        if path.is_symlink():
-            raise ValueError(
-                f"{path}: a symbolic link (to {os.readlink(path)}); ingest reads regular files "
-                "only, so no link can pull a file from elsewhere into the store: copy the file"
-            )
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file to ingest")
-        sha = file_sha256(path)
-        manifest = read_manifest(store)
-        if any(e["sha256"] == sha and e["status"] == "ingested" for e in manifest):
-            results.append(IngestResult(file=path.name, sha256=sha, status="already_ingested"))
-            continue
-        archived = store / "archive" / sha / path.name
-        if not archived.is_file() or file_sha256(archived) != sha:  # absent, or a partial copy
-            _archive(path, archived, sha)
-        when = (now or datetime.now(UTC)).isoformat()
-        result, merged = _ingest_one(
-            archived, path.name, sha, when, store, kind, settings, tokenizer
+    with store_lock(store):
+        recover_store(store)
+        return [_ingest_path(Path(path), store, kind, settings, tokenizer, now) for path in paths]
+
+
+def _ingest_path(
+    path: Path,
+    store: Path,
+    kind: str,
+    settings: ValidationSettings,
+    tokenizer: Any,
+    now: datetime | None,
+) -> IngestResult:
+    """Ingest one file into the store (whose lock the caller holds) and commit it."""
+    if path.is_symlink():
+        raise ValueError(
+            f"{path}: a symbolic link (to {os.readlink(path)}); ingest reads regular files "
+            "only, so no link can pull a file from elsewhere into the store: copy the file"
         )
-        if merged is not None:
-            _write_parquet_atomically(merged, store / TABLES[kind])
-        entry = {
-            **dataclasses.asdict(result),
-            "kind": kind,
-            "ingested_at": when,
-            "archive": str(archived.relative_to(store)),
-            "settings": dataclasses.asdict(settings),
-        }
-        entry.pop("report_dir")
-        with open(store / MANIFEST, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
-        results.append(result)
-    return results
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file to ingest")
+    sha = file_sha256(path)
+    if any(e["sha256"] == sha and e["status"] == "ingested" for e in read_manifest(store)):
+        return IngestResult(file=path.name, sha256=sha, status="already_ingested")
+    archived = store / "archive" / sha / path.name
+    if not archived.is_file() or file_sha256(archived) != sha:  # absent, or a partial copy
+        _archive(path, archived, sha)
+    when = (now or datetime.now(UTC)).isoformat()
+    result, merged = _ingest_one(archived, path.name, sha, when, store, kind, settings, tokenizer)
+    entry = {
+        **dataclasses.asdict(result),
+        "kind": kind,
+        "ingested_at": when,
+        "archive": str(archived.relative_to(store)),
+        "settings": dataclasses.asdict(settings),
+    }
+    entry.pop("report_dir")
+    _commit(store, kind, merged, entry)
+    return result
+
+
+def _commit(store: Path, kind: str, merged: pd.DataFrame | None, entry: dict[str, Any]) -> None:
+    """Commit one file's ingest: stage the table, write the journal (the commit point), apply."""
+    table = store / TABLES[kind]
+    staged = None
+    if merged is not None:
+        staged = _stage(table, lambda temporary: merged.to_parquet(temporary, index=False))
+    journal = {"table": table.name, "staged": staged.name if staged else None, "entry": entry}
+    try:
+        _write_durably(store / COMMIT_JOURNAL, _write_text(json.dumps(journal, sort_keys=True)))
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    recover_store(store)
+
+
+def recover_store(store_dir: str | Path) -> str | None:
+    """Finish an ingest a crash left after its commit point, and delete the temporaries of
+    ingests that never reached it. Call it holding the store's lock (`ingest_files` does).
+
+    Idempotent: a kill inside this function leaves work that the next call finishes. Returns
+    the file whose ingest was finished, or None.
+    """
+    store = Path(store_dir)
+    journal_path = store / COMMIT_JOURNAL
+    finished = None
+    if journal_path.is_file():
+        journal = json.loads(journal_path.read_text(encoding="utf-8"))
+        if journal["staged"] and (store / journal["staged"]).is_file():
+            os.replace(store / journal["staged"], store / journal["table"])
+        manifest = read_manifest(store)
+        if journal["entry"] not in manifest:
+            entries = _manifest_text([*manifest, journal["entry"]])
+            _write_durably(store / MANIFEST, _write_text(entries))
+        journal_path.unlink()
+        _sync_folder(store)
+        finished = journal["entry"]["file"]
+    for temporary in [*store.glob(".*.tmp"), *store.glob("archive/*/.*.tmp")]:
+        temporary.unlink()
+    return finished
 
 
 def _archive(source: Path, archived: Path, sha: str) -> None:
