@@ -104,6 +104,21 @@ def retrain_lock(project_root: Path) -> Iterator[None]:
             yield
 
 
+@contextmanager
+def hold_store(store: Path) -> Iterator[None]:
+    """The preference store's lock (`store_lock`) for the whole retrain, from ingest through
+    the pipeline's read of the store to `dvc add`: an `rlhf ingest` meanwhile waits, so
+    what the pipeline reads, what dvc.lock records and what the store's .dvc file versions
+    are one version of the store. An ingest a crash cut short is finished or undone first."""
+    from rlhf_core.data.store import recover_store
+    from rlhf_core.data.store_lock import store_lock
+
+    with store_lock(store, on_wait=_logger().info):
+        if store.is_dir() and (finished := recover_store(store)):
+            _logger().warning("Finished the ingest of %s that a crash interrupted.", finished)
+        yield
+
+
 # --------------------------------------------------------------------------------------------
 # Incoming data
 # --------------------------------------------------------------------------------------------
@@ -226,7 +241,7 @@ def retrain(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict
     """
     root = Path(project_root).resolve()
     paths = ProjectPaths(root)
-    with retrain_lock(root):
+    with retrain_lock(root), hold_store(paths.preference_store):
         locked_at = time.time()
         store_was_stale = store_changed_since_last_run(root, paths.preference_store)
         files = incoming_files(paths.incoming_dir)

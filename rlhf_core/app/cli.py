@@ -137,24 +137,48 @@ def ingest(
         ),
     ] = True,
     params_path: ParamsOption = Path("params.yaml"),
+    lock_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds to wait for the store while another ingest or a retrain writes it "
+            "(default: as long as it takes).",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Validate new preference files and merge their valid rows into the store.
 
     Rows are deduplicated by content hash and carry provenance (source file and line,
     ingestion time, file hash). Files are archived in the store, never deleted; re-ingesting
     a file adds nothing. Then `dvc add` versions the store (skipped outside a DVC project).
-    Exits 1 if any file was rejected by the valid-fraction threshold, 2 if `dvc add` failed
-    (the ingested rows stay in the store).
+    One writer at a time: the ingest and its `dvc add` hold the store's lock, which a
+    retrain holds while it runs; a killed ingest leaves the store as it was before or after
+    each file, never between. Exits 1 if any file was rejected by the valid-fraction
+    threshold, 2 if `dvc add` failed (the ingested rows stay in the store) or the store
+    stayed busy past --lock-timeout.
     """
-    from rlhf_core.data.store import ingest_files
+    from rlhf_core.data.store_lock import StoreBusyError, store_lock
 
     settings = (
         load_params_or_exit(params_path).validation_for(kind) if params_path.is_file() else None
     )
     try:
-        results = ingest_files(files, store, kind=kind, settings=settings)
-    except (FileNotFoundError, ValueError, OSError) as error:  # OSError: a full disk
+        with store_lock(store, timeout=lock_timeout, on_wait=typer.echo):
+            results, tracking_error = _ingest_and_track(files, store, kind, settings, dvc_add)
+    except (FileNotFoundError, ValueError, OSError, StoreBusyError) as error:  # OSError: disk
         fail(str(error))
+    _announce_ingest(store, results)  # after the lock is released: the retrain takes it
+    if tracking_error is not None:
+        fail(tracking_error)
+    if any(result.status == "rejected" for result in results):
+        raise typer.Exit(code=1)
+
+
+def _ingest_and_track(files, store: Path, kind: str, settings, dvc_add: bool):
+    """Ingest, report each file, then `dvc add` the store: (results, DVC's error or None)."""
+    from rlhf_core.data.store import ingest_files
+
+    results = ingest_files(files, store, kind=kind, settings=settings)
     for result in results:
         if result.status == "already_ingested":
             typer.echo(f"{result.file}: already ingested (sha256 {result.sha256[:12]}), skipped")
@@ -164,12 +188,7 @@ def ingest(
                 f"{result.quarantined} quarantined, {result.added} added, "
                 f"{result.duplicates} duplicates (report: {result.report_dir})"
             )
-    tracking_error = _track_store(store) if dvc_add else None
-    _announce_ingest(store, results)
-    if tracking_error is not None:
-        fail(tracking_error)
-    if any(result.status == "rejected" for result in results):
-        raise typer.Exit(code=1)
+    return results, (_track_store(store) if dvc_add else None)
 
 
 def _track_store(store: Path) -> str | None:
