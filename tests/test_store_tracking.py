@@ -254,3 +254,41 @@ def test_a_dvc_failure_in_the_retrain_flow_is_logged_and_the_retrain_goes_on(
     assert "`dvc add data/preferences` failed" in result["store_tracking"]
     assert [r.getMessage() for r in caplog.records] == [result["store_tracking"]]
     assert len(read_table(project / "data" / "preferences")) == 4
+
+
+def test_the_retrain_holds_the_store_through_its_pipeline_and_finishes_a_cut_short_ingest(
+    project, monkeypatch
+):
+    from rlhf_core.data.store import COMMIT_JOURNAL, ingest_files, read_manifest
+    from rlhf_core.data.store_lock import store_lock_path
+
+    store = project / "data" / "preferences"
+    ingest_files([write_pairs(project / "one.jsonl", range(3))], store)
+    # An ingest killed just after its commit point: the journal and the staged table are there.
+    finished = project / "finished"
+    shutil.copytree(store, finished)
+    ingest_files([write_pairs(project / "two.jsonl", range(3, 6))], finished)
+    staged = store / ".pairs.parquet.0123.tmp"
+    shutil.copy2(finished / "pairs.parquet", staged)
+    journal = {"table": "pairs.parquet", "staged": staged.name, "entry": read_manifest(finished)[1]}
+    (store / COMMIT_JOURNAL).write_text(json.dumps(journal), encoding="utf-8")
+
+    def try_lock_elsewhere() -> int:
+        probe = "import sys, filelock; filelock.FileLock(sys.argv[1]).acquire(timeout=0)"
+        lock = str(store_lock_path(store))
+        return subprocess.run([sys.executable, "-c", probe, lock], capture_output=True).returncode
+
+    seen = {}
+
+    def pipeline(**_):
+        seen["rows"] = len(read_table(store))
+        seen["lock_elsewhere"] = try_lock_elsewhere()
+        return {"gate": {"status": "skipped"}}
+
+    monkeypatch.setattr(retrain_module, "pipeline", pipeline)
+    result = retrain_module.retrain.fn(project_root=str(project))
+    assert result["status"] == "retrained"
+    assert seen == {"rows": 6, "lock_elsewhere": 1}  # the pipeline read the finished ingest
+    assert not (store / COMMIT_JOURNAL).exists() and not staged.exists()
+    assert [e["file"] for e in read_manifest(store)] == ["one.jsonl", "two.jsonl"]
+    assert try_lock_elsewhere() == 0  # released at the end
