@@ -68,22 +68,39 @@ class Server:
         self.process.wait(timeout=30)
         assert not http_ok(f"{self.uri}/health")
 
+    def freeze(self, frozen: bool) -> None:
+        """SIGSTOP (a hung server: connections open, nothing answers) or SIGCONT it."""
+        os.killpg(self.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)  # a frozen server cannot stop
             stop_process_group(self.process)
 
 
-@pytest.fixture
-def server(tmp_path, empty_mlflow_db, monkeypatch):
-    """A real MLflow server on a migrated sqlite copy; MLFLOW_TRACKING_URI points at it."""
-    shutil.copy(empty_mlflow_db, tmp_path / "backend.db")
-    running = Server(tmp_path, tmp_path / "backend.db")
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory, empty_mlflow_db):
+    """One real MLflow server for the module (starting one takes seconds to a minute on a
+    busy machine), on a migrated sqlite copy."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    shutil.copy(empty_mlflow_db, folder / "backend.db")
+    running = Server(folder, folder / "backend.db")
     running.start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", running.uri)
-    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
-    monkeypatch.delenv("RLHF_EXPERIMENT", raising=False)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def server(module_server, monkeypatch):
+    """The module's server, answering (a test before may have killed it); the tracking URI
+    points at it."""
+    if module_server.process.poll() is not None or not http_ok(f"{module_server.uri}/health"):
+        module_server.stop()
+        module_server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_server.uri)
+    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("RLHF_EXPERIMENT", raising=False)
+    return module_server
 
 
 @pytest.fixture
@@ -109,7 +126,7 @@ def _messages(caplog, needle: str) -> list[str]:
 def test_server_killed_mid_run_and_restarted_gets_every_metric_in_order(
     server, tmp_path, caplog, timed_log_metrics
 ):
-    """The loop logs 3 metrics a step at ~50 steps/s through a SIGKILL of the server and its
+    """The loop logs 3 metrics a step at ~20 steps/s through a SIGKILL of the server and its
     restart on the same port and backend; every step arrives once, and the run ends
     FINISHED without the outage tag."""
     caplog.set_level(logging.WARNING, logger="rlhf_core.tracking")
@@ -120,7 +137,7 @@ def test_server_killed_mid_run_and_restarted_gets_every_metric_in_order(
     def log_step(run, step):
         values[step] = 1.0 / (step + 1)
         run.log_metrics({"loss": values[step], "lr": 1e-3, "step_x2": 2.0 * step}, step)
-        time.sleep(0.02)
+        time.sleep(0.05)
 
     with stage_run("outage-probe", project_root=project) as run:
         step = 0
@@ -138,12 +155,12 @@ def test_server_killed_mid_run_and_restarted_gets_every_metric_in_order(
             assert time.monotonic() - outage_started < 60, "no spool after 60 s of outage"
         server.start(wait=False)
         while not http_ok(f"{server.uri}/health"):
-            for _ in range(20):
+            for _ in range(10):
                 step += 1
                 log_step(run, step)
             assert time.monotonic() - outage_started < SERVER_START_S
         outage_calls = timed_log_metrics[during_outage:]
-        for _ in range(100):
+        for _ in range(40):
             step += 1
             log_step(run, step)
 
@@ -260,26 +277,56 @@ def test_server_gone_for_good_the_stage_finishes_and_the_next_start_replays(
     assert max(timed_log_metrics) < 0.5
 
 
+@pytest.mark.slow
+def test_a_hung_server_costs_the_stage_seconds_not_minutes(
+    server, tmp_path, monkeypatch, timed_log_metrics
+):
+    """A frozen server (SIGSTOP: it accepts connections and never answers) during the loop and
+    at the end: steps stay fast, the stage ends within seconds of the final flush's limit,
+    and once the server runs again the next start sends every step."""
+    monkeypatch.setenv(FLUSH_TIMEOUT_ENV, "3")
+    project = tmp_path / "project"
+    (project / "out").mkdir(parents=True)
+    (project / "out" / "model.bin").write_bytes(b"weights")
+    try:
+        with stage_run("hung-probe", project_root=project) as run:
+            for step in range(60):
+                run.log_metrics({"loss": 1.0 / (step + 1)}, step)
+            assert run.flush(timeout_s=30)
+            server.freeze(True)
+            for step in range(60, 200):
+                run.log_metrics({"loss": 1.0 / (step + 1)}, step)
+                time.sleep(0.01)
+            run.record_output(project / "out")
+            ending = time.monotonic()
+        ended_after = time.monotonic() - ending
+    finally:
+        server.freeze(False)
+    assert (project / "out" / "model.bin").read_bytes() == b"weights"
+    spooled = read_spool(run.spool_path)
+    assert spooled.end == "FINISHED" and "output.out.md5" in spooled.tags
+    with stage_run("hung-probe", project_root=project):
+        pass
+    client = MlflowClient(server.uri)
+    stored = client.get_run(run.run_id)
+    assert stored.info.status == "FINISHED" and OUTAGE_TAG in stored.data.tags
+    history = client.get_metric_history(run.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(200))
+    print(
+        f"\nhung server: stage ended {ended_after:.1f} s after its body, worst log_metrics "
+        f"{max(timed_log_metrics) * 1000:.2f} ms over {len(timed_log_metrics)} calls"
+    )
+    assert ended_after < 15
+    assert max(timed_log_metrics) < 0.5
+
+
 def test_a_spool_of_a_process_killed_during_an_outage_fails_its_run(tracking_store, tmp_path):
     """A stage killed while its store was down leaves a spool with no end: the next start
     sends its metrics and ends the run FAILED; a torn last line is left out."""
     _, client = tracking_store
-    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
-    dead = client.create_run(experiment.experiment_id).info  # left RUNNING, as by a kill
-    spool = spool_dir(tmp_path) / f"{dead.run_id}.jsonl"
-    spool.parent.mkdir(parents=True)
-    header = {
-        "run_id": dead.run_id,
-        "stage": "killed",
-        "store": mask_uri(client.tracking_uri),
-        "host": socket.gethostname(),
-        "pid": 999_999_999,  # no such process
-        "started": 0.0,
-    }
-    rows = [["loss", 1.0 / (s + 1), 1_700_000_000_000 + s, s] for s in range(5)]
-    spool.write_text(
-        json.dumps(header) + "\n" + json.dumps({"metrics": rows}) + '\n{"metrics": [["lo'
-    )
+    dead = _running_run(client)  # left RUNNING, as by a kill
+    spool = _write_spool(tmp_path, client, dead.run_id, pid=999_999_999, started=0.0)
+    spool.write_text(spool.read_text() + '{"metrics": [["lo')  # cut short by the kill
     with stage_run("other", project_root=tmp_path):
         pass
     run = client.get_run(dead.run_id)
@@ -288,6 +335,52 @@ def test_a_spool_of_a_process_killed_during_an_outage_fails_its_run(tracking_sto
     history = client.get_metric_history(dead.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(5))
     assert not spool.exists()
+
+
+def test_a_spool_still_being_written_is_left_and_a_refused_one_is_set_aside(
+    tracking_store, tmp_path
+):
+    """No end line and its process alive: a stage still running, not replayed. A spool the
+    store refuses (its run was deleted) is kept as <run id>.failed.jsonl and not retried."""
+    import psutil
+
+    _, client = tracking_store
+    live = _running_run(client)
+    me = psutil.Process(os.getpid())
+    live_spool = _write_spool(tmp_path, client, live.run_id, me.pid, me.create_time())
+    deleted = _running_run(client)
+    client.delete_run(deleted.run_id)
+    deleted_spool = _write_spool(tmp_path, client, deleted.run_id, 999_999_999, 0.0, end=True)
+    with stage_run("other", project_root=tmp_path):
+        pass
+    assert live_spool.exists()
+    assert client.get_run(live.run_id).info.status == "RUNNING"
+    assert client.get_metric_history(live.run_id, "loss") == []
+    assert not deleted_spool.exists()
+    assert deleted_spool.with_name(f"{deleted.run_id}.failed.jsonl").exists()
+
+
+def _running_run(client):
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    return client.create_run(experiment.experiment_id).info
+
+
+def _write_spool(root, client, run_id, pid, started, end=False):
+    """A spool file as a stage process writes it: header, 5 steps of loss, maybe an end."""
+    spool = spool_dir(root) / f"{run_id}.jsonl"
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "run_id": run_id,
+        "stage": "probe",
+        "store": mask_uri(client.tracking_uri),
+        "host": socket.gethostname(),
+        "pid": pid,
+        "started": started,
+    }
+    rows = [["loss", 1.0 / (s + 1), 1_700_000_000_000 + s, s] for s in range(5)]
+    lines = [header, {"metrics": rows}] + ([{"end": "FINISHED"}] if end else [])
+    spool.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return spool
 
 
 def test_final_flush_timeout_from_the_environment(monkeypatch):
