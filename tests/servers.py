@@ -352,3 +352,42 @@ def mlflow_server(
         yield url
     finally:
         stop_process_group(process)
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 emulator
+
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "rlhf-test-key",
+    "AWS_SECRET_ACCESS_KEY": "rlhf-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def s3_server(
+    folder: Path, bucket: str, timeout_s: float = SERVER_START_TIMEOUT_S
+) -> Iterator[str]:
+    """Run moto's S3 emulator (`moto_server`, in memory) on 127.0.0.1 with `bucket` created;
+    yield its endpoint URL. Clients authenticate with S3_TEST_CREDENTIALS (in their env)."""
+    import boto3
+
+    folder = Path(folder)
+    log_path = folder / "moto-server.log"
+    port = free_port()
+    moto = Path(sys.executable).with_name("moto_server")
+    argv = [str(moto), "-H", "127.0.0.1", "-p", str(port)]
+    process = start_process(argv, server_env(S3_TEST_CREDENTIALS), log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/moto-api/", process, log_path, "moto_server", timeout_s)
+        boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name=S3_TEST_CREDENTIALS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket=bucket)
+        yield url
+    finally:
+        stop_process_group(process)
