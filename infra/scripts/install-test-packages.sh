@@ -4,6 +4,7 @@
 #                    and MLflow servers of tests/test_servers.py
 #   chromium         /usr/bin/chromium, driven by Playwright in the browser tests
 #   chromium-driver  /usr/bin/chromedriver
+#   docker-compose   `docker-compose config` checks infra/docker-compose.yml (no engine needed)
 # Fast and silent when everything is there (no apt-get update). When something is missing but
 # this is not root or there is no apt-get, it says what is missing and exits 0: the tests that
 # need it then fail with a message naming this script.
@@ -25,6 +26,8 @@ postgres_present || missing+=(postgresql)
 { has_package chromium || command -v chromium >/dev/null 2>&1; } || missing+=(chromium)
 { has_package chromium-driver || command -v chromedriver >/dev/null 2>&1; } \
     || missing+=(chromium-driver)
+{ has_package docker-compose || command -v docker-compose >/dev/null 2>&1; } \
+    || missing+=(docker-compose)
 
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
