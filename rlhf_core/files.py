@@ -40,7 +40,7 @@ def write_error_message(what: str, path: str | os.PathLike, error: OSError) -> s
     """`cannot write <what> to <path>: <strerror>; <hint>` for an OSError from a write."""
     reason = error.strerror or str(error)
     hint = _WRITE_HINTS.get(error.errno, "check the path and the disk")
-    return f"cannot write {what} to {os.fspath(path)}: {reason}; {hint}"
+    return f"cannot write {what} to {Path(path).absolute()}: {reason}; {hint}"
 
 
 # safetensors reports the OS's error inside its message: "I/O error: ... (os error 28)".

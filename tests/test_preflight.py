@@ -147,6 +147,26 @@ def test_a_file_where_the_checkpoint_folder_goes_is_one_error_naming_it(
     assert not (tiny_project / "artifacts" / "metrics" / "sft.json").exists()
 
 
+def test_a_write_that_fails_after_training_exits_with_one_line_naming_the_file(
+    tiny_project, tiny_params, mlflow_store, monkeypatch
+):
+    """The metrics file cannot be written (a folder stands at its path): found only when the
+    whole training is done, it is still one line (exit 2) naming the file and what to do."""
+    _write_params(tiny_project, tiny_params, epochs=1)
+    metrics_file = tiny_project / "artifacts" / "metrics" / "sft.json"
+    metrics_file.mkdir(parents=True)
+    monkeypatch.chdir(tiny_project)
+    result = runner.invoke(app, ["stage", "sft"])
+    assert result.exit_code == 2, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert line == (
+        f"error: cannot write the sft metrics to {metrics_file}: Is a "
+        "directory; a folder stands where a file is needed; move it away"
+    )
+    assert "Traceback" not in result.output
+    assert not [p for p in metrics_file.parent.iterdir() if p.name.endswith(".tmp")]
+
+
 # --------------------------------------------------------------------------------------------
 # One line at each write
 

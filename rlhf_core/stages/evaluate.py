@@ -269,9 +269,10 @@ def run_evaluate(
             results[name][SANITY_METRIC] = pass_fraction(answers)
         results[REWARD_MODEL] = reward_model_metrics(judge, held_out_pairs)
 
-        written = write_reports(
-            paths, results, prompts, responses, settings, has_gold=gold_judge is not None
-        )
+        with writing("the evaluation reports and metrics", paths.evaluation_dir):
+            written = write_reports(
+                paths, results, prompts, responses, settings, has_gold=gold_judge is not None
+            )
         if sanity:
             written["sanity"] = paths.evaluation_dir / "sanity.md"
             with writing("the sanity report", written["sanity"]):
