@@ -337,3 +337,15 @@ def test_hh_transcript_that_cannot_be_split_is_unrecognised_shape(chosen: str) -
     with pytest.raises(AdapterError) as caught:
         adapt_record(record, "preference")
     assert caught.value.reason == "unrecognised_shape"
+
+
+def test_a_rejection_sentence_shows_a_huge_value_cut_short() -> None:
+    """repr() of an integer over 4300 digits raises ValueError, and a megabyte role would make
+    a megabyte sentence: both are shown cut down, and the record is still one rejection."""
+    with pytest.raises(AdapterError) as huge_index:
+        adapt_record({"prompt": "Q", "completions": ["a", "b"], "ranking": [10**5000, 0]}, "ranked")
+    assert "too large to show" in huge_index.value.detail
+    long_role = [{"role": "x" * 1_000_000, "content": "hi"}]
+    with pytest.raises(AdapterError) as long_one:
+        adapt_record({"prompt": "Q", "completion": long_role}, "sft")
+    assert len(long_one.value.detail) < 200 and "xxx..." in long_one.value.detail

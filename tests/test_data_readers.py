@@ -610,3 +610,156 @@ def test_a_row_nested_too_deep_for_json_is_one_quarantined_row_not_a_lost_file(t
     table.write_text(f"prompt,chosen,rejected\nReview film 2.,{deep},Dull.\n")
     csv_result = read_records([table], "preference")
     assert len(csv_result.frame) + len(csv_result.rejected) == 1  # read, never raised
+
+
+# --------------------------------------------------------------------------------------------
+# Poison input: size limits, oversized records, unparseable and damaged files
+# --------------------------------------------------------------------------------------------
+
+PAIR = {"prompt": "Review film 1.", "chosen": "Great film.", "rejected": "Dull film."}
+MiB = 2**20
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
+def test_a_file_over_the_file_limit_is_refused_before_it_is_read(
+    tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / f"big.{suffix}"
+    path.write_bytes(b"\x00" * (MiB + 1))  # not even valid: the size alone refuses it
+    with pytest.raises(ValueError, match=r"big\.\w+ is 1\.0 MB, more than the 1 MB limit") as info:
+        read_records([path], "preference", max_file_bytes=MiB)
+    assert "data.validation.max_file_mb" in str(info.value)
+
+
+def test_a_gzip_file_that_inflates_past_the_file_limit_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wb") as handle:
+        for _ in range(3):
+            handle.write((json.dumps(PAIR) + "\n").encode() * 20_000)  # ~1.4 MB inflated each
+    assert path.stat().st_size < MiB
+    with pytest.raises(ValueError, match=r"bomb\.jsonl\.gz holds more than 2097152 bytes"):
+        read_records([path], "preference", max_file_bytes=2 * MiB)
+
+
+def test_a_json_lines_record_over_the_row_limit_is_rejected_without_being_held(
+    tmp_path: Path,
+) -> None:
+    """A 20 MB line under a 1 MiB row limit: one row_too_large rejection holding a prefix and
+    the sha256 and size of the whole line, the next line read as usual, and the reader never
+    holding the line (peak traced memory far below its size)."""
+    import hashlib
+    import tracemalloc
+
+    huge = json.dumps({**PAIR, "chosen": "x" * 20_000_000}).encode()
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(huge + b"\n" + json.dumps(PAIR).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        result = read_records([path], "preference", max_row_bytes=MiB)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * MiB  # the line is 20 MB
+    assert list(result.frame["source_line"]) == [2]
+    (rejected,) = result.rejected.to_dict(orient="records")
+    assert rejected["reason"] == "row_too_large" and rejected["source_line"] == 1
+    assert f"{len(huge) + 1} bytes, more than the {MiB}-byte limit" in rejected["detail"]
+    assert rejected["raw_bytes"] == len(huge) + 1  # with its newline
+    assert rejected["raw_sha256"] == hashlib.sha256(huge + b"\n").hexdigest()
+    assert rejected["raw"] == huge[:2000].decode()
+
+
+def test_a_csv_row_over_the_row_limit_is_rejected_and_the_next_row_is_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text(
+        "prompt,chosen,rejected\n"
+        f"Review film 1.,{'x' * (3 * MiB)},Dull.\n"
+        "Review film 2.,Great.,Dull.\n",
+        encoding="utf-8",
+    )
+    result = read_records([path], "preference", max_row_bytes=MiB)
+    assert result.frame[["prompt", "source_line"]].values.tolist() == [
+        [[user("Review film 2.")], 3]
+    ]
+    (rejected,) = result.rejected.to_dict(orient="records")
+    assert (rejected["reason"], rejected["source_line"]) == ("row_too_large", 2)
+    assert rejected["raw_bytes"] == len("Review film 1.,,Dull.\n") + 3 * MiB
+    assert rejected["raw"].startswith("Review film 1.,xxx") and len(rejected["raw"]) == 2000
+
+
+@pytest.mark.parametrize("writer", [write_json_array, write_parquet], ids=["json", "parquet"])
+def test_a_parsed_record_over_the_row_limit_is_rejected(
+    tmp_path: Path, writer: Callable[[list[dict], Path], Path]
+) -> None:
+    rows = [{**PAIR, "chosen": "x" * (2 * MiB)}, PAIR]
+    path = writer(rows, tmp_path / "pairs")
+    result = read_records([path], "preference", max_row_bytes=MiB)
+    assert list(result.frame["source_line"]) == [2]
+    (rejected,) = result.rejected.to_dict(orient="records")
+    assert (rejected["reason"], rejected["source_line"]) == ("row_too_large", 1)
+    assert rejected["raw_bytes"] > 2 * MiB and len(rejected["raw"]) == 2000
+
+
+def test_an_integer_too_long_for_python_is_one_rejected_row(tmp_path: Path) -> None:
+    """json.loads raises ValueError (not JSONDecodeError) past 4300 digits; before, that lost
+    the whole file."""
+    path = tmp_path / "pairs.jsonl"
+    poison = json.dumps(PAIR)[:-1] + ', "margin": ' + "9" * 5000 + "}"
+    path.write_text(json.dumps(PAIR) + "\n" + poison + "\n", encoding="utf-8")
+    result = read_records([path], "preference")
+    assert len(result.frame) == 1
+    (rejected,) = result.rejected.to_dict(orient="records")
+    assert (rejected["reason"], rejected["source_line"]) == ("malformed_json", 2)
+    assert "4300 digits" in rejected["detail"]
+    assert rejected["raw_bytes"] == len(poison)
+
+
+def test_random_bytes_are_refused_as_a_whole_not_quarantined_line_by_line(
+    tmp_path: Path,
+) -> None:
+    """2 MB of random bytes (~8000 lines) would otherwise quarantine every line, several
+    times the file's size; one good line first does not change that."""
+    import random
+
+    noise = random.Random(0).randbytes(2 * MiB)
+    for name, data in [
+        ("noise.jsonl", noise),
+        ("good_then_noise.jsonl", json.dumps(PAIR).encode() + b"\n" + noise),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name}: 1000 of its records could not be read"):
+            read_records([path], "preference")
+
+
+def test_a_file_of_mostly_good_rows_keeps_its_bad_lines_as_rejections(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps({**PAIR, "prompt": f"Review film {n}."}) for n in range(50)]
+    path.write_text("\n".join(lines + ["not json"] * 1000) + "\n", encoding="utf-8")
+    result = read_records([path], "preference")
+    assert (len(result.frame), len(result.rejected)) == (50, 1000)
+
+
+def test_a_csv_file_whose_header_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(b"prompt,ch\xffosen,rejected\nReview film 1.,Great.,Dull.\n")
+    with pytest.raises(ValueError, match=r"header \(first line\) of CSV file .*pairs.csv"):
+        read_records([path], "preference")
+
+
+def test_a_truncated_parquet_file_is_one_error_naming_it(tmp_path: Path) -> None:
+    whole = write_parquet([PAIR] * 10, tmp_path / "pairs").read_bytes()
+    path = tmp_path / "cut.parquet"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut\.parquet is not a readable Parquet file"):
+        read_records([path], "preference")
+
+
+def test_a_truncated_gzip_file_is_one_error_naming_it(tmp_path: Path) -> None:
+    whole = gzip.compress((json.dumps(PAIR) + "\n").encode() * 100)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz is not a readable gzip file"):
+        read_records([path], "preference")

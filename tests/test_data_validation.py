@@ -642,3 +642,62 @@ def test_without_a_token_limit_only_the_minimum_is_checked(word_tokenizers: tupl
     outcome = validate_frame(frame, "preference", limits, tokenizer=word_tokenizers[0])
     assert list(outcome.quarantined.index) == [1]
     assert outcome.quarantined.loc[1, "reasons"] == ["too_short_tokens"]
+
+
+def test_a_huge_value_in_a_failure_sentence_is_cut_short() -> None:
+    """A 5000-digit `split` or a megabyte `margin` string made inspect_row raise (repr of the
+    integer) or write a megabyte detail; now each row is quarantined with a short sentence."""
+    from rlhf_core.data.expectations import inspect_row
+
+    row = pair("Q", "a", "b", split=10**5000, margin="9" * 1_000_000)
+    findings = inspect_row(row, "preference", ValidationSettings())
+    assert "too large to show" in findings.notes["wrong_type"]
+    assert len(findings.notes["invalid_margin"]) < 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_file_mb", 0, "max_file_mb must be a positive number of MiB, got 0"),
+        ("max_row_mb", float("nan"), "max_row_mb must be a positive number of MiB, got nan"),
+        ("max_row_mb", 2048.0, "need 4 \\* max_chars <= max_row_mb <= max_file_mb"),
+        ("max_row_mb", 0.01, "need 4 \\* max_chars <= max_row_mb <= max_file_mb"),
+    ],
+)
+def test_size_limits_are_checked_when_settings_are_made(
+    field: str, value: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ValidationSettings(**{field: value})
+
+
+def test_quarantine_output_is_bounded_whatever_the_rows_hold(tmp_path: Path) -> None:
+    """4 MB of poison rows (a 3 MB line over a 1 MiB row limit, an 800 KB response under it
+    but over max_chars) among good rows: quarantine.jsonl holds a prefix and digest of each, a
+    few KB, not a copy (before, it was larger than the input)."""
+    good = [pair(f"Review film {n}.", "Great film.", "Dull film.") for n in range(40)]
+    lines = [json.dumps(row) for row in good]
+    lines.insert(5, json.dumps(pair("Q1", "x" * 3_000_000, "b")))
+    lines.insert(9, json.dumps(pair("Q2", "y" * 800_000, "b")))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    settings = ValidationSettings(max_row_mb=1.0)
+    report = validate_files([path], "preference", tmp_path / "out", settings, data_docs=False)
+    assert (report["valid"], report["quarantined"]) == (40, 2)
+    assert report["reasons"] == {"row_too_large": 1, "too_long_chars": 1}
+    quarantine = tmp_path / "out" / "quarantine.jsonl"
+    assert quarantine.stat().st_size < 12_000  # against 3.8 MB of quarantined rows
+    for record in read_jsonl(quarantine):
+        assert len(record["raw"]) == 2000 and record["raw_bytes"] > 800_000
+
+
+def test_random_bytes_write_no_quarantine_and_name_the_file(tmp_path: Path) -> None:
+    """2 MB of random bytes quarantined line by line made ~9 MB of quarantine (216 MB for
+    50 MB); now the file is refused whole, before any output is written."""
+    import random
+
+    path = tmp_path / "noise.jsonl"
+    path.write_bytes(random.Random(1).randbytes(2 * 2**20))
+    with pytest.raises(ValueError, match=r"noise\.jsonl: 1000 of its records could not be read"):
+        validate_files([path], "preference", tmp_path / "out", data_docs=False)
+    assert not (tmp_path / "out" / "quarantine.jsonl").exists()

@@ -56,6 +56,19 @@ class AdapterError(ValueError):
         self.detail = detail
 
 
+def shown_value(value: Any, limit: int = 60) -> str:
+    """A record's value as a short repr for a rejection sentence.
+
+    Values come from untrusted files: a megabyte string would make a megabyte sentence, and
+    repr() of an integer over 4300 digits raises ValueError, so both are cut down.
+    """
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _is_missing(record: Record, field: str) -> bool:
     return record.get(field) is None
 
@@ -108,8 +121,8 @@ def assistant_reply(value: Any, field: str) -> Any:
     if message.get("role") != "assistant":
         raise AdapterError(
             "unrecognised_shape",
-            f"{field!r} holds a {message.get('role')!r} message; a response must be the "
-            "assistant's",
+            f"{field!r} holds a {shown_value(message.get('role'))} message; a response must be "
+            "the assistant's",
         )
     return message.get("content")
 
@@ -124,8 +137,8 @@ def _split_final_assistant_turn(conversation: Any, field: str) -> tuple[list[Any
     if final.get("role") != "assistant":
         raise AdapterError(
             "unrecognised_shape",
-            f"the last turn of {field!r} is {final.get('role')!r}; it must be the assistant's "
-            "reply",
+            f"the last turn of {field!r} is {shown_value(final.get('role'))}; it must be the "
+            "assistant's reply",
         )
     return [_message(turn) for turn in conversation[:-1]], final.get("content")
 
@@ -254,7 +267,7 @@ def _ranked_from_ranking(completions: Any, ranking: Any) -> list[Any]:
     if not indices_ok or sorted(ranking) != list(range(len(completions))):
         raise AdapterError(
             "unrecognised_shape",
-            f"'ranking' {list(ranking)!r} must list each 0-based index of the "
+            f"'ranking' {shown_value(list(ranking))} must list each 0-based index of the "
             f"{len(completions)} completions exactly once, best first",
         )
     return [completions[index] for index in ranking]

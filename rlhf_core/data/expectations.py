@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from rlhf_core.config.data import ValidationSettings
+from rlhf_core.data.adapters import shown_value
 from rlhf_core.data.schemas import (
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
@@ -169,7 +170,7 @@ def _check_types(
             problems.append(f"'responses' should be a list of strings, got {_type_name(responses)}")
     split = row.get(SPLIT_FIELD)
     if not is_missing(split) and split not in SPLITS:
-        problems.append(f"'split' should be one of {', '.join(SPLITS)}, got {split!r}")
+        problems.append(f"'split' should be one of {', '.join(SPLITS)}, got {shown_value(split)}")
     findings.values["has_expected_types"] = not problems
     if problems:
         findings.notes["wrong_type"] = _first_and_count(problems)
@@ -186,7 +187,7 @@ def _check_margin(row: Mapping[str, Any], findings: RowFindings) -> None:
     findings.values["margin_is_valid"] = valid
     if not valid:
         findings.notes["invalid_margin"] = (
-            f"'margin' should be a finite number or null, got {margin!r}"
+            f"'margin' should be a finite number or null, got {shown_value(margin)}"
         )
 
 
@@ -223,7 +224,7 @@ def _check_roles(prompt: Any, messages: list[dict] | None, findings: RowFindings
         findings.values["roles_are_valid"] = None
         return
     problems = [
-        f"prompt message {n} has role {m['role']!r}, not one of {', '.join(ROLES)}"
+        f"prompt message {n} has role {shown_value(m['role'])}, not one of {', '.join(ROLES)}"
         for n, m in enumerate(prompt, start=1)
         if _is_well_formed(m) and m["role"] not in ROLES
     ]
@@ -231,7 +232,7 @@ def _check_roles(prompt: Any, messages: list[dict] | None, findings: RowFindings
     last = messages[-1] if messages and len(messages) == len(prompt) else None
     if last is not None and last["role"] in ROLES and last["role"] != "user":
         problems.append(
-            f"the prompt's last message has role {last['role']!r}; a prompt must end "
+            f"the prompt's last message has role {shown_value(last['role'])}; a prompt must end "
             "with a user turn"
         )
     findings.values["roles_are_valid"] = not problems
