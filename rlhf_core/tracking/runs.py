@@ -13,6 +13,13 @@ output it recorded, for the next stage, a separate process, to find the producin
 
 The run goes to the project's store and experiment (`tracking.experiment`). When the
 orchestrator sets `MLFLOW_PARENT_RUN_ID`, the stage's run is nested under that pipeline run.
+
+A store that stops answering never stops or stalls the stage: metrics are sent by a
+background thread (`tracking.metric_writer`) and wait in the run's spool (`tracking.spool`)
+while it is down; other calls look at the store first (a few seconds at most) and, once it
+does not answer, are skipped (tags are kept for later, artifacts and the model named in one
+warning). The stage ends normally, its outputs and markers written; its run is ended, with
+the tag `rlhf.tracking.outage`, by the next stage start that finds the store answering.
 """
 
 from __future__ import annotations
