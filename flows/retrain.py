@@ -133,15 +133,26 @@ def incoming_files(incoming_dir: Path) -> list[Path]:
     )
 
 
-def move_to_processed(path: Path, folder: str = PROCESSED_DIR) -> Path:
-    """Move a handled file into `folder` beside it, never overwriting an earlier one."""
+def move_to_processed(
+    path: Path, folder: str = PROCESSED_DIR, reason: dict[str, Any] | None = None
+) -> Path:
+    """Move a handled file into `folder` beside it, never overwriting an earlier one; with a
+    `reason`, write it beside the moved file as `<moved name>.reason.json` (the folder is not
+    scanned for data, so it is never ingested)."""
+    import json
+
     target_dir = path.parent / folder
     target_dir.mkdir(exist_ok=True)
     target = target_dir / path.name
-    if target.exists():
+    if target.exists() or target.is_symlink():
         stamp = time.strftime("%Y%m%dT%H%M%S")
         target = target_dir / f"{path.stem}.{stamp}.{time.time_ns() % 10**6}{path.suffix}"
-    return Path(shutil.move(str(path), str(target)))
+    moved = Path(shutil.move(str(path), str(target)))
+    if reason is not None:
+        reason = {**reason, "moved_to": f"{folder}/{moved.name}"}
+        text = json.dumps(reason, indent=2, ensure_ascii=False) + "\n"
+        moved.with_name(moved.name + ".reason.json").write_text(text, encoding="utf-8")
+    return moved
 
 
 def locked_dep_md5(project_root: Path, dep: Path) -> str | None:
@@ -173,21 +184,54 @@ def ingest_incoming(files: list[Path], store: Path, settings: Any) -> list[dict[
     """Ingest each file into the store and move it out of the incoming folder.
 
     One record per file: the store's IngestResult fields, or status "unreadable" with the
-    error for a file that cannot be read at all (moved to `unreadable/` so it is not retried).
+    error for a file that cannot be read at all: an unknown format, over
+    `data.validation.max_file_mb` (checked before the store archives a copy), not valid for
+    its format (random bytes, a non-UTF-8 CSV header, a cut-off Parquet or gzip file), a
+    symbolic link, a directory, or a file the process may not open. Such a file is moved to
+    `unreadable/` with `<name>.reason.json` beside it (the error, when, its size and sha256),
+    so no file blocks a later retrain. An error of the store or the disk is raised, leaving
+    the file where it is.
     """
+    import os
+    from datetime import UTC, datetime
+
+    from rlhf_core.data.readers import check_file_size
     from rlhf_core.data.store import ingest_files
+    from rlhf_core.files import file_sha256
 
     logger = _logger()
     records = []
     for path in files:
+        regular = path.is_file() and not path.is_symlink()
         try:
+            if regular:  # before the store archives a copy of a file it will refuse
+                check_file_size(path, settings.max_file_bytes)
             [result] = ingest_files([path], store, "preference", settings)
-        except ValueError as error:
+        except (ValueError, OSError) as error:
+            # ValueError: the reader's or the store's refusal of this file. OSError: the
+            # file's only when it names the file (PermissionError opening it) or the path is
+            # no regular file; a full disk or an unwritable store stops the retrain instead,
+            # leaving the file in place for the next one.
+            named = isinstance(error, OSError) and error.filename == os.fspath(path)
+            if not (isinstance(error, ValueError) or named or not regular):
+                raise
             logger.warning("%s cannot be read, moved to %s/: %s", path.name, UNREADABLE_DIR, error)
             records.append(
                 {"file": path.name, "status": "unreadable", "added": 0, "error": str(error)}
             )
-            move_to_processed(path, UNREADABLE_DIR)
+            if not os.path.lexists(path):
+                continue  # gone since it was listed: nothing to set aside
+            reason: dict[str, Any] = {
+                "file": path.name,
+                "error": str(error),
+                "error_type": type(error).__name__,
+                "set_aside_at": datetime.now(UTC).isoformat(),
+                "bytes": path.stat().st_size if regular else None,
+                "sha256": None,  # of a link, its target is never read
+            }
+            if regular and not named:
+                reason["sha256"] = file_sha256(path)
+            move_to_processed(path, UNREADABLE_DIR, reason)
             continue
         logger.info("%s: %s, %d row(s) added", path.name, result.status, result.added)
         records.append(dataclasses.asdict(result))

@@ -626,7 +626,10 @@ def test_a_file_over_the_file_limit_is_refused_before_it_is_read(
 ) -> None:
     path = tmp_path / f"big.{suffix}"
     path.write_bytes(b"\x00" * (MiB + 1))  # not even valid: the size alone refuses it
-    with pytest.raises(ValueError, match=r"big\.\w+ is 1\.0 MB, more than the 1 MB limit") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"big\.\w+ is 1,048,577 bytes, more than the 1 MiB \(1,048,576 bytes\) limit",
+    ) as info:
         read_records([path], "preference", max_file_bytes=MiB)
     assert "data.validation.max_file_mb" in str(info.value)
 

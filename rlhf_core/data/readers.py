@@ -544,9 +544,9 @@ def check_file_size(path: str | Path, max_bytes: int) -> None:
     size = Path(path).stat().st_size
     if size > max_bytes:
         raise ValueError(
-            f"{path} is {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:g} MB limit on "
-            "one data file (data.validation.max_file_mb in params.yaml); split the file or "
-            "raise the limit"
+            f"{path} is {size:,} bytes, more than the {max_bytes / 2**20:.3g} MiB "
+            f"({max_bytes:,} bytes) limit on one data file (data.validation.max_file_mb in "
+            "params.yaml); split the file or raise the limit"
         )
 
 
