@@ -33,7 +33,7 @@ from rlhf_core.tracking import runs as tracking_runs
 from rlhf_core.tracking.check import mask_uri
 from rlhf_core.tracking.experiment import EXPERIMENT_NAME
 from rlhf_core.tracking.runs import FLUSH_TIMEOUT_ENV, final_flush_timeout_s, stage_run
-from rlhf_core.tracking.spool import OUTAGE_TAG, read_spool, spool_dir
+from rlhf_core.tracking.spool import OUTAGE_TAG, is_unreachable, read_spool, spool_dir
 
 SERVER_START_S = 120.0
 
@@ -381,6 +381,22 @@ def _write_spool(root, client, run_id, pid, started, end=False):
     lines = [header, {"metrics": rows}] + ([{"end": "FINISHED"}] if end else [])
     spool.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return spool
+
+
+def test_unreachable_is_a_store_that_does_not_answer_not_one_that_refuses(
+    tracking_store, monkeypatch
+):
+    """Real client errors: a closed port is unreachable (calls are skipped, the run goes on);
+    a run that does not exist is the store refusing (the error propagates)."""
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException) as refused_port:
+        MlflowClient(f"http://127.0.0.1:{free_port()}").get_run("0" * 32)
+    assert is_unreachable(refused_port.value)
+    with pytest.raises(MlflowException) as no_such_run:
+        tracking_store[1].get_run("0" * 32)
+    assert not is_unreachable(no_such_run.value)
 
 
 def test_final_flush_timeout_from_the_environment(monkeypatch):

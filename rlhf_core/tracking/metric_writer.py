@@ -44,16 +44,24 @@ def batch_sender(client: MlflowClient, uri: str, timeout_s: float = SEND_TIMEOUT
     """send(run_id, metrics): one log_batch call. To a tracking server it is one HTTP request
     with no retries and `timeout_s` (MLflow's client would retry for minutes, and the writer
     retries anyway); to a database or a local store it is the client's own call."""
+
+    def client_call(run_id: str, metrics: Sequence[Metric]) -> None:
+        client.log_batch(run_id, metrics=list(metrics))
+
     if store_scheme(uri) not in SERVER_SCHEMES:
-        return lambda run_id, metrics: client.log_batch(run_id, metrics=list(metrics))
+        return client_call
 
     from mlflow.protos.service_pb2 import LogBatch
     from mlflow.store.tracking.rest_store import RestStore
     from mlflow.utils.proto_json_utils import message_to_json
     from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-    endpoint, method = RestStore._METHOD_TO_INFO[LogBatch]
-    host_creds = client._tracking_client.store.get_host_creds  # the client's own credentials
+    try:  # MLflow internals (3.x): the REST route and the client's own credentials
+        endpoint, method = RestStore._METHOD_TO_INFO[LogBatch]
+        host_creds = client._tracking_client.store.get_host_creds
+    except (AttributeError, KeyError):  # another MLflow: its own call, retries and all
+        log.debug("MLflow %s: metric batches go through MlflowClient.log_batch", uri)
+        return client_call
 
     def send(run_id: str, metrics: Sequence[Metric]) -> None:
         body = message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics]))
