@@ -24,10 +24,10 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,lora,bench,server,s3]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,lora,bench,server,s3,infra]'
 	@touch $(STAMP)
 
-venv: $(STAMP)  ## create .venv and install the project with its dev, lora, bench, server and s3 extras
+venv: $(STAMP)  ## create .venv and install the project with its dev, lora, bench, server, s3 and infra extras
 
 demo: venv  ## run the main job on the embedded offline demo
 	$(BIN)/rlhf demo

@@ -32,6 +32,16 @@ app = typer.Typer(
 model_app = typer.Typer(help="Build, inspect and convert models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(stage_app, name="stage")
+infra_app = typer.Typer(
+    help="The team stack on this machine without Docker: PostgreSQL, an S3 emulator, the "
+    "MLflow and Prefect servers and a worker, on 127.0.0.1 (infra/README.md).",
+    no_args_is_help=True,
+)
+app.add_typer(infra_app, name="infra")
+InfraDir = Annotated[
+    Path,
+    typer.Option("--dir", help="Folder of the stack's data, logs and stack.json (git-ignored)."),
+]
 
 KINDS_HELP = "sft | preference | ranked | prompts"
 
@@ -362,6 +372,70 @@ def _print_where_to_look(summary: dict) -> None:
     from rlhf_core.app.summary import print_summary
 
     print_summary(summary)
+
+
+@infra_app.command("up")
+def infra_up(
+    folder: InfraDir = Path(".rlhf-infra"),
+    postgres_port: Annotated[int, typer.Option(help="PostgreSQL's port.")] = 5432,
+    s3_port: Annotated[int, typer.Option(help="The S3 emulator's port.")] = 9000,
+    mlflow_port: Annotated[int, typer.Option(help="The MLflow server's port.")] = 5000,
+    prefect_port: Annotated[int, typer.Option(help="The Prefect server's port.")] = 4200,
+    pool: Annotated[str, typer.Option(help="The work pool the worker serves.")] = "rlhf",
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the Prefect UI.")] = True,
+) -> None:
+    """Start the stack (what already runs is kept) and print the variables a client exports.
+
+    PostgreSQL (Debian's server; as root it runs as the postgres user) holds MLflow's and
+    Prefect's databases; MLflow's artifacts go to moto's S3 emulator, which keeps them in
+    memory (they end with `down`: use infra/docker-compose.yml for a team). Exits 2 with one
+    line naming the server and its log when one cannot start (the stack is stopped then).
+    """
+    from rlhf_core.app.local_stack import LocalStackError, StackPorts, stack_up
+
+    ports = StackPorts(postgres_port, s3_port, mlflow_port, prefect_port)
+    try:
+        env = stack_up(folder, ports, pool=pool, ui=ui, say=typer.echo)
+    except LocalStackError as error:
+        fail(str(error))
+    typer.echo("The stack is up. Use it from a shell with:")
+    for name, value in env.items():
+        typer.echo(f"export {name}={value}")
+
+
+@infra_app.command("status")
+def infra_status(folder: InfraDir = Path(".rlhf-infra")) -> None:
+    """Say what runs where (service, URL, pid, health, log). Exits 1 when a server recorded
+    by `up` does not answer, 3 when no stack was started in the folder."""
+    from rlhf_core.app.local_stack import stack_status
+
+    rows = stack_status(folder)
+    if not rows:
+        typer.echo(f"No stack in {folder} (start one with `rlhf infra up`).")
+        raise typer.Exit(code=3)
+    for row in rows:
+        state = "up" if row["healthy"] else "DOWN"
+        typer.echo(f"{row['service']:<9}{state:<6}{row['url']:<45}pid {row['pid']:<8}{row['log']}")
+    if not all(row["healthy"] for row in rows):
+        raise typer.Exit(code=1)
+
+
+@infra_app.command("down")
+def infra_down(
+    folder: InfraDir = Path(".rlhf-infra"),
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also delete the folder: databases and logs.")
+    ] = False,
+) -> None:
+    """Stop exactly what `up` started in the folder (its stack.json), last started first."""
+    from rlhf_core.app.local_stack import LocalStackError, stack_down
+
+    try:
+        stopped = stack_down(folder, purge=purge, say=typer.echo)
+    except LocalStackError as error:
+        fail(str(error))
+    if not stopped:
+        typer.echo(f"Nothing was running from {folder}.")
 
 
 def main() -> None:
