@@ -169,15 +169,15 @@ def ingest(
     """
     from rlhf_core.data.store_lock import StoreBusyError, store_lock
 
-    settings = (
-        load_params_or_exit(params_path).validation_for(kind) if params_path.is_file() else None
-    )
+    params_obj = load_params_or_exit(params_path) if params_path.is_file() else None
+    settings = params_obj.validation_for(kind) if params_obj else None
     try:
         with store_lock(store, timeout=lock_timeout, on_wait=typer.echo):
             results, tracking_error = _ingest_and_track(files, store, kind, settings, dvc_add)
     except (FileNotFoundError, ValueError, OSError, StoreBusyError) as error:  # OSError: disk
         fail(str(error))
-    _announce_ingest(store, results)  # after the lock is released: the retrain takes it
+    project = params_obj.orchestration.project_name if params_obj else None
+    _announce_ingest(store, results, project)  # after the lock is released: retrain takes it
     if tracking_error is not None:
         fail(tracking_error)
     if any(result.status == "rejected" for result in results):
@@ -212,11 +212,11 @@ def _track_store(store: Path) -> str | None:
     return None
 
 
-def _announce_ingest(store: Path, results) -> None:
+def _announce_ingest(store: Path, results, project: str | None) -> None:
     """Tell a served retrain deployment that new rows arrived (no-op without a Prefect API)."""
     from rlhf_core.orchestration.store_versioning import emit_ingested_event
 
-    if emit_ingested_event(store, results) is not None:
+    if emit_ingested_event(store, results, project) is not None:
         typer.echo("sent event rlhf.preferences.ingested: the served retrain deployment will run")
 
 
@@ -331,6 +331,34 @@ def serve(
 
 
 @app.command()
+def deploy(
+    project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
+        "."
+    ),
+    pool: Annotated[
+        str | None,
+        typer.Option(help="Work pool (default: params.yaml orchestration.work_pool)."),
+    ] = None,
+) -> None:
+    """Deploy the retrain flow to a work pool of the Prefect server at PREFECT_API_URL: the
+    cron schedule of params.yaml, a run on each `rlhf ingest` into this project (matched by
+    the project's name, not a path), one run at a time. Workers run it in their own checkout:
+    RLHF_PROJECT_ROOT=/path/to/checkout prefect worker start --pool POOL."""
+    from rlhf_core.app.launch import deploy_to_pool
+
+    params_obj = load_params_or_exit(project / "params.yaml")
+    pool = pool or params_obj.orchestration.work_pool
+    try:
+        name = deploy_to_pool(project, params_obj, pool)
+    except (RuntimeError, ValueError) as error:
+        fail(str(error))
+    typer.echo(f"Deployed {name} to work pool {pool!r}. Start a worker in each checkout:")
+    typer.echo(
+        f"  RLHF_PROJECT_ROOT={project.resolve()} prefect worker start --pool {pool} --type process"
+    )
+
+
+@app.command()
 def ui(
     project: Annotated[Path, typer.Option(help="Project root.")] = Path("."),
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 for a local store's UI.")] = 5000,
@@ -383,6 +411,9 @@ def infra_up(
     prefect_port: Annotated[int, typer.Option(help="The Prefect server's port.")] = 4200,
     pool: Annotated[str, typer.Option(help="The work pool the worker serves.")] = "rlhf",
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the Prefect UI.")] = True,
+    project: Annotated[
+        Path, typer.Option(help="The checkout the worker runs `rlhf deploy`'s flow runs in.")
+    ] = Path("."),
 ) -> None:
     """Start the stack (what already runs is kept) and print the variables a client exports.
 
@@ -395,7 +426,7 @@ def infra_up(
 
     ports = StackPorts(postgres_port, s3_port, mlflow_port, prefect_port)
     try:
-        env = stack_up(folder, ports, pool=pool, ui=ui, say=typer.echo)
+        env = stack_up(folder, ports, pool=pool, ui=ui, say=typer.echo, project=project)
     except LocalStackError as error:
         fail(str(error))
     typer.echo("The stack is up. Use it from a shell with:")

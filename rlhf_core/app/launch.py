@@ -107,3 +107,46 @@ def serve(project_root: str | Path, params: Any) -> None:
                 flush=True,
             )
             serve_deployments(*deployments)
+
+
+# --------------------------------------------------------------------------------------------
+# rlhf deploy
+# --------------------------------------------------------------------------------------------
+
+POOL_DEPLOYMENT_ENTRYPOINT = "flows/deployments.py:pool_deployment"
+
+
+def project_name(project_root: str | Path, params: Any) -> str:
+    """`orchestration.project_name`, or the project folder's name."""
+    section = getattr(params, "orchestration", None)
+    return getattr(section, "project_name", None) or Path(project_root).resolve().name
+
+
+def deploy_to_pool(project_root: str | Path, params: Any, pool: str) -> str:
+    """Create (or update) the retrain deployment on work pool `pool` of the Prefect server
+    at PREFECT_API_URL, creating a `process` pool when there is none; its full name.
+
+    Nothing is started here: workers (`prefect worker start --pool POOL` with
+    RLHF_PROJECT_ROOT set, or `rlhf infra up`) run its flow runs."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ValueError(
+            "PREFECT_API_URL is not set: a work-pool deployment lives on a Prefect server "
+            "(`rlhf infra up` starts one, or use your team's); `rlhf serve` needs none"
+        )
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)  # the team's pool, kept as it is
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    name = project_name(project_root, params)
+    deployment = load_entrypoint(POOL_DEPLOYMENT_ENTRYPOINT, project_root)(
+        name, schedule_cron(params)
+    )
+    deployment.apply(work_pool_name=pool)
+    return deployment.full_name

@@ -240,12 +240,15 @@ def _start_prefect(folder: Path, ports: StackPorts, ui: bool) -> Service:
     return _python_server(folder, ports, "prefect", argv, env, ports.prefect, api, f"{api}/health")
 
 
-def _start_worker(folder: Path, ports: StackPorts, pool: str) -> Service:
+def _start_worker(folder: Path, ports: StackPorts, pool: str, project: Path) -> Service:
+    from rlhf_core.app.worker_project import PROJECT_ROOT_VARIABLE
+
     log_path = folder / "logs" / "worker.log"
     argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
     argv += ["--type", "process"]
     env = {**os.environ, **QUIET, **client_environment(ports)}
     env["PREFECT_HOME"] = str(folder / "prefect")
+    env[PROJECT_ROOT_VARIABLE] = str(project)  # where `rlhf deploy`'s flow runs happen
     process = _start(argv, env, log_path)
     service = Service("worker", process.pid, 0, f"work pool {pool}", str(log_path))
     _record(folder, ports, service)
@@ -277,6 +280,7 @@ def stack_up(
     pool: str = "rlhf",
     ui: bool = True,
     say: Callable[[str], None] = print,
+    project: Path = Path("."),
 ) -> dict[str, str]:
     """Start every server not running yet, in dependency order; the client environment.
 
@@ -295,7 +299,7 @@ def stack_up(
         ("s3", lambda: _start_s3(folder, ports)),
         ("mlflow", lambda: _start_mlflow(folder, ports)),
         ("prefect", lambda: _start_prefect(folder, ports, ui)),
-        ("worker", lambda: _start_worker(folder, ports, pool)),
+        ("worker", lambda: _start_worker(folder, ports, pool, Path(project).resolve())),
     ]
     for name, start in steps:
         if name in running:

@@ -105,6 +105,13 @@ class OrchestrationSettings(_Section):
     """Scheduling of the retrain deployment served by `rlhf serve`."""
 
     schedule_cron: str = Field("0 3 * * *", description="Cron schedule of the retrain flow.")
+    project_name: str | None = Field(
+        None,
+        description="The project's name on a shared Prefect server: the retrain deployment on "
+        "a work pool (`rlhf deploy`) runs on the ingest events of this name. None: the name "
+        "of the project's folder.",
+    )
+    work_pool: str = Field("rlhf", description="The work pool `rlhf deploy` deploys to.")
 
 
 class Params(_Section):

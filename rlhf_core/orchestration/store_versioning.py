@@ -109,17 +109,32 @@ def _dvc_add_failure(target: str, root: Path, output: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+PROJECT_LABEL = "rlhf.project"
+
+
 def ingested_resource_id(store_dir: str | Path) -> str:
     """The Prefect resource id of a preference store: `rlhf.preferences.<absolute path>`."""
     return f"rlhf.preferences.{Path(store_dir).resolve()}"
 
 
-def emit_ingested_event(store_dir: str | Path, results: Sequence[Any]) -> Any:
+def project_name_of(store_dir: str | Path) -> str:
+    """The name a store's project goes by on a shared Prefect server: the folder name of the
+    DVC project that holds the store (of the store's grandparent outside one). Deployments
+    on a work pool match it, not a path, which differs from machine to machine."""
+    store = Path(store_dir).resolve()
+    return (dvc_project_root(store) or store.parent.parent).name
+
+
+def emit_ingested_event(
+    store_dir: str | Path, results: Sequence[Any], project: str | None = None
+) -> Any:
     """Emit INGESTED_EVENT for a store that gained rows, so a served retrain deployment runs.
 
     `results` are the store's IngestResults. Nothing is sent (None is returned) when no row
     was added or no Prefect API is configured (PREFECT_API_URL); then there is no server whose
-    trigger could react, and starting an ephemeral one would be pointless.
+    trigger could react, and starting an ephemeral one would be pointless. The resource is
+    labelled with the project's name (`project`, by default `project_name_of`), which the
+    work-pool deployment matches (`rlhf deploy`).
     """
     added = sum(result.added for result in results)
     if added == 0:
@@ -135,7 +150,10 @@ def emit_ingested_event(store_dir: str | Path, results: Sequence[Any]) -> Any:
 
     event = emit_event(
         event=INGESTED_EVENT,
-        resource={"prefect.resource.id": ingested_resource_id(store_dir)},
+        resource={
+            "prefect.resource.id": ingested_resource_id(store_dir),
+            PROJECT_LABEL: project or project_name_of(store_dir),
+        },
         payload={
             "store": str(Path(store_dir).resolve()),
             "added": added,
