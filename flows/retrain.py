@@ -104,6 +104,39 @@ def retrain_lock(project_root: Path) -> Iterator[None]:
             yield
 
 
+def pull_from_remote(project_root: Path) -> str | None:
+    """`dvc pull` from the project's default remote, if it has one (`remote_sync.pull`); the
+    remote's name. A failed pull stops the retrain before it ingests anything."""
+    from rlhf_core.orchestration import remote_sync
+
+    remote = remote_sync.default_remote(project_root)
+    if remote is not None:
+        _logger().info("%s", remote_sync.pull(project_root, remote))
+    return remote
+
+
+def share_results(project_root: Path, remote: str | None, message: str) -> list[str]:
+    """After a retrain: `dvc push` to the remote (if any) and record dvc.lock as
+    `orchestration.record_lock` says; one line each. A failed push or commit is logged as
+    an error and reported, not raised: the results stay in this machine's cache and tree."""
+    from rlhf_core.config import load_params
+    from rlhf_core.orchestration import remote_sync
+
+    params_file = project_root / "params.yaml"
+    how = load_params(params_file).orchestration.record_lock if params_file.is_file() else "none"
+    steps = [lambda: remote_sync.push(project_root, remote)] if remote else []
+    steps.append(lambda: remote_sync.record_lock(project_root, how, f"rlhf retrain: {message}"))
+    lines = []
+    for step in steps:
+        try:
+            lines.append(step())
+            _logger().info("%s", lines[-1])
+        except remote_sync.RemoteSyncError as error:
+            lines.append(str(error))
+            _logger().error("%s", error)
+    return lines
+
+
 @contextmanager
 def hold_store(store: Path) -> Iterator[None]:
     """The preference store's lock (`store_lock`) for the whole retrain, from ingest through
@@ -278,15 +311,20 @@ def validation_settings(project_root: Path) -> Any:
 def retrain(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest new preference files, retrain what they touch, and gate the result.
 
+    With a default DVC remote it pulls first and pushes after; `orchestration.record_lock`
+    says whether the new dvc.lock is committed or copied (`share_results`).
+
     Returns {"status": "no_new_data" | "retrained", "message", "ingested" (one record per
     file), "added", "store_tracking" (what `dvc add` of the store did, when files came in or
     the store changed), "pipeline" (the pipeline summary, when it ran), "decision" (the
-    gate's), "locked_at", "released_at" (time.time() of the locked section)}.
+    gate's), "shared" (push and record, one line each, when anything changed), "locked_at",
+    "released_at" (time.time() of the locked section)}.
     """
     root = Path(project_root).resolve()
     paths = ProjectPaths(root)
     with retrain_lock(root), hold_store(paths.preference_store):
         locked_at = time.time()
+        remote = pull_from_remote(root)
         store_was_stale = store_changed_since_last_run(root, paths.preference_store)
         files = incoming_files(paths.incoming_dir)
         ingested = ingest_incoming(files, paths.preference_store, validation_settings(root))
@@ -311,5 +349,7 @@ def retrain(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict
             message = f"Retrained on {why}; gate: {decision['status']}."
             print(message)
             outcome.update(status="retrained", message=message, pipeline=summary, decision=decision)
+        if ingested or store_was_stale or outcome["status"] == "retrained":
+            outcome["shared"] = share_results(root, remote, message)
         outcome["released_at"] = time.time()
     return outcome

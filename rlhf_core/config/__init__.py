@@ -112,6 +112,13 @@ class OrchestrationSettings(_Section):
         "of the project's folder.",
     )
     work_pool: str = Field("rlhf", description="The work pool `rlhf deploy` deploys to.")
+    record_lock: str = Field(
+        "none",
+        description="After a retrain: 'none'; 'commit' (git commit of dvc.lock and "
+        "data/preferences.dvc when they changed); or a path to copy dvc.lock to. With a "
+        "default DVC remote the retrain also pulls before and pushes after.",
+        min_length=1,
+    )
 
 
 class Params(_Section):
