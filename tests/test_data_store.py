@@ -227,3 +227,23 @@ def test_a_symbolic_link_is_refused_and_nothing_it_points_to_is_archived(tmp_pat
         ingest_files([link], store, now=T0)
     stored = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
     assert not any(b"not-a-real-key" in content for content in stored)
+
+
+def test_a_file_refused_whole_leaves_nothing_in_the_store(tmp_path):
+    """Over the size limit, or unreadable as a whole: one error naming the incoming file, and
+    no archived copy or report without a manifest entry."""
+    store = tmp_path / "store"
+    ingest_files([_write_jsonl(tmp_path / "good.jsonl", [_pair(0)])], store, now=T0)
+    big = _write_jsonl(tmp_path / "big.jsonl", [_pair(i) for i in range(20000)])
+    with pytest.raises(ValueError, match="big.jsonl is .* bytes, more than"):
+        ingest_files([big], store, settings=ValidationSettings(max_file_mb=1, max_row_mb=1))
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(b"\n".join(bytes([128 + i % 100]) * 40 for i in range(3000)))
+    with pytest.raises(ValueError) as refused:
+        ingest_files([garbage], store)
+    assert str(garbage) in str(refused.value) and str(store) not in str(refused.value)
+    assert [entry["file"] for entry in read_manifest(store)] == ["good.jsonl"]
+    assert [folder.name for folder in (store / "archive").iterdir()] == [
+        read_manifest(store)[0]["sha256"]
+    ]
+    assert len(list((store / "reports").iterdir())) == 1

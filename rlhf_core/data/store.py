@@ -38,6 +38,7 @@ from typing import Any
 import pandas as pd
 
 from rlhf_core.config.data import ValidationSettings
+from rlhf_core.data.readers import check_file_size
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
 from rlhf_core.data.store_lock import store_lock
 from rlhf_core.data.validation import validate_files
@@ -243,11 +244,21 @@ def _ingest_path(
     sha = file_sha256(path)
     if any(e["sha256"] == sha and e["status"] == "ingested" for e in read_manifest(store)):
         return IngestResult(file=path.name, sha256=sha, status="already_ingested")
+    check_file_size(path, settings.max_file_bytes)  # before a copy lands in the archive
     archived = store / "archive" / sha / path.name
-    if not archived.is_file() or file_sha256(archived) != sha:  # absent, or a partial copy
+    archived_before = archived.is_file() and file_sha256(archived) == sha
+    if not archived_before:  # absent, or a partial copy
         _archive(path, archived, sha)
     when = (now or datetime.now(UTC)).isoformat()
-    result, merged = _ingest_one(archived, path.name, sha, when, store, kind, settings, tokenizer)
+    try:
+        result, merged = _ingest_one(
+            archived, path.name, sha, when, store, kind, settings, tokenizer
+        )
+    except ValueError as error:  # refused whole: no manifest entry, so no archived copy
+        if not archived_before:
+            shutil.rmtree(archived.parent, ignore_errors=True)
+            shutil.rmtree(store / "reports" / sha, ignore_errors=True)
+        raise ValueError(str(error).replace(str(archived), str(path))) from None
     entry = {
         **dataclasses.asdict(result),
         "kind": kind,
