@@ -296,8 +296,8 @@ atheris.Fuzz()
 def test_coverage_guided_fuzzing_of_the_readers_finds_no_crash(tmp_path: Path) -> None:
     """atheris (libFuzzer) mutates seed files of each format towards new branches of the
     readers and adapters; a crash is any exception other than the whole-file ValueError naming
-    the file. atheris is not a project dependency (it has wheels for few platforms): this runs
-    where it is installed."""
+    the file. atheris is in the dev extra where it has wheels (Linux x86-64); elsewhere this
+    test says it is not installed."""
     import subprocess
     import sys
 
