@@ -235,7 +235,7 @@ def test_a_file_refused_whole_leaves_nothing_in_the_store(tmp_path):
     store = tmp_path / "store"
     ingest_files([_write_jsonl(tmp_path / "good.jsonl", [_pair(0)])], store, now=T0)
     big = _write_jsonl(tmp_path / "big.jsonl", [_pair(i) for i in range(20000)])
-    with pytest.raises(ValueError, match="big.jsonl is .* bytes, more than"):
+    with pytest.raises(ValueError, match=r"big\.jsonl is .* bytes, more than"):
         ingest_files([big], store, settings=ValidationSettings(max_file_mb=1, max_row_mb=1))
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_bytes(b"\n".join(bytes([128 + i % 100]) * 40 for i in range(3000)))
