@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.adapters import AdapterError, adapt_record
 from rlhf_core.data.expectations import inspect_row
-from rlhf_core.data.readers import MAX_RAW_CHARS, read_records
+from rlhf_core.data.raw_records import MAX_RAW_CHARS
+from rlhf_core.data.readers import read_records
 from rlhf_core.data.schemas import KINDS
 from rlhf_core.data.validation import validate_files
 

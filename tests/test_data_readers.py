@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_core.data.readers import REJECTED_COLUMNS, ReadResult, read_records, to_hf_dataset
+from rlhf_core.data.raw_records import REJECTED_COLUMNS
+from rlhf_core.data.readers import ReadResult, read_records, to_hf_dataset
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS
 
 

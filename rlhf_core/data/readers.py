@@ -35,10 +35,7 @@ failures are ValueError (or OSError from the file system), each naming the file.
 
 from __future__ import annotations
 
-import csv
 import gzip
-import hashlib
-import json
 import logging
 import os
 import re
@@ -51,6 +48,21 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import pandas as pd
 
 from rlhf_core.data.adapters import AdapterError, adapt_record
+from rlhf_core.data.csv_records import read_csv
+from rlhf_core.data.raw_records import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_ROW_BYTES,
+    MAX_RAW_CHARS,
+    REJECTED_COLUMNS,
+    FailedRecord,
+    OversizedRecord,
+    ParsedRecord,
+    ReadLimits,
+    bounded_lines,
+    failed_record,
+    load_json_record,
+    raw_digest,
+)
 from rlhf_core.data.schemas import (
     PROVENANCE_FIELDS,
     SPLIT_FIELD,
@@ -65,27 +77,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REJECTED_COLUMNS = ("source_file", "source_line", "reason", "detail", "raw", "raw_sha256")
-REJECTED_COLUMNS += ("raw_bytes",)
-MAX_RAW_CHARS = 2000
-# Limits when the caller gives none; `ValidationSettings.max_file_mb`/`max_row_mb` set them.
-DEFAULT_MAX_FILE_BYTES = 1024 * 2**20
-DEFAULT_MAX_ROW_BYTES = 16 * 2**20
 # A file whose read-level failures reach this many while fewer than 1 in 100 of this many
 # records parsed is not a file of its format (random bytes, a binary file): refused whole.
 UNREADABLE_RUN = 1000
-_READ_BLOCK = 1 << 20
-CSV_JSON_FIELDS = ("prompt", "responses", "messages", "completions", "ranking", "meta")
 FILE_FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json"}
 FILE_FORMATS |= {".parquet": "parquet", ".csv": "csv"}
 PARQUET_BATCH_ROWS = 1024
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _TRUE_WORDS = {"1", "true", "yes", "on"}
-# Invalid UTF-8 bytes, as `errors="surrogateescape"` keeps them in decoded text.
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
-# Long responses can exceed the csv module's default cell limit of 128 KiB.
-CSV_MAX_CELL_CHARS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -96,173 +96,28 @@ class ReadResult:
     rejected: pd.DataFrame  # `source_file`, `source_line`, `reason`, `detail`, `raw`, ...
 
 
-@dataclass(frozen=True)
-class _Limits:
-    """The most bytes one file, and one record of it, may hold."""
-
-    file_bytes: int = DEFAULT_MAX_FILE_BYTES
-    row_bytes: int = DEFAULT_MAX_ROW_BYTES
-
-
-@dataclass(frozen=True)
-class _Parsed:
-    """A record a format reader could parse (not yet known to be an object)."""
-
-    line: int
-    value: Any
-    raw_text: str | None = None  # the record's own text where the format has one
-    split: str | None = None  # the split its container (JSON key, DatasetDict) implies
-
-    def shown(self) -> str:
-        """The record's whole text, for a rejection (which keeps a prefix and its hash)."""
-        if self.raw_text is not None:
-            return self.raw_text
-        return value_text(self.value)
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """A record a format reader could not parse: a prefix of its text, the hash and size of
-    the whole of it."""
-
-    line: int
-    reason: str
-    detail: str
-    raw: str
-    raw_sha256: str
-    raw_bytes: int
-
-
-def value_text(value: Any) -> str:
-    """The canonical JSON text of a parsed value (its repr where JSON cannot hold it)."""
-    try:
-        return canonical_json(value)
-    except (TypeError, ValueError, RecursionError):
-        return repr(value)
-
-
-def raw_digest(raw: str | bytes) -> tuple[str, int]:
-    """(sha256 hex, size in bytes) of a record's text; lone surrogates are kept as their
-    UTF-8-style bytes, so every text has a digest."""
-    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", errors="surrogatepass")
-    return hashlib.sha256(data).hexdigest(), len(data)
-
-
-def _failure(line: int, reason: str, detail: str, raw: str | bytes) -> _Failure:
-    """A rejection keeping MAX_RAW_CHARS characters of `raw` and the digest of all of it."""
-    sha256, size = raw_digest(raw)
-    shown = _bytes_as_text(raw[: MAX_RAW_CHARS * 4]) if isinstance(raw, bytes) else raw
-    return _Failure(line, reason, detail, shown[:MAX_RAW_CHARS], sha256, size)
-
-
-@dataclass(frozen=True)
-class _Oversized:
-    """A record longer than the row limit: its first bytes and the digest of all of it."""
-
-    prefix: bytes
-    sha256: str
-    size: int
-
-    def failure(self, line: int, limit: int) -> _Failure:
-        detail = (
-            f"the record is {self.size} bytes, more than the {limit}-byte limit on one record "
-            "(data.validation.max_row_mb); raise it if such records are real"
-        )
-        shown = _bytes_as_text(self.prefix)[:MAX_RAW_CHARS]
-        return _Failure(line, "row_too_large", detail, shown, self.sha256, self.size)
-
-
-def _read_through(first: bytes | str, rest: Any) -> _Oversized:
-    """Digest a long line from `first` to its newline, reading `rest()` block by block."""
-    as_bytes = (lambda part: part) if isinstance(first, bytes) else _text_bytes
-    data = as_bytes(first)
-    digest, size, prefix = hashlib.sha256(data), len(data), data[: MAX_RAW_CHARS * 4]
-    part = first
-    while part and not part.endswith(b"\n" if isinstance(part, bytes) else "\n"):
-        part = rest()
-        data = as_bytes(part)
-        digest.update(data)
-        size += len(data)
-    return _Oversized(prefix, digest.hexdigest(), size)
-
-
-def _text_bytes(text: str) -> bytes:
-    """Bytes of text decoded with surrogateescape (invalid bytes come back as they were)."""
-    return text.encode("utf-8", errors="surrogateescape")
-
-
-def _bounded_lines(handle: BinaryIO, limits: _Limits, path: Path) -> Iterator[bytes | _Oversized]:
-    """Physical lines of a binary file; a line over the row limit is read through, never held.
-
-    Raises ValueError once more than the file limit has been read (a .gz that inflates past
-    it, or a file that grew while it was read).
-    """
-    total = 0
-    while line := handle.readline(limits.row_bytes + 1):
-        if len(line) > limits.row_bytes and not line.endswith(b"\n"):
-            oversized = _read_through(line, lambda: handle.readline(_READ_BLOCK))
-            total += oversized.size
-            item: bytes | _Oversized = oversized
-        else:
-            total += len(line)
-            item = line
-        if total > limits.file_bytes:
-            raise ValueError(
-                f"{path} holds more than {limits.file_bytes} bytes once read (decompressed), "
-                "the limit on one data file (data.validation.max_file_mb); split it or raise "
-                "the limit"
-            )
-        yield item
-
-
-# json.loads recurses once per level of nesting; a value deeper than the interpreter's stack
-# (a poison row, or a hostile one) raised RecursionError and lost the whole file.
-TOO_DEEP = "the value nests lists or objects deeper than a JSON reader can follow"
-
-
-def _bytes_as_text(data: bytes) -> str:
-    """Text of possibly invalid UTF-8 bytes, invalid bytes shown as escapes like \\xff."""
-    return data.decode("utf-8", errors="backslashreplace")
-
-
-def _loads(text: str, line: int, what: str) -> Any:
-    """json.loads of a record's text, or the _Failure that says why it cannot be read."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        where = f"column {error.colno}" if what == "line" else f"line {error.lineno}"
-        detail = f"the {what} is not valid JSON ({error.msg} at {where})"
-        return _failure(error.lineno if what == "file" else line, "malformed_json", detail, text)
-    except RecursionError:
-        return _failure(line, "too_deeply_nested", TOO_DEEP, text)
-    except ValueError as error:  # e.g. an integer longer than Python converts (4300 digits)
-        return _failure(
-            line, "malformed_json", f"the {what} holds a value JSON cannot read ({error})", text
-        )
-
-
-def _jsonl_line(line_number: int, line: bytes) -> _Parsed | _Failure:
+def _jsonl_line(line_number: int, line: bytes) -> ParsedRecord | FailedRecord:
     """Parse one non-blank JSONL line."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
         detail = f"the line is not valid UTF-8 ({error.reason} at byte {error.start})"
-        return _failure(line_number, "invalid_utf8", detail, line)
-    value = _loads(text, line_number, "line")
-    if isinstance(value, _Failure):
+        return failed_record(line_number, "invalid_utf8", detail, line)
+    value = load_json_record(text, line_number, "line")
+    if isinstance(value, FailedRecord):
         return value
-    return _Parsed(line_number, value, raw_text=text)
+    return ParsedRecord(line_number, value, raw_text=text)
 
 
-def _read_jsonl(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
+def _read_jsonl(path: Path, limits: ReadLimits) -> Iterator[ParsedRecord | FailedRecord]:
     """Records of a JSON Lines file, read in binary so each line is decoded on its own."""
     compressed = path.name.lower().endswith(".gz")
     opener: Any = gzip.open if compressed else open
     handle: BinaryIO
     try:
         with opener(path, "rb") as handle:
-            for line_number, line in enumerate(_bounded_lines(handle, limits, path), start=1):
-                if isinstance(line, _Oversized):
+            for line_number, line in enumerate(bounded_lines(handle, limits, path), start=1):
+                if isinstance(line, OversizedRecord):
                     yield line.failure(line_number, limits.row_bytes)
                     continue
                 if line_number == 1:
@@ -291,7 +146,7 @@ def _json_record_lists(document: Any) -> list[tuple[str | None, Any]] | None:
     return None
 
 
-def _read_json(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
+def _read_json(path: Path, limits: ReadLimits) -> Iterator[ParsedRecord | FailedRecord]:
     """Records of a JSON file holding an array, ``{"data": [...]}`` or split keys.
 
     The document is parsed whole (JSON has no record boundaries to stream by), so the file
@@ -303,153 +158,34 @@ def _read_json(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         detail = f"the file is not valid UTF-8 ({error.reason} at byte {error.start})"
-        yield _failure(line, "invalid_utf8", detail, data)
+        yield failed_record(line, "invalid_utf8", detail, data)
         return
     del data
     if not text.strip():
         return
-    document = _loads(text, 1, "file")
-    if isinstance(document, _Failure):
+    document = load_json_record(text, 1, "file")
+    if isinstance(document, FailedRecord):
         yield document
         return
     groups = _json_record_lists(document)
     if groups is None:
         if not isinstance(document, dict):
-            yield _Parsed(1, document)  # a bare number or string: rejected as not_an_object
+            yield ParsedRecord(1, document)  # a bare number or string: rejected as not_an_object
             return
         detail = (
             'a JSON file must hold an array of records, {"data": [...]}, or split keys such '
             'as {"train": [...], "eval": [...]}'
         )
-        yield _failure(1, "unrecognised_shape", detail, text)
+        yield failed_record(1, "unrecognised_shape", detail, text)
         return
     index = 0
     for split, records in groups:
         for record in records:
             index += 1
-            yield _Parsed(index, record, split=split)
+            yield ParsedRecord(index, record, split=split)
 
 
-def _csv_cell(field: str, cell: str) -> Any:
-    """A CSV cell as a value: None if empty, decoded JSON for list/dict fields, float margin."""
-    if cell == "":
-        return None
-    if field in CSV_JSON_FIELDS and cell.lstrip()[:1] in ("[", "{"):
-        try:
-            decoded = json.loads(cell)
-        except (ValueError, RecursionError):  # ValueError: malformed, or a 5000-digit integer
-            return cell  # kept as text: validation rejects it with the field's reason
-        return decoded if isinstance(decoded, list | dict) else cell
-    if field == "margin":
-        try:
-            return float(cell)
-        except ValueError:
-            return cell
-    return cell
-
-
-def _csv_row(line: int, header: list[str], cells: list[str], raw: str) -> _Parsed | _Failure:
-    """One CSV data row as a record, or the reason it cannot be one."""
-    if _ESCAPED_BYTE.search(raw):
-        return _failure(line, "invalid_utf8", "the row is not valid UTF-8", _text_bytes(raw))
-    if len(cells) > len(header):
-        detail = f"the row has {len(cells)} cells but the header names {len(header)} columns"
-        return _failure(line, "unrecognised_shape", detail, raw)
-    record = {field: _csv_cell(field, cell) for field, cell in zip(header, cells, strict=False)}
-    return _Parsed(line, record, raw_text=raw)
-
-
-class _RowTooLarge(Exception):
-    def __init__(self, oversized: _Oversized) -> None:
-        super().__init__("a CSV row over the row limit")
-        self.oversized = oversized
-
-
-class _CsvLines:
-    """Physical lines for csv.reader, keeping those of the row being read.
-
-    A row that grows past `max_bytes` raises _RowTooLarge once the rest of its physical line
-    has been read through (digested, not kept), so no row is ever held whole; the csv reader
-    starts afresh on its next call.
-    """
-
-    def __init__(self, handle: Any, max_bytes: int) -> None:
-        self.handle = handle
-        self.max_bytes = max_bytes
-        self.consumed: list[str] = []
-        self.size = 0  # characters of the row so far (each at least one byte)
-        self.count = 0  # physical lines read
-
-    def __iter__(self) -> _CsvLines:
-        return self
-
-    def __next__(self) -> str:
-        line = self.handle.readline(self.max_bytes - self.size + 1)
-        if not line:
-            raise StopIteration
-        self.consumed.append(line)
-        self.size += len(line)
-        if self.size > self.max_bytes:
-            first = "".join(self.consumed)
-            self.take()
-            self.count += 1
-            raise _RowTooLarge(_read_through(first, lambda: self.handle.readline(_READ_BLOCK)))
-        self.count += 1
-        return line
-
-    def take(self) -> str:
-        """The text of the row just read, forgetting it."""
-        raw = "".join(self.consumed)
-        self.consumed.clear()
-        self.size = 0
-        return raw
-
-
-def _read_csv(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
-    """Records of a CSV file with a header; a row's line is the physical line it starts on."""
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        lines = _CsvLines(handle, limits.row_bytes)
-        csv.field_size_limit(max(csv.field_size_limit(), CSV_MAX_CELL_CHARS))
-        reader = csv.reader(lines)
-        try:
-            try:
-                header = next(reader, None)
-            except _RowTooLarge as error:
-                raise ValueError(
-                    f"the header of CSV file {path} is longer than the row limit "
-                    f"({limits.row_bytes} bytes, data.validation.max_row_mb); is it a CSV file?"
-                ) from error
-            if header is None:
-                return
-            if _ESCAPED_BYTE.search("".join(header)):
-                raise ValueError(
-                    f"the header (first line) of CSV file {path} is not valid UTF-8, so the file "
-                    "is not a UTF-8 CSV file: save it as UTF-8, or set it aside"
-                )
-            lines.take()
-            last_line = lines.count
-            while True:
-                try:
-                    cells = next(reader)
-                except StopIteration:
-                    return
-                except _RowTooLarge as error:
-                    yield error.oversized.failure(last_line + 1, limits.row_bytes)
-                    last_line = lines.count
-                    continue
-                first_line, last_line = last_line + 1, lines.count
-                raw = lines.take().rstrip("\r\n")
-                if not "".join(cells).strip() and len(cells) <= 1:
-                    continue  # a blank line
-                yield _csv_row(first_line, header, cells, raw)
-        except csv.Error as error:
-            raise ValueError(
-                f"cannot parse CSV file {path} near line {lines.count} ({error}); fix its "
-                "quoting or save it as JSONL"
-            ) from error
-
-
-def _read_parquet(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
+def _read_parquet(path: Path, limits: ReadLimits) -> Iterator[ParsedRecord | FailedRecord]:
     """Records of a Parquet file, read in batches of PARQUET_BATCH_ROWS.
 
     A damaged file (bad magic bytes, cut short, corrupt pages) is one ValueError naming it,
@@ -466,7 +202,7 @@ def _read_parquet(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
         for batch in parquet_file.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             for record in batch.to_pylist():
                 index += 1
-                yield _Parsed(index, record)
+                yield ParsedRecord(index, record)
     except (pyarrow.ArrowException, OSError) as error:
         raise ValueError(
             f"{path} is not a readable Parquet file ({error}) after {index} record(s); "
@@ -476,7 +212,7 @@ def _read_parquet(path: Path, limits: _Limits) -> Iterator[_Parsed | _Failure]:
 
 def _read_hf_dataset(
     dataset: datasets.Dataset | datasets.DatasetDict,
-) -> Iterator[_Parsed | _Failure]:
+) -> Iterator[ParsedRecord | FailedRecord]:
     """Records of a Dataset, or of each split of a DatasetDict in order (split set by name)."""
     groups = dataset.items() if hasattr(dataset, "items") else [(None, dataset)]
     index = 0
@@ -486,10 +222,10 @@ def _read_hf_dataset(
             logger.warning("split %r is neither train nor eval; its rows get no split", split_name)
         for record in split_dataset:
             index += 1
-            yield _Parsed(index, record, split=split)
+            yield ParsedRecord(index, record, split=split)
 
 
-def _read_saved_dataset(path: Path) -> Iterator[_Parsed | _Failure]:
+def _read_saved_dataset(path: Path) -> Iterator[ParsedRecord | FailedRecord]:
     """Records of a directory written by ``save_to_disk`` of a Dataset or a DatasetDict."""
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         raise ValueError(
@@ -509,7 +245,7 @@ def hub_access_is_off() -> bool:
     )
 
 
-def _read_hub_dataset(dataset_id: str) -> Iterator[_Parsed | _Failure]:
+def _read_hub_dataset(dataset_id: str) -> Iterator[ParsedRecord | FailedRecord]:
     """Records of every split of a Hugging Face hub dataset."""
     if hub_access_is_off():
         raise ValueError(
@@ -535,7 +271,7 @@ _FORMAT_READERS = {
     "jsonl": _read_jsonl,
     "json": _read_json,
     "parquet": _read_parquet,
-    "csv": _read_csv,
+    "csv": read_csv,
 }
 
 
@@ -550,7 +286,7 @@ def check_file_size(path: str | Path, max_bytes: int) -> None:
         )
 
 
-def _records_of(source: str, limits: _Limits) -> Iterator[_Parsed | _Failure]:
+def _records_of(source: str, limits: ReadLimits) -> Iterator[ParsedRecord | FailedRecord]:
     """The records of one source (file, saved dataset directory or hub id), by its format."""
     path = Path(source)
     if path.is_dir():
@@ -571,7 +307,7 @@ def _records_of(source: str, limits: _Limits) -> Iterator[_Parsed | _Failure]:
     )
 
 
-def _canonical_row(parsed: _Parsed, kind: str) -> dict[str, Any]:
+def _canonical_row(parsed: ParsedRecord, kind: str) -> dict[str, Any]:
     """The canonical row of a parsed record; raises AdapterError if it cannot be converted."""
     if not isinstance(parsed.value, Mapping):
         type_name = "null" if parsed.value is None else type(parsed.value).__name__
@@ -614,20 +350,20 @@ def value_exceeds(value: Any, max_bytes: int) -> bool:
     return False
 
 
-def _checked(item: _Parsed | _Failure, limits: _Limits) -> _Parsed | _Failure:
+def _checked(item: ParsedRecord | FailedRecord, limits: ReadLimits) -> ParsedRecord | FailedRecord:
     """A parsed record too large for the row limit (JSON, Parquet and datasets records, which
     are parsed before they can be measured) as a row_too_large rejection."""
-    if isinstance(item, _Failure) or item.raw_text is not None:
+    if isinstance(item, FailedRecord) or item.raw_text is not None:
         return item  # JSON Lines and CSV records were measured as they were read
     if not value_exceeds(item.value, limits.row_bytes):
         return item
     text = item.shown()
     sha256, size = raw_digest(text)
     prefix = text[:MAX_RAW_CHARS].encode("utf-8", errors="surrogatepass")
-    return _Oversized(prefix, sha256, size).failure(item.line, limits.row_bytes)
+    return OversizedRecord(prefix, sha256, size).failure(item.line, limits.row_bytes)
 
 
-def _rejection(provenance: dict[str, Any], item: _Failure) -> dict[str, Any]:
+def _rejection(provenance: dict[str, Any], item: FailedRecord) -> dict[str, Any]:
     return {
         **provenance,
         "reason": item.reason,
@@ -638,7 +374,7 @@ def _rejection(provenance: dict[str, Any], item: _Failure) -> dict[str, Any]:
     }
 
 
-def _refuse_unreadable(source_file: str, first: _Failure, parsed: int) -> None:
+def _refuse_unreadable(source_file: str, first: FailedRecord, parsed: int) -> None:
     """Raise for a file that is mostly records that do not parse (see UNREADABLE_RUN)."""
     format_name = file_format(source_file) or "data"
     raise ValueError(
@@ -672,7 +408,7 @@ def read_records(
     file system refuses the file.
     """
     check_kind(kind)
-    limits = _Limits(file_bytes=max_file_bytes, row_bytes=max_row_bytes)
+    limits = ReadLimits(file_bytes=max_file_bytes, row_bytes=max_row_bytes)
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     rows: list[dict[str, Any]] = []
@@ -680,12 +416,12 @@ def read_records(
     for path in paths:
         source_file = str(path)
         rows_before, rejected_before = len(rows), len(rejected)
-        failures: list[_Failure] = []  # read-level, of this file
+        failures: list[FailedRecord] = []  # read-level, of this file
         parsed = 0
         for item in _records_of(source_file, limits):
             item = _checked(item, limits)
             provenance = {"source_file": source_file, "source_line": item.line}
-            if isinstance(item, _Failure):
+            if isinstance(item, FailedRecord):
                 rejected.append(_rejection(provenance, item))
                 if len(failures) < UNREADABLE_RUN:
                     failures.append(item)
@@ -696,7 +432,7 @@ def read_records(
             try:
                 rows.append({**_canonical_row(item, kind), **provenance})
             except AdapterError as error:
-                failure = _failure(item.line, error.reason, error.detail, item.shown())
+                failure = failed_record(item.line, error.reason, error.detail, item.shown())
                 rejected.append(_rejection(provenance, failure))
         logger.info(
             "read %d %s rows from %s (%d rejected)",

@@ -290,7 +290,7 @@ def bounded_quarantine_record(record: dict[str, Any]) -> dict[str, Any]:
     text fits whole in MAX_RAW_CHARS (so small rows remain easy to read), else they are left
     out, since any one of them may be the megabytes that got the row quarantined.
     """
-    from rlhf_core.data.readers import MAX_RAW_CHARS, raw_digest, value_text
+    from rlhf_core.data.raw_records import MAX_RAW_CHARS, raw_digest, value_text
 
     fields = {key: value for key, value in record.items() if key not in _QUARANTINE_META}
     text = value_text(_jsonable(fields))
