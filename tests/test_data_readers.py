@@ -767,3 +767,18 @@ def test_a_truncated_gzip_file_is_one_error_naming_it(tmp_path: Path) -> None:
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"cut\.jsonl\.gz is not a readable gzip file"):
         read_records([path], "preference")
+
+
+def test_a_parquet_string_that_is_not_utf8_is_one_error_naming_the_file(tmp_path):
+    """Parquet strings are UTF-8 by the format; pyarrow checks only when a batch becomes
+    Python values (found by the fuzz test: a UnicodeDecodeError that named no file)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    path = tmp_path / "damaged.parquet"
+    table = pyarrow.table({"prompt": ["Review film 0."], "completion": ["Fine."]})
+    pyarrow.parquet.write_table(table, path, compression="none", use_dictionary=False)
+    path.write_bytes(path.read_bytes().replace(b"Review film 0.", b"Review film \x80."))
+    with pytest.raises(ValueError, match="is not a readable Parquet file") as error:
+        read_records([path], "sft")
+    assert str(path) in str(error.value)

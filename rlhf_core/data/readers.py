@@ -203,7 +203,9 @@ def _read_parquet(path: Path, limits: ReadLimits) -> Iterator[ParsedRecord | Fai
             for record in batch.to_pylist():
                 index += 1
                 yield ParsedRecord(index, record)
-    except (pyarrow.ArrowException, OSError) as error:
+    # UnicodeDecodeError: a string column holding bytes that are not UTF-8, which Parquet's
+    # strings must be (pyarrow checks only when it converts a batch)
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as error:
         raise ValueError(
             f"{path} is not a readable Parquet file ({error}) after {index} record(s); "
             "write it again or set it aside"
