@@ -162,7 +162,15 @@ def reward_model(tokenizer):
 # loadfile) in collection order, and the end-to-end file started last would set the suite's
 # length alone. Within a file, and among the others, the order is unchanged (a stable sort).
 
-LONGEST_FIRST = ("test_pipeline_end_to_end.py", "test_benchmarks.py", "test_flows.py")
+LONGEST_FIRST = (
+    "test_pipeline_end_to_end.py",
+    "test_team_stack.py",
+    "test_benchmarks.py",
+    "test_flows.py",
+    "test_tracking_outage.py",
+    "test_crash_harness.py",
+    "test_store_crashes.py",
+)
 
 
 def pytest_collection_modifyitems(items):
