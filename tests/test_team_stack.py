@@ -1,7 +1,8 @@
 """A team's first retrain on real servers, end to end: `rlhf infra up` (PostgreSQL, the S3
-emulator, MLflow, Prefect, a worker; `status`, and `up` again keeping all of it), a tiny
-pipeline run against them, `rlhf deploy` (a pool deployment with no machine's path in it), an
-`rlhf ingest` whose event has the worker run the retrain to completion in its checkout; then
+emulator, MLflow, Prefect, a worker; `status`, and `up` again keeping all of it), `rlhf
+deploy` (a pool deployment with no machine's path in it), an `rlhf ingest` whose event has the
+worker run the retrain in its checkout: the tiny pipeline against the servers, to completion,
+promoting the first champion; then
 what the team sees: MLflow's nested runs, metric histories, artifacts in the bucket and the
 champion with its lineage, no secret in any param or tag; the results pushed to the DVC
 remote and dvc.lock committed, a fresh clone that pulls them with a clean `dvc status`; and
@@ -98,8 +99,6 @@ def test_a_team_retrain_on_the_stack(tmp_path, stack_dir):
     run([*dvc, "remote", "modify", "team", "endpointurl", endpoint], project, env)
     run(["git", "commit", "-qam", "the team's DVC remote"], project, env)
 
-    # A first pipeline run against the servers makes the first champion.
-    run([rlhf, "run"], project, env)
     run([rlhf, "deploy", "--project", str(project)], project, env)
     _check_deployment(exports["PREFECT_API_URL"], tmp_path)
 
@@ -135,8 +134,7 @@ def test_a_team_retrain_on_the_stack(tmp_path, stack_dir):
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
     assert not any(_port_answers(port) for port in ports.values())
-    # A figure, not a bound (timings belong to benchmarks): 251 s with the stack up in 38 s,
-    # alone on the 2-core machine.
+    # A figure, not a bound (timings belong to benchmarks).
     print(f"stack up {stack_up_s:.0f} s; whole test {time.monotonic() - started:.0f} s")
 
 
@@ -208,7 +206,7 @@ def _wait_for_retrain(api_url: str, worker_log: Path, timeout_s: float = 240) ->
 
 
 def _check_mlflow(exports: dict[str, str]) -> None:
-    """Through the MLflow server: two pipeline runs with nested stage runs, a training curve
+    """Through the MLflow server: the retrain's pipeline run with nested stage runs, a curve
     of several steps, artifacts in the S3 bucket, and the champion with its lineage."""
     import boto3
     from mlflow import MlflowClient
@@ -221,7 +219,7 @@ def _check_mlflow(exports: dict[str, str]) -> None:
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     parents = {run.info.run_id for run in runs if "mlflow.parentRunId" not in run.data.tags}
     nested = [run for run in runs if run.data.tags.get("mlflow.parentRunId") in parents]
-    assert len(parents) >= 2 and {r.data.tags.get("stage") for r in nested} >= {
+    assert parents and {r.data.tags.get("stage") for r in nested} >= {
         "sft",
         "reward",
     }
