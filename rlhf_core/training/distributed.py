@@ -27,7 +27,9 @@ def reduce_sums(accelerator: Any, values: Sequence[float]) -> list[float]:
     """Element-wise sums of `values` over every process (float64; one all-reduce)."""
     if accelerator.num_processes == 1:
         return [float(value) for value in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    tensor = torch.tensor(
+        [float(v) for v in values], dtype=torch.float64, device=accelerator.device
+    )
     return [float(value) for value in accelerator.reduce(tensor, reduction="sum").tolist()]
 
 
