@@ -13,6 +13,8 @@ Pure functions of tensors; no models, no I/O. Conventions shared by every functi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf_core.algorithms.options import GROUP_ADVANTAGE_KINDS, KL_ESTIMATORS
@@ -62,7 +64,11 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce_sums: Callable[[list[float]], list[float]] | None = None,
 ) -> torch.Tensor:
     """Normalise ``x`` to zero mean and unit variance over the masked-in entries.
 
@@ -71,15 +77,54 @@ def whiten(
     Masked-out entries are returned as 0. Used on PPO advantages as in the original PPO code
     (Schulman et al. 2017, arXiv:1707.06347).
 
+    When a batch is split across processes, ``reduce_sums`` (element-wise sums of a list of
+    floats over every process, a collective) makes ``μ`` and ``σ²`` those of the whole batch
+    (`global_masked_moments`), so each process whitens its shard as one process would whiten
+    the union.
+
     Raises:
-        ValueError: if fewer than two entries are masked in.
+        ValueError: if fewer than two entries are masked in (over every process).
     """
-    mean = masked_mean(x, mask)
-    variance = masked_var(x, mask, unbiased=True)
+    if reduce_sums is None:
+        mean = masked_mean(x, mask)
+        variance = masked_var(x, mask, unbiased=True)
+    else:
+        mean, variance = global_masked_moments(x, mask, reduce_sums)
     whitened = (x - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def global_masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, reduce_sums: Callable[[list[float]], list[float]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean and unbiased variance of ``x`` over the masked-in entries of every process.
+
+    Two passes, as ``masked_var`` on the union: ``μ = Σ m x / n`` from the summed counts and
+    sums, then ``σ² = Σ m (x − μ)² / (n − 1)`` from the summed squared deviations (not
+    ``E[x²] − μ²``, which cancels badly). ``reduce_sums`` sums a list of floats over every
+    process (float64); each process must call this function at the same point. Returns 0-dim
+    float64 tensors on ``x``'s device.
+
+    Raises:
+        ValueError: if fewer than two entries are masked in over every process.
+    """
+    _require_same_shape(x=x, mask=mask)
+    is_token = mask.bool()
+    zeros = torch.zeros((), dtype=torch.float64, device=x.device)
+    local = torch.where(is_token, x.detach().double(), zeros)
+    count, total = reduce_sums([float(is_token.sum()), float(local.sum())])
+    if count < 2:
+        raise ValueError(
+            f"whitening needs at least 2 masked-in entries over every process but got "
+            f"{int(count)}; check the mask."
+        )
+    mean = torch.tensor(total / count, dtype=torch.float64, device=x.device)
+    deviations = torch.where(is_token, local - mean, zeros)
+    (squares,) = reduce_sums([float((deviations * deviations).sum())])
+    variance = torch.tensor(squares / (count - 1), dtype=torch.float64, device=x.device)
+    return mean, variance
 
 
 def compute_gae(

@@ -28,10 +28,14 @@ so a resumed run reproduces the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,6 +51,7 @@ from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.generation import SamplingSettings, derived_seed, generate
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.training.checkpoint import CheckpointManager
+from rlhf_core.training.distributed import reduce_named_sums, reduce_sums, shard
 from rlhf_core.training.divergence import describe_examples, require_finite
 from rlhf_core.training.loop import param_groups, progress_bar, replay_history, seed_everything
 from rlhf_core.training.rollout import (
@@ -138,35 +143,75 @@ def _update(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
     where: str = "ppo update",
+    *,
+    accelerator: Any = None,
+    rows: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """`ppo_epochs` passes of minibatch updates; returns token-weighted means of the stats.
     A NaN or infinite loss or gradient norm raises TrainingDivergedError before the optimizer
-    step (`where` names the iteration in its message)."""
+    step (`where` names the iteration in its message).
+
+    With an `accelerator`, `policy` is the model it prepared (DDP over several processes),
+    `experience` this process's rows and `rows` their positions in the iteration's whole
+    rollout (default: all of it). Every process draws the same shuffle of the whole rollout
+    and trains on its own rows of each minibatch; each loss is weighted by the minibatch's
+    response tokens over every process, so the averaged gradient is the one a single process
+    computes on the whole minibatch. Every process runs the same number of forward/backward
+    passes per minibatch (the most any process needs; a process with fewer rows, or none,
+    adds passes of weight zero), since DDP communicates in both, and only the last one
+    synchronises gradients. A non-finite loss on any process stops every process.
+    """
+    world = 1 if accelerator is None else accelerator.num_processes
+    rank = 0 if accelerator is None else accelerator.process_index
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    n = experience.input_ids.shape[0]
+    local_rows = experience.input_ids.shape[0]
+    rows = list(range(local_rows)) if rows is None else list(rows)
+    local_of = {row: local for local, row in enumerate(rows)}  # rollout row -> this shard's
+    (n,) = _sums(accelerator, [len(rows)])
     micro = settings.micro_batch_size_or_minibatch
     totals: dict[str, float] = {}
     total_tokens, grad_norms = 0, []
     for _ in range(settings.ppo_epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, settings.minibatch_size):
+        order = torch.randperm(int(n), generator=generator)
+        for start in range(0, int(n), settings.minibatch_size):
             minibatch = order[start : start + settings.minibatch_size]
-            minibatch_tokens = int(experience.mask[minibatch].sum())
-            for micro_start in range(0, len(minibatch), micro):
-                rows = minibatch[micro_start : micro_start + micro].to(experience.mask.device)
-                loss, stats, tokens = _micro_batch_loss(policy, experience, rows, settings)
-                require_finite(
-                    "loss",
-                    float(loss.detach()),
-                    _naming(where, rows),
-                )
-                # Weighting each micro-batch's token mean by its share of the minibatch's
-                # tokens makes the accumulated gradient the minibatch's exact token mean.
-                (loss * (tokens / minibatch_tokens)).backward()
+            mine = [local_of[row] for row in minibatch.tolist() if row in local_of]
+            micro_batches = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+            counts = [0.0] * world
+            counts[rank] = float(len(micro_batches))
+            minibatch_tokens, *passes = _sums(
+                accelerator, [float(experience.mask[mine].sum()), *counts]
+            )
+            # Padding passes reuse this shard's first row with weight zero.
+            micro_batches += [[]] * (int(max(passes)) - len(micro_batches))
+            first_bad: tuple[float, list[int]] | None = None  # (loss, rollout rows)
+            for index, local in enumerate(micro_batches):
+                weight_rows = torch.tensor(local or [0], dtype=torch.long)
+                batch_rows = weight_rows.to(experience.mask.device)
+                is_last = index == len(micro_batches) - 1
+                no_sync = accelerator is not None and world > 1 and not is_last
+                with accelerator.no_sync(policy) if no_sync else contextlib.nullcontext():
+                    loss, stats, tokens = _micro_batch_loss(
+                        policy, experience, batch_rows, settings
+                    )
+                    if not local:
+                        tokens = 0
+                    loss_value = float(loss.detach())
+                    if local and first_bad is None and not math.isfinite(loss_value):
+                        first_bad = (loss_value, [rows[i] for i in local])
+                    # Weighting each micro-batch's token mean by its share of the minibatch's
+                    # tokens makes the accumulated gradient the minibatch's exact token mean;
+                    # DDP averages over processes, hence the factor `world`.
+                    weighted = loss * (tokens * world / minibatch_tokens)
+                    if accelerator is None:
+                        weighted.backward()
+                    else:
+                        accelerator.backward(weighted)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value) * tokens
                 total_tokens += tokens
-            grad_norms.append(_clip_gradients(trainable, settings.max_grad_norm))
+            _require_finite_losses(accelerator, first_bad, where)
+            grad_norms.append(_clip_gradients(trainable, settings.max_grad_norm, accelerator))
             require_finite(
                 "gradient norm",
                 grad_norms[-1],
@@ -175,9 +220,43 @@ def _update(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    metrics = {key: value / total_tokens for key, value in totals.items()}
+    summed = _named_sums(accelerator, {**totals, _TOKENS: float(total_tokens)})
+    metrics = {key: summed[key] / summed[_TOKENS] for key in totals}
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics
+
+
+_TOKENS = "_tokens"  # the name of the token count among the reduced stat sums
+
+
+def _sums(accelerator: Any, values: Sequence[float]) -> list[float]:
+    """`reduce_sums` over the processes; the values themselves without an accelerator."""
+    return list(values) if accelerator is None else reduce_sums(accelerator, values)
+
+
+def _named_sums(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
+    return sums if accelerator is None else reduce_named_sums(accelerator, sums)
+
+
+def _require_finite_losses(
+    accelerator: Any, first_bad: tuple[float, list[int]] | None, where: str
+) -> None:
+    """Raise TrainingDivergedError on every process when any process saw a non-finite loss.
+
+    The check comes after the minibatch's backward passes, which every process must join; the
+    process that saw the loss names its rollout rows, the others say it was another's."""
+    if accelerator is None or accelerator.num_processes == 1:
+        if first_bad is not None:
+            require_finite("loss", first_bad[0], _naming(where, torch.tensor(first_bad[1])))
+        return
+    bad_nan = first_bad is not None and math.isnan(first_bad[0])
+    bad_inf = first_bad is not None and not bad_nan
+    nans, infs = reduce_sums(accelerator, [float(bad_nan), float(bad_inf)])
+    if first_bad is not None:
+        require_finite("loss", first_bad[0], _naming(where, torch.tensor(first_bad[1])))
+    if nans or infs:
+        value = float("nan") if nans else float("inf")
+        require_finite("loss", value, lambda: f"{where} (rollout rows of another process)")
 
 
 def _naming(where: str, rows: torch.Tensor) -> Callable[[], str]:
@@ -185,10 +264,19 @@ def _naming(where: str, rows: torch.Tensor) -> Callable[[], str]:
     return lambda: f"{where} ({describe_examples(rows.tolist(), 'rollout rows')})"
 
 
-def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm to `max_norm` (0: no clipping); return the norm before."""
+def _clip_gradients(
+    parameters: list[torch.nn.Parameter], max_norm: float, accelerator: Any = None
+) -> float:
+    """Clip the global gradient norm to `max_norm` (0: no clipping); return the norm before.
+
+    With an accelerator its `clip_grad_norm_` (it unscales mixed-precision gradients first);
+    under DDP the gradients are already averaged, so every process gets the same norm."""
+    if max_norm > 0 and accelerator is not None:
+        return float(accelerator.clip_grad_norm_(parameters, max_norm))
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    if accelerator is not None:
+        accelerator.unscale_gradients()
     grads = [p.grad.detach().norm() for p in parameters if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
@@ -237,20 +325,47 @@ def evaluate_policy(
 # --------------------------------------------------------------------------------------------
 
 
-def _iteration_metrics(experience: Experience, kl_coef: float) -> dict[str, float]:
-    """Rollout statistics of one iteration (before the update)."""
+def _iteration_metrics(
+    experience: Experience, kl_coef: float, accelerator: Any = None
+) -> dict[str, float]:
+    """Rollout statistics of one iteration (before the update), over every process's rows."""
     mask = experience.mask.bool()
     sequence_kl = torch.where(mask, experience.old_logps - experience.ref_logps, 0.0).sum(dim=1)
-    metrics = {
-        "reward/score_mean": float(experience.raw_scores.mean()),
-        "reward/total_mean": float(experience.rewards.sum(dim=1).mean()),
-        "kl/mean": float(sequence_kl.mean()),
-        "kl/coef": kl_coef,
-        "response/length_mean": float(mask.sum(dim=1).float().mean()),
-        "response/ended_fraction": float(experience.ended.float().mean()),
+    if accelerator is None or accelerator.num_processes == 1:
+        metrics = {
+            "reward/score_mean": float(experience.raw_scores.mean()),
+            "reward/total_mean": float(experience.rewards.sum(dim=1).mean()),
+            "kl/mean": float(sequence_kl.mean()),
+            "kl/coef": kl_coef,
+            "response/length_mean": float(mask.sum(dim=1).float().mean()),
+            "response/ended_fraction": float(experience.ended.float().mean()),
+        }
+        if experience.values is not None:
+            metrics["value/mean"] = float(masked_mean(experience.values, experience.mask))
+        return metrics
+    # Sums over every process divided by global counts: shards may differ in size, so a mean
+    # of per-process means would weight their rows unequally.
+    sums = {
+        "rows": float(mask.shape[0]),
+        "tokens": float(mask.sum()),
+        "score": float(experience.raw_scores.double().sum()),
+        "total": float(experience.rewards.double().sum()),
+        "kl": float(sequence_kl.double().sum()),
+        "ended": float(experience.ended.sum()),
     }
     if experience.values is not None:
-        metrics["value/mean"] = float(masked_mean(experience.values, experience.mask))
+        sums["value"] = float(torch.where(mask, experience.values.double(), 0.0).sum())
+    total = reduce_named_sums(accelerator, sums)
+    metrics = {
+        "reward/score_mean": total["score"] / total["rows"],
+        "reward/total_mean": total["total"] / total["rows"],
+        "kl/mean": total["kl"] / total["rows"],
+        "kl/coef": kl_coef,
+        "response/length_mean": total["tokens"] / total["rows"],
+        "response/ended_fraction": total["ended"] / total["rows"],
+    }
+    if "value" in total:
+        metrics["value/mean"] = total["value"] / total["tokens"]
     return metrics
 
 
@@ -265,6 +380,7 @@ def train_ppo(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     show_progress: bool = True,
+    accelerator: Any = None,
 ) -> PPOTrainResult:
     """Train `policy` (LM + value head, in place) with PPO against a frozen reference.
 
@@ -273,12 +389,35 @@ def train_ppo(
     every evaluation on `eval_prompts` (iteration 0 = before training; none without prompts).
     The reference is put in eval mode with gradients off; the scorer must not need gradients.
     The policy stays in eval mode (no dropout) while it trains.
+
+    With an `accelerate.Accelerator` (run under `accelerate launch`, every process calling
+    this with the same models, prompts and settings) the policy and its optimizer are prepared
+    by it (DDP over several processes) and each process rolls out its share of the iteration's
+    prompts (`rollout_shard`) with the unwrapped policy; advantages are whitened, the KL
+    controller fed and the metrics computed over every process's rollout, and the update is
+    the single-process update of the whole rollout (`_update`). Only the main process calls
+    `on_log` and `on_eval`, shows progress, evaluates and writes checkpoints (every process
+    loads them); the result's `eval_history` is the main process's. Every process waits for
+    the others before returning, so the caller can save the policy from the main process.
     """
     policy, reference, tokenizer = models.policy, models.reference, models.tokenizer
     if not prompts:
         raise ValueError("There are no prompts to roll out; the prompts set is empty.")
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; call ensure_pad_token(tokenizer).")
+    world = 1 if accelerator is None else accelerator.num_processes
+    is_main = accelerator is None or accelerator.is_main_process
+    if settings.prompts_per_iteration < world:
+        raise ValueError(
+            f"PPO samples {settings.prompts_per_iteration} prompts per iteration but runs on "
+            f"{world} processes; raise rollout_batch_size so every process gets a prompt."
+        )
+    if accelerator is not None and accelerator.gradient_accumulation_steps != 1:
+        raise ValueError(
+            "The accelerator given to train_ppo accumulates gradients itself "
+            f"(gradient_accumulation_steps={accelerator.gradient_accumulation_steps}); "
+            "create it with the default 1: PPO accumulates over micro_batch_size."
+        )
     seed_everything(seed)
     reference.eval().requires_grad_(False)
     # Dropout stays off throughout (as in TRL's PPO): sampling, old log-probs and the update
@@ -301,6 +440,53 @@ def train_ppo(
         if settings.adaptive_kl
         else FixedKLController(settings.init_kl_coef)
     )
+    trained = policy  # what the update runs: the policy, or its DDP wrapper
+    # Without a critic the value head gets no gradient; DDP waits for a gradient of every
+    # trainable parameter, so the head is frozen for the run (its values are never used).
+    frozen_head = (
+        accelerator is not None
+        and settings.uses_groups
+        and [p for p in policy.value_head.parameters() if p.requires_grad]
+    )
+    if frozen_head:
+        policy.value_head.requires_grad_(False)
+    try:
+        if accelerator is not None:
+            trained, optimizer = accelerator.prepare(policy, optimizer)
+        result = _train(
+            models, prompts, settings, trained, optimizer, scheduler, controller, accelerator,
+            seed=seed, eval_prompts=eval_prompts, checkpoints=checkpoints,
+            on_log=on_log if is_main else None, on_eval=on_eval if is_main else None,
+            show_progress=show_progress and is_main,
+        )  # fmt: skip
+    finally:
+        for parameter in frozen_head or []:
+            parameter.requires_grad_(True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return result
+
+
+def _train(
+    models: PPOModels,
+    prompts: Sequence[Messages],
+    settings: PPOTrainSettings,
+    trained: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    controller: AdaptiveKLController | FixedKLController,
+    accelerator: Any,
+    *,
+    seed: int,
+    eval_prompts: Sequence[Messages],
+    checkpoints: CheckpointManager | None,
+    on_log: Callable[[int, dict[str, float]], None] | None,
+    on_eval: Callable[[int, dict[str, float]], None] | None,
+    show_progress: bool,
+) -> PPOTrainResult:
+    """`train_ppo`'s loop: resume, then iterate, log, evaluate and checkpoint."""
+    policy = models.policy
+    is_main = accelerator is None or accelerator.is_main_process
     result = PPOTrainResult(iterations=0, resumed_from=0)
     if checkpoints is not None and (latest := checkpoints.latest()) is not None:
         state = checkpoints.load(latest, policy, optimizer, scheduler)
@@ -309,7 +495,7 @@ def train_ppo(
             iterations=state.global_step,
             resumed_from=state.global_step,
             history=list(state.extra["history"]),
-            eval_history=list(state.extra["eval_history"]),
+            eval_history=list(state.extra["eval_history"]) if is_main else [],
             train_seconds=float(state.extra["train_seconds"]),
         )
         log.info("resuming PPO from %s (iteration %d)", latest, state.global_step)
@@ -317,7 +503,7 @@ def train_ppo(
         replay_history(result.eval_history, on_eval)
 
     def run_eval(iteration: int) -> None:
-        if not eval_prompts:
+        if not eval_prompts or not is_main:
             return
         metrics = evaluate_policy(models, eval_prompts, settings, derived_seed(seed, "eval"))
         result.eval_history.append({"step": iteration, **metrics})
@@ -340,6 +526,8 @@ def train_ppo(
                 scheduler,
                 iteration,
                 seed,
+                trained=trained,
+                accelerator=accelerator,
             )
             result.iterations = iteration + 1
             result.train_seconds += metrics["time/iteration_s"]
@@ -355,6 +543,7 @@ def train_ppo(
                 and settings.checkpoint_every
                 and (iteration + 1) % settings.checkpoint_every == 0
                 and not is_last
+                and is_main
             ):
                 extra = {
                     "kl_coef": controller.value,
@@ -371,6 +560,32 @@ def train_ppo(
     return result
 
 
+def rollout_shard(num_prompts: int, group_size: int, rank: int, world: int) -> list[int]:
+    """The rows of an iteration's rollout that process `rank` of `world` samples and trains.
+
+    The rollout's rows are its prompt positions, each repeated `group_size` times in a row
+    (1 without groups). Prompt positions are dealt out as `distributed.shard` deals examples,
+    and a prompt's whole group goes with it, so group baselines never need another process.
+    """
+    return [
+        position * group_size + sample
+        for position in shard(range(num_prompts), rank, world)
+        for sample in range(group_size)
+    ]
+
+
+def rollout_seed(seed: int, iteration: int, rank: int) -> int:
+    """The sampling seed of process `rank`'s rollout in `iteration`.
+
+    Process 0 uses the single-process seed, so one process samples what it always did; the
+    others draw independent streams. The union of the samples therefore depends on the number
+    of processes: `generate` samples each batch from one random stream, so samples that did
+    not depend on it would need one stream, and one generation batch, per prompt."""
+    if rank == 0:
+        return derived_seed(seed, "rollout", iteration)
+    return derived_seed(seed, f"rollout/process-{rank}", iteration)
+
+
 def _iteration(
     models: PPOModels,
     prompts: Sequence[Messages],
@@ -380,31 +595,54 @@ def _iteration(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     iteration: int,
     seed: int,
+    *,
+    trained: torch.nn.Module | None = None,
+    accelerator: Any = None,
 ) -> dict[str, float]:
-    """One rollout + update; returns the iteration's metrics."""
-    policy = models.policy
+    """One rollout + update; returns the iteration's metrics (over every process).
+
+    `trained` is the module the update runs (the DDP-wrapped policy under an accelerator);
+    rollouts use `models.policy` itself, so generation makes no collective calls."""
+    world = 1 if accelerator is None else accelerator.num_processes
+    rank = 0 if accelerator is None else accelerator.process_index
     started = time.perf_counter()
     indices = iteration_prompt_indices(
         len(prompts), settings.prompts_per_iteration, iteration, seed
     )
+    group_size = settings.group_size if settings.uses_groups else 1
+    rows = rollout_shard(len(indices), group_size, rank, world)
+    prompt_positions = [row // group_size for row in rows[::group_size]]
     kl_coef = controller.value
     experience, timings = make_experience(
         models,
-        [prompts[i] for i in indices],
+        [prompts[indices[position]] for position in prompt_positions],
         settings,
         kl_coef,
-        seed=derived_seed(seed, "rollout", iteration),
+        seed=rollout_seed(seed, iteration, rank),
+        reduce_sums=functools.partial(reduce_sums, accelerator) if world > 1 else None,
     )
-    metrics = _iteration_metrics(experience, kl_coef)
+    metrics = _iteration_metrics(experience, kl_coef, accelerator)
     update_started = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     generator = torch.Generator().manual_seed(derived_seed(seed, "shuffle", iteration))
     where = f"ppo iteration {iteration + 1} of {settings.iterations}"
-    metrics.update(_update(policy, experience, settings, optimizer, scheduler, generator, where))
+    metrics.update(
+        _update(
+            models.policy if trained is None else trained,
+            experience,
+            settings,
+            optimizer,
+            scheduler,
+            generator,
+            where,
+            accelerator=accelerator,
+            rows=rows,
+        )
+    )
     finished = time.perf_counter()
     controller.update(metrics["kl/mean"], settings.rollout_batch_size)
     seconds = finished - started
-    tokens = int(experience.attention_mask.sum())
+    (tokens,) = _sums(accelerator, [float(experience.attention_mask.sum())])
     metrics.update(
         {
             "loss": metrics["loss/total"],

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 Scorer = Callable[[Rollout], torch.Tensor]  # rollout -> one score per response, (n,)
+SumReducer = Callable[[list[float]], list[float]]  # element-wise sums over every process
 
 
 class PPOModels(NamedTuple):
@@ -70,6 +71,30 @@ class Experience:
     advantages: torch.Tensor  # (n, seq - 1), whitened if configured
     returns: torch.Tensor | None  # (n, seq - 1) value targets, None without a critic
     ended: torch.Tensor  # (n,) bool, response emitted EOS
+
+    def select(self, rows: Sequence[int]) -> Experience:
+        """The experience of the rows at `rows`, in that order (the columns stay as they are)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[index]
+
+        return Experience(
+            rollout=self.rollout.select(list(rows)),
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            mask=self.mask[index],
+            old_logps=self.old_logps[index],
+            ref_logps=self.ref_logps[index],
+            values=pick(self.values),
+            raw_scores=self.raw_scores[index],
+            scores=self.scores[index],
+            kl=self.kl[index],
+            rewards=self.rewards[index],
+            advantages=self.advantages[index],
+            returns=pick(self.returns),
+            ended=self.ended[index],
+        )
 
 
 def reward_model_scorer(reward_model: RewardModel, pad_id: int, batch_size: int = 64) -> Scorer:
@@ -118,9 +143,11 @@ def forward_token_stats(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Aligned `(logps, values or None, logits, mask)` for one batch; gradients flow.
 
+    `model` may be a policy wrapped for data-parallel training (its `.module` is the policy):
+    the wrapper's own forward must run, since it is what synchronises the gradients.
     logps, values, mask: (b, seq - 1); logits (b, seq - 1, vocab), tempered.
     """
-    if isinstance(model, PolicyWithValueHead):
+    if isinstance(getattr(model, "module", model), PolicyWithValueHead):
         logits, values = model(input_ids, attention_mask)  # (b, seq, vocab), (b, seq)
     else:
         logits = model(
@@ -175,12 +202,16 @@ def make_experience(
     settings: PPOTrainSettings,
     kl_coef: float,
     seed: int,
+    reduce_sums: SumReducer | None = None,
 ) -> tuple[Experience, dict[str, float]]:
     """Sample responses for `prompts` and turn them into PPO training tensors.
 
     For grpo/rloo each prompt is repeated `group_size` times in a row (the groups of
     `group_advantages`). Returns the experience and the seconds spent generating and scoring
     (`generation_s`, `scoring_s`; scoring includes the log-prob and value passes).
+    When the iteration's prompts are split across processes, `reduce_sums` (a collective,
+    see `rewards_and_advantages`) whitens over every process's tokens; nothing else here
+    communicates.
     """
     policy, reference, scorer, tokenizer = models
     if settings.uses_groups:
@@ -216,7 +247,7 @@ def make_experience(
     )
     mask = tensors["response_mask"][:, 1:]  # (n, seq - 1)
     rewards, kl, advantages, returns = rewards_and_advantages(
-        scores, old_logps, ref_logps, values, mask, settings, kl_coef
+        scores, old_logps, ref_logps, values, mask, settings, kl_coef, reduce_sums
     )
     experience = Experience(
         rollout=rollout,
@@ -248,6 +279,7 @@ def rewards_and_advantages(
     mask: torch.Tensor,
     settings: PPOTrainSettings,
     kl_coef: float,
+    reduce_sums: SumReducer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`(rewards, kl, advantages, returns)` of a rollout: the `algorithms.ppo` functions, wired.
 
@@ -259,6 +291,10 @@ def rewards_and_advantages(
     no further whitening (re-whitening over tokens would give a group of equal rewards a
     non-zero push, weighted by response lengths); returns are None. Token tensors are
     `(n, seq - 1)`, scores `(n,)`.
+
+    `reduce_sums` (element-wise sums over every process, a collective) is given when the rollout
+    is split across processes: GAE advantages are then whitened with the mean and variance of
+    every process's tokens. Groups never straddle processes, so group advantages need none.
     """
     use_kl = kl_coef if (not settings.uses_groups or settings.kl_in_reward) else 0.0
     rewards, kl = shape_rewards(scores, old_logps, ref_logps, mask, use_kl, settings.kl_estimator)
@@ -274,5 +310,5 @@ def rewards_and_advantages(
             raise ValueError("GAE needs the value head's values; pass values for every token.")
         advantages, returns = compute_gae(rewards, values, mask, settings.gamma, settings.lam)
         if settings.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, reduce_sums=reduce_sums)
     return rewards, kl, advantages, returns
