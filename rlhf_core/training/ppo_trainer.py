@@ -164,38 +164,36 @@ def _update(
     world = 1 if accelerator is None else accelerator.num_processes
     rank = 0 if accelerator is None else accelerator.process_index
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    local_rows = experience.input_ids.shape[0]
-    rows = list(range(local_rows)) if rows is None else list(rows)
+    rows = list(range(experience.input_ids.shape[0])) if rows is None else list(rows)
     local_of = {row: local for local, row in enumerate(rows)}  # rollout row -> this shard's
-    (n,) = _sums(accelerator, [len(rows)])
+    n = int(_sums(accelerator, [len(rows)])[0])  # rows of the whole rollout
     micro = settings.micro_batch_size_or_minibatch
     totals: dict[str, float] = {}
     total_tokens, grad_norms = 0, []
     for _ in range(settings.ppo_epochs):
-        order = torch.randperm(int(n), generator=generator)
-        for start in range(0, int(n), settings.minibatch_size):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, settings.minibatch_size):
             minibatch = order[start : start + settings.minibatch_size]
             mine = [local_of[row] for row in minibatch.tolist() if row in local_of]
             micro_batches = [mine[i : i + micro] for i in range(0, len(mine), micro)]
-            counts = [0.0] * world
-            counts[rank] = float(len(micro_batches))
+            passes = [0.0] * world
+            passes[rank] = float(len(micro_batches))
             minibatch_tokens, *passes = _sums(
-                accelerator, [float(experience.mask[mine].sum()), *counts]
+                accelerator, [float(experience.mask[mine].sum()), *passes]
             )
-            # Padding passes reuse this shard's first row with weight zero.
             micro_batches += [[]] * (int(max(passes)) - len(micro_batches))
             first_bad: tuple[float, list[int]] | None = None  # (loss, rollout rows)
             for index, local in enumerate(micro_batches):
-                weight_rows = torch.tensor(local or [0], dtype=torch.long)
-                batch_rows = weight_rows.to(experience.mask.device)
-                is_last = index == len(micro_batches) - 1
-                no_sync = accelerator is not None and world > 1 and not is_last
+                # A padding pass (no rows here) runs this shard's first row with weight zero.
+                batch_rows = torch.tensor(
+                    local or [0], dtype=torch.long, device=experience.mask.device
+                )
+                no_sync = world > 1 and index < len(micro_batches) - 1
                 with accelerator.no_sync(policy) if no_sync else contextlib.nullcontext():
                     loss, stats, tokens = _micro_batch_loss(
                         policy, experience, batch_rows, settings
                     )
-                    if not local:
-                        tokens = 0
+                    tokens = tokens if local else 0
                     loss_value = float(loss.detach())
                     if local and first_bad is None and not math.isfinite(loss_value):
                         first_bad = (loss_value, [rows[i] for i in local])
@@ -207,9 +205,10 @@ def _update(
                         weighted.backward()
                     else:
                         accelerator.backward(weighted)
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) * tokens
-                total_tokens += tokens
+                if local:
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * tokens
+                    total_tokens += tokens
             _require_finite_losses(accelerator, first_bad, where)
             grad_norms.append(_clip_gradients(trainable, settings.max_grad_norm, accelerator))
             require_finite(
