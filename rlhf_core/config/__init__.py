@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rlhf_core.config.compute import ComputeSettings
 from rlhf_core.config.data import DemoSettings, ValidationSettings
 from rlhf_core.config.gate import GateSettings
+from rlhf_core.config.launch import LaunchSettings
 from rlhf_core.config.stages import (
     DPOSettings,
     EvaluateSettings,
@@ -126,6 +127,7 @@ class Params(_Section):
 
     seed: int = Field(0, description="Global seed for every stage.")
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)

@@ -7,6 +7,13 @@ supplies a `TrainingObjective`: how to collate examples and the loss of a micro-
 
 Normalising by the units of the whole step (not by micro-batch) makes gradient accumulation
 exact: one batch of 8 and eight accumulated batches of 1 give the same update.
+
+On several processes (`accelerate launch`, DDP) `batch_size` is the global batch: each process
+takes every world-th example of the step (`distributed.shard`), the loss is normalised by the
+units of the whole step over every process, and the logged loss and metrics are reduced over
+processes, so N processes reach the update one process makes on the same step. Only the main
+process logs, evaluates and saves checkpoints; every process waits on a barrier at the end so
+the caller can save the model from the main process.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from rlhf_core.config.training import (
 )
 from rlhf_core.training.batching import plan_epoch, split_micro_batches
 from rlhf_core.training.checkpoint import CheckpointManager
+from rlhf_core.training.distributed import reduce_named_sums, shard
 from rlhf_core.training.divergence import describe_examples, require_finite
 from rlhf_core.training.schedule import build_scheduler
 
@@ -154,7 +162,7 @@ def train(
     lengths = list(task.lengths)
     if not lengths:
         raise ValueError("no training examples")
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if settings.batch_size < world:
         raise ValueError(f"batch_size {settings.batch_size} < number of processes {world}")
     steps = total_steps(settings, len(lengths))
@@ -170,6 +178,8 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
     result = TrainResult(global_step=0, resumed_from=0)
+    if not accelerator.is_main_process:  # the main process alone logs and evaluates
+        on_log = on_eval = None
     if checkpoints is not None and (latest := checkpoints.latest()) is not None:
         state = checkpoints.load(latest, accelerator.unwrap_model(model), optimizer, scheduler)
         start = state.global_step
@@ -189,11 +199,10 @@ def train(
                         lengths, settings.batch_size, settings.seed, epoch, settings.group_by_length
                     )
                 }
-            step_indices = plans[epoch][position][rank::world]
             where = f"{description} optimizer step {step + 1} of {steps}"
             metrics = _optimizer_step(
-                model, task, settings, accelerator, optimizer, trainable, step_indices, lengths,
-                where,
+                model, task, settings, accelerator, optimizer, trainable, plans[epoch][position],
+                lengths, where,
             )  # fmt: skip
             metrics["lr"] = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -205,7 +214,7 @@ def train(
             bar.update(bar_task, advance=1, status=f"loss {metrics['loss']:.4f}")
             is_last = step + 1 == steps
             if settings.eval_every and (step + 1) % settings.eval_every == 0 and not is_last:
-                _evaluate(model, task, step + 1, result, on_eval)
+                _evaluate(accelerator, model, task, step + 1, result, on_eval)
             if (
                 checkpoints is not None
                 and settings.checkpoint_every
@@ -221,14 +230,15 @@ def train(
                     extra=_progress(result),
                 )
     result.train_seconds = time.perf_counter() - started
-    _evaluate(model, task, result.global_step, result, on_eval)
+    accelerator.wait_for_everyone()  # every process has made its last update
+    _evaluate(accelerator, model, task, result.global_step, result, on_eval)
     result.final_eval = result.eval_history[-1] if result.eval_history else {}
     return result
 
 
 def _progress(result: TrainResult) -> dict[str, Any]:
-    """What a checkpoint keeps of the run so far: its curves (tokens and seconds count this
-    process's work only, for its throughput)."""
+    """What a checkpoint keeps of the run so far: its curves (tokens count every process's
+    work, seconds this run's)."""
     return {"history": result.history, "eval_history": result.eval_history}
 
 
@@ -252,26 +262,32 @@ def replay_history(rows: list[dict[str, Any]], callback) -> None:
 
 
 def _optimizer_step(
-    model, task, settings, accelerator, optimizer, trainable, step_indices, lengths, where
+    model, task, settings, accelerator, optimizer, trainable, step_examples, lengths, where
 ) -> dict[str, float]:
-    """Forward/backward every micro-batch of one step, then clip and update; a NaN or infinite
-    loss or gradient norm raises TrainingDivergedError before the update (`where` names the
-    step in its message). Every process reaches the check after the same collectives."""
+    """Forward/backward this process's share of one step's examples, then clip and update.
+
+    A process whose share is empty runs one of the step's examples with weight zero, so it
+    takes part in the gradient all-reduce. The loss and metric sums are reduced over
+    processes before the checks: a NaN or infinite loss or gradient norm on any process
+    raises TrainingDivergedError on every process before the update (`where` names the step).
+    """
     step_started = time.perf_counter()
+    own = shard(step_examples, accelerator.process_index, accelerator.num_processes)
+    weight = 1.0 if own else 0.0
     micro_batches = split_micro_batches(
-        step_indices, lengths, settings.micro_batch_size, settings.max_tokens_per_micro_batch
+        own or list(step_examples[:1]),
+        lengths,
+        settings.micro_batch_size,
+        settings.max_tokens_per_micro_batch,
     )
     batches = [task.collate(indices) for indices in micro_batches]
-    local_units = sum(task.units(batch) for batch in batches)
-    global_units = local_units
-    if accelerator.num_processes > 1:
-        counted = torch.tensor([local_units], device=accelerator.device)
-        global_units = int(accelerator.reduce(counted, reduction="sum").item())
+    local_units = weight * sum(task.units(batch) for batch in batches)
+    global_units = reduce_named_sums(accelerator, {"units": local_units})["units"]
     if global_units == 0:
         raise ValueError("an optimizer step has no loss units (e.g. no completion tokens)")
     # DDP averages gradients over processes; scale so the result is the mean over all units.
-    scale = accelerator.num_processes / global_units
-    loss_sum, tokens, metric_sums = 0.0, 0, {}
+    scale = weight * accelerator.num_processes / global_units
+    sums = {"loss": 0.0, "tokens": 0.0}
     first_bad: tuple[int, float] | None = None  # (micro-batch, its loss)
     for index, batch in enumerate(batches):
         is_last = index == len(batches) - 1
@@ -279,27 +295,33 @@ def _optimizer_step(
         with sync, accelerator.autocast():
             batch_loss, batch_metrics = task.loss(model, batch)
             accelerator.backward(batch_loss * scale)
+        if not own:  # the zero-weight stand-in counts nowhere, but its metric names do
+            sums.update(dict.fromkeys(batch_metrics, 0.0))
+            continue
         batch_loss_value = float(batch_loss.detach())
         if first_bad is None and not math.isfinite(batch_loss_value):
             first_bad = (index, batch_loss_value)
-        loss_sum += batch_loss_value
-        tokens += task.tokens(batch)
+        sums["loss"] += batch_loss_value
+        sums["tokens"] += task.tokens(batch)
         for key, value in batch_metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            sums[key] = sums.get(key, 0.0) + float(value)
     grad_norm = _grad_norm(accelerator, trainable, settings.max_grad_norm)
+    totals = reduce_named_sums(accelerator, sums)
     if first_bad is not None:
         index, value = first_bad
         examples = describe_examples(micro_batches[index])
         require_finite("loss", value, lambda: f"{where}, micro-batch {index + 1} ({examples})")
+    require_finite("loss", totals["loss"], lambda: f"{where} (on another process)")
     require_finite(
-        "gradient norm", grad_norm, lambda: f"{where} ({describe_examples(step_indices)})"
+        "gradient norm", grad_norm, lambda: f"{where} ({describe_examples(step_examples)})"
     )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - step_started
-    metrics = {"loss": loss_sum / local_units, "grad_norm": grad_norm, "tokens": tokens}
+    tokens = totals.pop("tokens")
+    metrics = {key: value / global_units for key, value in totals.items()}
+    metrics.update(grad_norm=grad_norm, tokens=tokens)
     metrics["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
-    metrics.update({key: value / local_units for key, value in metric_sums.items()})
     return metrics
 
 
@@ -310,13 +332,14 @@ def _grad_norm(accelerator, trainable, max_norm: float) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
-def _evaluate(model, task, step, result: TrainResult, on_eval) -> None:
+def _evaluate(accelerator, model, task, step, result: TrainResult, on_eval) -> None:
+    """Held-out metrics on the main process (the model unwrapped: no collective calls)."""
     evaluate = getattr(task, "evaluate", None)
-    if evaluate is None:
+    if evaluate is None or not accelerator.is_main_process:
         return
     model.eval()
     with torch.no_grad():
-        metrics = evaluate(model)
+        metrics = evaluate(accelerator.unwrap_model(model))
     model.train()
     if metrics:
         result.eval_history.append({"step": step, **metrics})
