@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -13,11 +14,16 @@ log = logging.getLogger(__name__)
 
 def resolve_device(settings: ComputeSettings, cuda_available: bool | None = None) -> torch.device:
     """`compute.device` on this machine: auto is cuda when a GPU is visible, else cpu; cuda
-    without a GPU is a ValueError saying so."""
+    without a GPU is a ValueError saying so. In a launched process (LOCAL_RANK set) cuda
+    means that process's GPU, cuda:LOCAL_RANK."""
     available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    device = torch.device(
+        ("cuda" if available else "cpu") if settings.device == "auto" else settings.device
+    )
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # a launched process's GPU
     if settings.device == "auto":
-        return torch.device("cuda" if available else "cpu")
-    device = torch.device(settings.device)
+        return device
     if device.type == "cuda" and not available:
         raise ValueError(
             f"compute.device is {settings.device!r} but torch sees no CUDA device here; set "

@@ -479,3 +479,7 @@ def main() -> None:
     if sys.argv[1:2] == ["stage"] and (code := delegate(sys.argv[1:])) is not None:
         raise SystemExit(code)
     app()
+
+
+if __name__ == "__main__":  # `python -m rlhf_core.app.cli` (what `accelerate launch` runs)
+    main()

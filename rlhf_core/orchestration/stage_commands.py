@@ -67,6 +67,7 @@ def validation_failure(name: str, counts: dict) -> str:
 @stage_app.command("sft")
 def stage_sft(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Supervised fine-tuning of the base model on the SFT set (completion-only loss)."""
+    _launch_if_asked(params_path, "sft")
     from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.sft import run_sft
 
@@ -76,6 +77,7 @@ def stage_sft(params_path: ParamsOption = Path("params.yaml")) -> None:
 @stage_app.command("reward")
 def stage_reward(params_path: ParamsOption = Path("params.yaml")) -> None:
     """Reward model from the SFT model: Bradley–Terry on pairs, Plackett–Luce on rankings."""
+    _launch_if_asked(params_path, "reward")
     from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.reward import run_reward
 
@@ -87,6 +89,7 @@ def stage_reward(params_path: ParamsOption = Path("params.yaml")) -> None:
 @stage_app.command("dpo")
 def stage_dpo(params_path: ParamsOption = Path("params.yaml")) -> None:
     """DPO (or IPO, hinge, conservative DPO, SimPO) from the SFT model on preference pairs."""
+    _launch_if_asked(params_path, "dpo")
     from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.dpo import run_dpo
 
@@ -98,6 +101,7 @@ def stage_dpo(params_path: ParamsOption = Path("params.yaml")) -> None:
 @stage_app.command("ppo")
 def stage_ppo(params_path: ParamsOption = Path("params.yaml")) -> None:
     """PPO (or GRPO/RLOO) against the reward model with a KL penalty to the SFT model."""
+    _launch_if_asked(params_path, "ppo")
     from rlhf_core.stages.common import StageContext
     from rlhf_core.stages.ppo import run_ppo
 
@@ -121,8 +125,33 @@ def stage_evaluate(params_path: ParamsOption = Path("params.yaml")) -> None:
     )
 
 
+def _launch_if_asked(params_path: Path, stage: str) -> None:
+    """With `launch` settings for more than one process (or an accelerate config), run this
+    training stage under `accelerate launch` (`stage_launch`) and exit with its code; in a
+    launched process, or with one process, return and run the stage here."""
+    from rlhf_core.orchestration.stage_launch import is_launched, run_launched
+
+    if is_launched():
+        return
+    launch = load_params_or_exit(params_path).launch
+    if not launch.launches:
+        return
+    try:
+        code = run_launched(stage, params_path, launch)
+    except FileNotFoundError as error:
+        fail(str(error))
+    raise typer.Exit(code=code)
+
+
 def _run_training_stage(params_path: Path, stage_function, stage: str) -> None:
-    metrics = _run_stage(stage_function, params_path, stage)
+    """Run a stage and print its metrics; of a launched stage's processes, only the main one
+    gets this far (the others end with FollowerFinished once they have trained)."""
+    from rlhf_core.stages.training_stage import FollowerFinished
+
+    try:
+        metrics = _run_stage(stage_function, params_path, stage)
+    except FollowerFinished:
+        return
     typer.echo(json.dumps(metrics, indent=2, default=str))
 
 

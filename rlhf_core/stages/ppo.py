@@ -24,6 +24,7 @@ from rlhf_core.stages.training_stage import (
     require_inputs,
     run_training_stage,
     split_for_training,
+    stage_accelerator,
 )
 from rlhf_core.training.ppo_trainer import PPOTrainResult
 
@@ -76,7 +77,10 @@ def run_ppo(
         label=ppo_run_label(settings.train),
         datasets=datasets,
     ) as stage:
-        device = context.device  # fp32 on every device (see ComputeSettings)
+        # fp32 on every device (see ComputeSettings); on several processes (`launch`) each
+        # rolls out its share of the prompts and the update runs under DDP (`train_ppo`).
+        accelerator = stage_accelerator(context, "fp32")
+        device = accelerator.device
         policy_lm, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         reference, _ = load_causal_lm(str(paths.sft_model_dir))
         policy = PolicyWithValueHead(policy_lm, seed=context.seed)
@@ -98,7 +102,9 @@ def run_ppo(
             on_log=stage.log_step,
             on_eval=stage.log_eval,
             show_progress=context.show_progress,
+            accelerator=accelerator,
         )
+        stage.main_process_only()
         stage.run.set_tags({"resumed_from": result.resumed_from})
         out_dir = paths.policy_dir(STAGE)
         with writing("the PPO policy", out_dir):

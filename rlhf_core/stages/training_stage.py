@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,19 @@ PRETRAINED_MAX_LEARNING_RATE = 2e-4
 INPUT_PRODUCERS = {"base_model": "prepare", "sft_model": "sft", "reward_model": "reward"}
 
 
+class FollowerFinished(Exception):
+    """Raised on a launched stage's other processes once their training is done: the main
+    process alone logs, saves the model and writes the stage's outputs (`stage_launch`)."""
+
+
+def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process writes the stage's outputs: rank 0 of a launched stage (torchrun
+    sets RANK), or a plain process."""
+    import os
+
+    return int((os.environ if environ is None else environ).get("RANK", "0") or 0) == 0
+
+
 @dataclass(frozen=True)
 class LoggedDataset:
     """A data set a stage trains or evaluates on, logged as an MLflow dataset input."""
@@ -68,9 +81,16 @@ class TrainingStage:
     settings: Any  # the stage's section of params.yaml (with a `train` subsection)
     context: StageContext
     paths: ProjectPaths
-    run: Any  # tracking.runs.StageRun
+    run: Any  # tracking.runs.StageRun; None on a launched stage's other processes
     fingerprint: str
     checkpoints: CheckpointManager | None = field(default=None)
+    is_main: bool = True  # this process logs and writes outputs (the only one unless launched)
+
+    def main_process_only(self) -> None:
+        """Past this point only the main process goes on: the others, their training part
+        done, raise FollowerFinished (the stage command exits 0 for them)."""
+        if not self.is_main:
+            raise FollowerFinished(self.name)
 
     def checkpoint_manager(self) -> CheckpointManager:
         """The stage's checkpoints (artifacts/checkpoints/<stage>), bound to the fingerprint."""
@@ -110,13 +130,14 @@ class TrainingStage:
         seed), with this stage's checkpoints and metric logging. Turns dropout off first
         (`train.disable_dropout`) and warns when the learning rate is a from-scratch one and
         the model a pretrained one."""
-        if self.settings.train.disable_dropout and (switched := disable_dropout(model)):
+        switched = disable_dropout(model) if self.settings.train.disable_dropout else 0
+        if switched and self.is_main:
             log.info(
                 "%s: dropout turned off in %d places (train.disable_dropout)", self.name, switched
             )
         parameters = sum(parameter.numel() for parameter in model.parameters())
         warning = learning_rate_warning(self.name, parameters, self.settings.train.learning_rate)
-        if warning is not None:
+        if warning is not None and self.is_main:
             log.warning(warning)
         settings = dataclasses.replace(
             self.settings.train,
@@ -127,13 +148,14 @@ class TrainingStage:
             model,
             objective,
             settings,
-            accelerator=stage_accelerator(self.context, settings),
+            accelerator=stage_accelerator(self.context, settings.mixed_precision),
             checkpoints=self.checkpoint_manager(),
             on_log=self.log_step,
             on_eval=self.log_eval,
             description=description,
             show_progress=self.context.show_progress,
         )
+        self.main_process_only()
         self.run.set_tags({"resumed_from": result.resumed_from})
         return result
 
@@ -141,7 +163,7 @@ class TrainingStage:
         """How many tokenized sequences lost their end (EOS) to `max_length`; warns when any
         did. The count goes into the stage's metrics."""
         cut = sum(1 for sequence in sequences if sequence.end_cut)
-        if cut:
+        if cut and self.is_main:
             log.warning(
                 "%s: %d of %d %s lost the end of their response, EOS included, to %s.max_length "
                 "%s; raise it (the model learns not to stop from these)",
@@ -188,17 +210,27 @@ class TrainingStage:
         return metrics
 
 
-def stage_accelerator(context: StageContext, settings: Any) -> Any:
-    """The accelerate `Accelerator` of a training stage: its resolved precision on the
-    context's device. Only a CPU asked for where a GPU is visible needs `cpu=True`
-    (accelerate takes the GPU otherwise; its process state keeps the first choice)."""
-    import torch
+def stage_accelerator(context: StageContext, precision: str) -> Any:
+    """The accelerate `Accelerator` of a training stage: its resolved `precision` (fp32, bf16,
+    fp16) on the context's device. On a CPU it is asked for explicitly (`cpu=True`):
+    accelerate would take a visible GPU otherwise, and without one it would not join the
+    processes of a launched stage (each would train alone)."""
+    import os
+
     from accelerate import Accelerator
 
     from rlhf_core.config.training import MIXED_PRECISION
 
-    force_cpu = context.device.type == "cpu" and torch.cuda.is_available()
-    return Accelerator(mixed_precision=MIXED_PRECISION[settings.mixed_precision], cpu=force_cpu)
+    accelerator = Accelerator(
+        mixed_precision=MIXED_PRECISION[precision], cpu=context.device.type == "cpu"
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"this stage was launched as one of {launched} processes but accelerate joined "
+            f"{accelerator.num_processes}; check the accelerate config (launch.config_file)"
+        )
+    return accelerator
 
 
 def learning_rate_warning(stage: str, parameters: int, learning_rate: float) -> str | None:
@@ -263,10 +295,14 @@ def run_training_stage(
         "data.split_salt": data.split_salt,
         "seed": seed,
     }
-    with stage_run(
-        name, project_root=context.root, params=params, inputs=inputs, label=label
-    ) as run:
-        for dataset in datasets:
+    main = is_main_process()
+    opened = (
+        stage_run(name, project_root=context.root, params=params, inputs=inputs, label=label)
+        if main
+        else nullcontext(None)  # another process of a launched stage: nothing to log
+    )
+    with opened as run:
+        for dataset in datasets if main else ():
             if len(dataset.frame):
                 run.log_dataset(
                     dataset.frame, dataset.name, context=dataset.context, source=dataset.source
@@ -281,6 +317,7 @@ def run_training_stage(
             fingerprint=run_fingerprint(
                 settings, data, seed, inputs, code_fingerprint(context.root, name)
             ),
+            is_main=main,
         )
         yield stage
     if stage.checkpoints is not None:
