@@ -304,6 +304,33 @@ def wait_until_answers(url: str, command: subprocess.Popen, timeout_s: float) ->
     pytest.fail(f"the UI did not answer at {url} within {timeout_s:.0f} s")
 
 
+def test_a_group_of_zombies_has_stopped_and_a_running_one_has_not():
+    """A member that exited but was not collected yet (a zombie: here, because this process
+    does not wait for it; for a detached server, because init has not got to it) has stopped:
+    stopping a server does not wait for init."""
+    exited = subprocess.Popen(["true"], start_new_session=True)
+    running = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        while psutil.Process(exited.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        os.killpg(exited.pid, 0)  # the group still exists: its zombie holds the pid
+        assert processes.live_group_members(exited.pid) == []
+        assert not processes.group_is_alive(exited.pid)
+        started = time.monotonic()
+        assert processes.wait_for_group_exit(exited.pid, timeout_s=10)
+        assert time.monotonic() - started < 1
+        assert processes.live_group_members(running.pid) == [running.pid]
+        assert processes.group_is_alive(running.pid)
+        assert not processes.wait_for_group_exit(running.pid, timeout_s=0.3)
+        processes.stop_process_group(running, timeout_s=10)
+        assert running.returncode == -signal.SIGTERM
+        assert not processes.group_is_alive(running.pid)
+    finally:
+        running.kill()
+        running.wait()
+        exited.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_every_stop_signal_is_recorded_first_one_wins_and_handlers_come_back(signum):
     """The three stop signals take the same path (`StopSignals`), sent to this very process;

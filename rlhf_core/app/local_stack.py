@@ -29,6 +29,7 @@ from rlhf_core.app.local_postgres import (
     start_cluster,
     stop_cluster,
 )
+from rlhf_core.app.processes import group_is_alive, wait_for_group_exit
 
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 120.0
@@ -118,14 +119,6 @@ def http_ok(url: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
 def _wait_healthy(
     name: str, process: subprocess.Popen, healthy: Callable[[], bool], log_path: Path
 ) -> None:
@@ -142,16 +135,14 @@ def _wait_healthy(
 
 
 def _stop_group(pid: int, timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group, SIGKILL what is left after `timeout_s`."""
+    """SIGTERM the process group, SIGKILL what is left after `timeout_s`; return once every
+    process of it has exited (`group_is_alive`: not waiting for init to collect them)."""
     for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, signum)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _group_alive(pid):
-            time.sleep(0.1)
-        if not _group_alive(pid):
+        if wait_for_group_exit(pid, timeout_s):
             return
 
 
@@ -344,10 +335,11 @@ def stack_status(folder: Path) -> list[dict[str, Any]]:
         if name == "postgres":
             healthy = cluster_is_ready(service.port)
         elif name == "worker":
-            healthy = _group_alive(service.pid) and _pool_has_worker(ports, service.url.split()[-1])
+            pool = service.url.split()[-1]
+            healthy = group_is_alive(service.pid) and _pool_has_worker(ports, pool)
         else:
             health = {"s3": "/moto-api/", "mlflow": "/health", "prefect": "/health"}[name]
-            healthy = _group_alive(service.pid) and http_ok(f"{service.url}{health}")
+            healthy = group_is_alive(service.pid) and http_ok(f"{service.url}{health}")
         rows.append({**asdict(service), "service": name, "healthy": healthy})
     return rows
 

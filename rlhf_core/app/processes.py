@@ -12,6 +12,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import psutil
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
@@ -51,10 +53,44 @@ def _signal_group(process: subprocess.Popen, signum: int) -> bool:
 
 
 def _wait_for_group(process: subprocess.Popen, timeout_s: float) -> bool:
-    """Whether every process of `process`'s group ended within `timeout_s`."""
+    """Whether every process of `process`'s group ended within `timeout_s`; the leader, our
+    child, is reaped (its returncode set) once it has."""
+    ended = wait_for_group_exit(process.pid, timeout_s)
+    process.poll()
+    return ended
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """The pids of the processes of group `pgid` that have not exited.
+
+    A zombie has exited: it holds no port, memory or open file, only its exit status for its
+    parent to collect. A detached server's processes are orphans whose parent is init (or a
+    container's first process), which may collect them seconds later; counting zombies would
+    make stopping a server wait for init instead of for the server."""
+    members = []
+    for candidate in psutil.process_iter():
+        try:
+            if os.getpgid(candidate.pid) == pgid and candidate.status() != psutil.STATUS_ZOMBIE:
+                members.append(candidate.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):  # it ended while we looked
+            continue
+    return members
+
+
+def group_is_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)  # signal 0 only asks whether the group exists: cheap
+    except (ProcessLookupError, PermissionError):
+        return False
+    return bool(live_group_members(pgid))
+
+
+def wait_for_group_exit(pgid: int, timeout_s: float) -> bool:
+    """Whether every process of group `pgid` exited within `timeout_s` (`group_is_alive`)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _signal_group(process, 0):  # signal 0 only asks whether the group exists
-            return True
+    while group_is_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
-    return False
+    return True
