@@ -334,7 +334,7 @@ def test_a_group_of_zombies_has_stopped_and_a_running_one_has_not():
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_every_stop_signal_is_recorded_first_one_wins_and_handlers_come_back(signum):
     """The three stop signals take the same path (`StopSignals`), sent to this very process;
-    the whole command is run below for SIGTERM and SIGINT (SIGHUP: a closed terminal)."""
+    the whole command is run below for SIGTERM, `serve_mlflow_ui` in this process for SIGINT."""
     before = signal.getsignal(signum)
     stop = mlflow_ui.StopSignals()
     with stop.installed():
@@ -345,8 +345,10 @@ def test_every_stop_signal_is_recorded_first_one_wins_and_handlers_come_back(sig
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_ui_stops_mlflow_ui_and_all_its_workers_on_a_signal(signum, project, local_env, tmp_path):
+def test_ui_stops_mlflow_ui_and_all_its_workers_on_sigterm(project, local_env, tmp_path):
+    """The whole command, once the UI answers. SIGINT (Ctrl-C) and SIGHUP take the same path
+    in `serve_mlflow_ui` (`StopSignals`): tested in this process above and below."""
+    signum = signal.SIGTERM
     port = closed_port()
     address = f"http://127.0.0.1:{port}"
     log, opened = tmp_path / "ui.log", tmp_path / "opened.txt"
@@ -376,7 +378,44 @@ def test_ui_stops_mlflow_ui_and_all_its_workers_on_a_signal(signum, project, loc
     assert alive == []
     assert group_members(ui_process.pid) == []
     assert not mlflow_ui.port_in_use(port)
-    assert "MLflow UI stopped" in log.read_text()
+    assert "MLflow UI stopped (SIGTERM)." in log.read_text()
+
+
+def test_ctrl_c_while_mlflow_ui_starts_stops_its_group_and_returns_130(
+    project, monkeypatch, capsys
+):
+    """SIGINT reaches `serve_mlflow_ui` in this process as soon as `mlflow ui` exists: the
+    UI's whole process group is stopped and the status is a shell's for Ctrl-C."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_PARENT_RUN_ID", "PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)  # the project's own store
+    port = closed_port()
+    me = psutil.Process()
+    started: list[psutil.Process] = []
+
+    def interrupt_once_mlflow_ui_runs() -> None:
+        deadline = time.monotonic() + 60
+        try:
+            while not started and time.monotonic() < deadline:
+                for child in me.children():
+                    try:
+                        if "mlflow" in child.cmdline():
+                            started.append(child)
+                    except psutil.Error:  # a process that ended while we looked
+                        continue
+                time.sleep(0.02)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread, by StopSignals
+
+    interrupter = threading.Thread(target=interrupt_once_mlflow_ui_runs, daemon=True)
+    interrupter.start()
+    code = mlflow_ui.serve_mlflow_ui(project, port)
+    interrupter.join(timeout=10)
+    assert code == 130
+    (ui_process,) = started
+    assert not ui_process.is_running() or ui_process.status() == psutil.STATUS_ZOMBIE
+    assert group_members(ui_process.pid) == []
+    assert not mlflow_ui.port_in_use(port)
+    assert "MLflow UI stopped (SIGINT)." in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------
