@@ -1,5 +1,7 @@
 """SFT, reward and DPO on two processes (`launch.num_processes: 2`, the real `accelerate
-launch`, DDP over gloo) reach what one process reaches with the same global batch.
+launch`, DDP over gloo) reach what one process reaches with the same global batch; the PPO
+stage runs its rollouts and update on two processes (its equivalences are tested in
+test_ppo_processes.py) and the main process alone writes its outputs.
 
 The batch sizes leave each epoch a last step of one example, so the second process has an
 empty shard there: before the fix it never called backward and the first one waited in the
@@ -18,8 +20,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from tiny_models import TINY_PPO_TRAIN
 
 from rlhf_core.config import parse_params
+from rlhf_core.orchestration.stage_launch import free_port
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_split
 from rlhf_core.stages.dpo import run_dpo
@@ -35,6 +39,7 @@ pytestmark = pytest.mark.slow
 WEIGHT_TOLERANCE = 2e-5
 LOSS_TOLERANCE = 1e-5
 LAUNCH_TIMEOUT_S = 240
+TESTS = Path(__file__).parent
 
 
 def _train(batch_size: int) -> dict:
@@ -62,8 +67,13 @@ def _params(project: Path, tiny_params_dict: dict) -> dict:
         "compute": {"device": "cpu", "precision": "fp32"},
         "sft": {"train": _train(sft_rows - 1), "num_samples": 0, "packing": False},
         "reward": {"train": _train(pairs - 1), "use_rankings": False},
-        "policy": {"dpo": {"train": _train(pairs - 1)}},
-    }
+        "policy": {
+            "dpo": {"train": _train(pairs - 1)},
+            # 6 prompts an iteration: 3 per process
+            "ppo": {"train": dict(TINY_PPO_TRAIN, rollout_batch_size=6, minibatch_size=3,
+                                  iterations=2, eval_every=1)},
+        },
+    }  # fmt: skip
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -93,17 +103,26 @@ def test_two_processes_reach_the_one_process_result(
     run_dpo(one_params.policy.dpo, context)
     run_sft(one_params.sft, context)
 
-    # Two processes, through the stage command dvc.yaml runs.
+    # Two processes: the three stages in one launch (each launch starts two interpreters),
+    # and PPO through the stage command dvc.yaml runs (it re-executes under accelerate).
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-    outputs = {}
-    for stage in ("reward", "dpo", "sft"):
-        done = subprocess.run(
-            [sys.executable, "-m", "rlhf_core.app.cli", "stage", stage,
-             "--params", str(two / "params.yaml")],
-            cwd=two, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs[stage] = done.stdout
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(free_port()),
+        str(TESTS / "stage_process_worker.py"), str(two / "params.yaml"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        launch, cwd=two, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ppo = subprocess.run(
+        [sys.executable, "-m", "rlhf_core.app.cli", "stage", "ppo",
+         "--params", str(two / "params.yaml")],
+        cwd=two, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+    )  # fmt: skip
+    assert ppo.returncode == 0, ppo.stderr[-3000:]
 
     one_paths, two_paths = ProjectPaths(tiny_project), ProjectPaths(two)
     for stage, one_dir, two_dir in (
@@ -123,10 +142,20 @@ def test_two_processes_reach_the_one_process_result(
 
         # The main process alone logged: one finished run, one value per step and metric.
         two_metrics = json.loads(two_paths.metrics_file(stage).read_text())
-        printed = outputs[stage]  # the progress bar, then the metrics, once
-        assert printed.count("{\n") == 1
-        assert json.loads(printed[printed.index("{\n") :]) == pytest.approx(two_metrics)
+        assert two_metrics["steps"] == 4
         run_id = read_producer_run_id(two_dir)
         client = MlflowClient(mlflow_uri)
         assert client.get_run(run_id).info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+
+    # PPO: one model, one finished run with one value per iteration, the metrics printed once.
+    ppo_dir = two_paths.policy_dir("ppo")
+    assert (ppo_dir / "model.safetensors").is_file() and (ppo_dir / "value_head.json").is_file()
+    run_id = read_producer_run_id(ppo_dir)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "reward/score_mean")] == [1, 2]
+    printed = ppo.stdout  # the progress bar, then the metrics, once: from the main process
+    assert printed.count("{\n") == 1
+    assert json.loads(printed[printed.index("{\n") :]) == pytest.approx(
+        json.loads(two_paths.metrics_file("ppo").read_text())
+    )
