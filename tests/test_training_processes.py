@@ -93,7 +93,10 @@ def test_two_processes_reach_the_one_process_result(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     two = Path(shutil.copytree(tiny_project, tmp_path / "two"))
     settings = _params(tiny_project, TINY_PARAMS)
-    (two / "params.yaml").write_text(yaml.safe_dump({**settings, "launch": {"num_processes": 2}}))
+    # PPO launches from the team's DDP config (the other stages' flags are the default's).
+    ddp_config = str(Path(__file__).parents[1] / "infra" / "accelerate" / "ddp.yaml")
+    launch = {"num_processes": 2, "config_file": ddp_config}
+    (two / "params.yaml").write_text(yaml.safe_dump({**settings, "launch": launch}))
 
     # One process, in this process. DPO and the reward model start from the project's SFT
     # model, so they run before SFT replaces it.
@@ -104,7 +107,9 @@ def test_two_processes_reach_the_one_process_result(
     run_sft(one_params.sft, context)
 
     # Two processes: the three stages in one launch (each launch starts two interpreters),
-    # and PPO through the stage command dvc.yaml runs (it re-executes under accelerate).
+    # and PPO through the stage command dvc.yaml runs (it re-executes under accelerate, with
+    # infra/accelerate/ddp.yaml; were the two processes not joined, each would train alone
+    # and the stage would stop: `stage_accelerator`).
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
