@@ -9,7 +9,8 @@ dvc.yaml's command stays `rlhf stage sft`; when `launch.num_processes` > 1 (or a
 
 and exits with its code. The launched processes see `RLHF_LAUNCHED` (or torchrun's
 `WORLD_SIZE`) and run the stage itself; only the main one logs and writes outputs. Without a
-GPU, accelerate's multi-GPU launcher starts CPU processes over gloo.
+GPU, accelerate's multi-GPU launcher starts CPU processes, which join over gloo because the
+stage builds its Accelerator with `cpu=True` (`training_stage.stage_accelerator`).
 """
 
 from __future__ import annotations
