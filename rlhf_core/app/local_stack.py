@@ -212,7 +212,14 @@ def _start_mlflow(folder: Path, ports: StackPorts) -> Service:
     argv += ["--backend-store-uri", database_uri(ports.postgres, "mlflow")]
     argv += ["--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts"]
     argv += ["--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"]
-    env = {**EMULATOR_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}"}
+    env = {
+        **EMULATOR_CREDENTIALS,
+        "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",
+        # MLflow's job runner serves GenAI jobs only (scorers, evaluation, prompt
+        # optimisation), which the pipeline never submits; on one machine its 8 processes
+        # slow the stack's start, and idle ones take ~10 s to stop.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     return _python_server(folder, ports, "mlflow", argv, env, ports.mlflow, url, f"{url}/health")
 
 
