@@ -345,7 +345,10 @@ def mlflow_server(
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
     argv += ["--artifacts-destination", str(artifacts_dir), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--workers", "1"]
-    process = start_process(argv, server_env(), log_path)
+    # As `rlhf infra up` runs it: no GenAI job runner (8 processes the tracking never uses).
+    process = start_process(
+        argv, server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), log_path
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process, log_path, "mlflow server", timeout_s)
