@@ -29,7 +29,7 @@ from rlhf_core.app.local_postgres import (
     start_cluster,
     stop_cluster,
 )
-from rlhf_core.app.processes import group_is_alive, wait_for_group_exit
+from rlhf_core.app.processes import WITHOUT_JOB_RUNNER, group_is_alive, wait_for_group_exit
 
 STATE_FILE = "stack.json"
 START_TIMEOUT_S = 120.0
@@ -215,10 +215,7 @@ def _start_mlflow(folder: Path, ports: StackPorts) -> Service:
     env = {
         **EMULATOR_CREDENTIALS,
         "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",
-        # MLflow's job runner serves GenAI jobs only (scorers, evaluation, prompt
-        # optimisation), which the pipeline never submits; on one machine its 8 processes
-        # slow the stack's start, and idle ones take ~10 s to stop.
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **{name: os.environ.get(name, value) for name, value in WITHOUT_JOB_RUNNER.items()},
     }
     return _python_server(folder, ports, "mlflow", argv, env, ports.mlflow, url, f"{url}/health")
 

@@ -14,6 +14,12 @@ import urllib.request
 
 import psutil
 
+# For `mlflow server` and `mlflow ui`, unless the user sets the variable. MLflow's job runner
+# serves GenAI jobs only (scorers, evaluation, prompt optimisation), which the pipeline never
+# submits: 8 more Python processes that slow a small machine while the server starts, and
+# idle ones take ~10 s to stop.
+WITHOUT_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
