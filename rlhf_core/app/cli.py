@@ -387,6 +387,103 @@ def ui(
 
 
 @app.command()
+def chat(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="champion | candidate (the rlhf-policy version with that alias in the "
+            "project's registry) | PATH (a save_pretrained folder). Write ./champion for a "
+            "folder of that name.",
+        ),
+    ] = "champion",
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Sampling temperature > 0 (default: evaluate.sampling in params)."),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Keep the k likeliest tokens; 0 keeps all (default: params)."),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option("--top-p", help="Nucleus mass in (0, 1]; 1 keeps all (default: params)."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", help="Most tokens per reply (default: params)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling: same seed, same replies.")] = 0,
+    system: Annotated[
+        str | None, typer.Option(help="A system message put before every conversation.")
+    ] = None,
+    show_prompt: Annotated[
+        bool,
+        typer.Option(
+            "--show-prompt", help="Print the prompt the model reads (template and history)."
+        ),
+    ] = False,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Chat with the champion policy (or the candidate, or a model folder) in the terminal.
+
+    Replies stream as they are generated and stop at every end id of the model. The history
+    is kept across turns; when it no longer fits in the model's context the oldest turns are
+    dropped (never the system message) with a notice. Type /reset to clear the history,
+    /exit or Ctrl-D to quit; Ctrl-C stops a reply and keeps the session. The registry is the
+    project's tracking store (MLFLOW_TRACKING_URI, else mlflow.db beside params.yaml);
+    weights load as safetensors only, trust_remote_code as model.trust_remote_code says.
+    Exits 2 with one line when there is no such model.
+    """
+    import dataclasses
+    import tempfile
+
+    from rlhf_core.chat import chat_session, describe_sampling, load_chat_model
+    from rlhf_core.config import Params
+    from rlhf_core.devices import resolve_device
+
+    params_obj = load_params_or_exit(params_path) if params_path.is_file() else Params()
+    asked = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+    }
+    try:
+        settings = dataclasses.replace(
+            params_obj.evaluate.sampling,
+            **{key: value for key, value in asked.items() if value is not None},
+        )
+        device = resolve_device(params_obj.compute)
+    except ValueError as error:
+        fail(str(error))
+    with tempfile.TemporaryDirectory(prefix="rlhf-chat-") as scratch:
+        try:
+            loaded = load_chat_model(
+                model,
+                params_path.resolve().parent,
+                Path(scratch),
+                trust_remote_code=params_obj.model.trust_remote_code,
+            )
+        except ValueError as error:
+            fail(str(error))
+        loaded.model.to(device)
+        typer.echo(f"Model: {loaded.description}")
+        typer.echo(f"Sampling: {describe_sampling(settings, seed)}")
+        typer.echo("Type a message; /reset clears the history, /exit or Ctrl-D quits.")
+        chat_session(
+            loaded,
+            settings,
+            seed=seed,
+            system=system,
+            read_line=input,
+            write=lambda text: typer.echo(text, nl=False),
+            show_prompt=show_prompt,
+        )
+
+
+@app.command()
 def demo(
     project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
         "."
