@@ -31,7 +31,7 @@ from rlhf_core.algorithms.ppo import whiten
 from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.tiny import build_tiny_llama
-from rlhf_core.training import ppo_trainer
+from rlhf_core.training import ppo_trainer, ppo_update
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.distributed import reduce_sums
 from rlhf_core.training.divergence import TrainingDivergedError
@@ -150,7 +150,7 @@ def run_update(policy, experience, case_settings, accelerator=None, rows=None):
     if accelerator is not None:
         trained, optimizer = accelerator.prepare(policy, optimizer)
     generator = torch.Generator().manual_seed(5)
-    return ppo_trainer._update(
+    return ppo_update.update(
         trained, experience, case_settings, optimizer, scheduler, generator,
         accelerator=accelerator, rows=rows,
     )  # fmt: skip
@@ -177,7 +177,7 @@ def check_updates(accelerator: Accelerator, tokenizer, out: Path) -> None:
 def check_nan(accelerator: Accelerator, tokenizer, out: Path) -> None:
     """Only the last process's loss is NaN: every process must stop with the error."""
     rank = accelerator.process_index
-    original = ppo_trainer._micro_batch_loss
+    original = ppo_update._micro_batch_loss
 
     def nan_on_last_process(*args, **kwargs):
         loss, stats, tokens = original(*args, **kwargs)
@@ -187,7 +187,7 @@ def check_nan(accelerator: Accelerator, tokenizer, out: Path) -> None:
     experience = fixed_experience(tokenizer, case_settings)
     policy = new_policy(tokenizer)
     before = weights(policy)
-    ppo_trainer._micro_batch_loss = nan_on_last_process
+    ppo_update._micro_batch_loss = nan_on_last_process
     try:
         run_update(policy, experience.select(UPDATE_ROWS[rank]), case_settings, accelerator,
                    UPDATE_ROWS[rank])  # fmt: skip
@@ -195,7 +195,7 @@ def check_nan(accelerator: Accelerator, tokenizer, out: Path) -> None:
     except TrainingDivergedError as raised:
         error = str(raised)
     finally:
-        ppo_trainer._micro_batch_loss = original
+        ppo_update._micro_batch_loss = original
     unchanged = all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     write(out, "nan", rank, {"error": error, "weights_unchanged": unchanged})
 

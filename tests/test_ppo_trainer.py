@@ -434,16 +434,16 @@ def test_saved_policy_and_value_head_reload_whole(tokenizer, prompts, tmp_path):
 
 
 def test_a_nan_loss_stops_ppo_before_the_update(tokenizer, prompts, monkeypatch):
-    from rlhf_core.training import ppo_trainer
+    from rlhf_core.training import ppo_update
     from rlhf_core.training.divergence import TrainingDivergedError
 
-    original = ppo_trainer._micro_batch_loss
+    original = ppo_update._micro_batch_loss
 
     def nan_loss(*args, **kwargs):
         loss, stats, tokens = original(*args, **kwargs)
         return loss * float("nan"), stats, tokens
 
-    monkeypatch.setattr(ppo_trainer, "_micro_batch_loss", nan_loss)
+    monkeypatch.setattr(ppo_update, "_micro_batch_loss", nan_loss)
     policy, reference = new_policy(tokenizer), new_reference(tokenizer)
     before = snapshot(policy)
     with pytest.raises(TrainingDivergedError, match=r"^ppo iteration 1 of 2 \(rollout rows "):
