@@ -297,6 +297,8 @@ def stream_reply(
     settings: SamplingSettings,
     seed: int,
     on_text: Callable[[str], None],
+    *,
+    stop: threading.Event | None = None,
 ) -> Reply:
     """Sample one reply to `prompt_ids`, handing its text to `on_text` while it is generated.
 
@@ -310,12 +312,13 @@ def stream_reply(
     and is not raised: the reply so far comes back with `stopped=True`, every word of it
     handed to `on_text`, so a session outlives an answer that runs away. (A KeyboardInterrupt
     raised in the middle of a step or of a write would lose the words held back, and
-    leave the history holding words the person never saw.)
+    leave the history holding words the person never saw.) `stop`, when given, is the event
+    Ctrl-C sets; set before the call, it stops the reply after its first token.
     """
     pad_id, _ = pad_and_eos_ids(tokenizer)
     eos_ids = end_token_ids(tokenizer, model)
     streamer = _PieceStreamer(tokenizer, on_text)
-    stop = threading.Event()
+    stop = threading.Event() if stop is None else stop
     device = device_of(model)
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, P)
     rng_devices = [device] if device.type == "cuda" else []
@@ -403,18 +406,14 @@ def chat_session(
     """Read messages with `read_line` and write streamed replies with `write` until `/exit`
     or end of input (EOFError); returns the history at the end.
 
-    Each reply is sampled with seed `derived_seed(seed, "chat", n)` for the n-th reply, so
+    The reply to the n-th message is sampled with seed `derived_seed(seed, "chat", n)`, so
     the same seed and the same messages give the same session. Ctrl-C while waiting for a
-    message only says how to quit, Ctrl-C during a reply stops it (`stream_reply`) and keeps
-    what it said. With `show_prompt`, the rendered prompt (special tokens included) is
-    written before each reply.
+    message only says how to quit; Ctrl-C once a message is sent stops its reply
+    (`stream_reply`; after the first token when it comes before the reply begins) and the
+    history keeps what the reply said. With `show_prompt`, the rendered prompt (special
+    tokens included) is written before each reply.
     """
-    tokenizer = chat_model.tokenizer
     budget = context_budget(chat_model.context_length, settings.max_new_tokens)
-
-    def prompt_length(messages: Messages) -> int:
-        return len(render_prompt(tokenizer, messages))
-
     history: Messages = []
     replies = 0
     while True:
@@ -438,38 +437,71 @@ def chat_session(
             continue
         if typed.kind == "empty":
             continue
-        try:
-            fitted = fit_history(history, system, typed.text, prompt_length, budget)
-        except ValueError as error:
-            write(f"({error})\n")
-            continue
-        if fitted.dropped_turns:
-            write(truncation_notice(fitted.dropped_turns) + "\n")
-        history = fitted.history
-        prompt_ids = render_prompt(tokenizer, conversation(history, system, typed.text))
-        if show_prompt:
-            shown = tokenizer.decode(prompt_ids, skip_special_tokens=False)
-            write(f"--- prompt ({len(prompt_ids)} tokens) ---\n{shown}\n--- end of prompt ---\n")
-        write("model> ")
-        reply = stream_reply(
-            chat_model.model,
-            tokenizer,
-            prompt_ids,
-            settings,
-            derived_seed(seed, "chat", replies),
-            write,
-        )
+        stop = threading.Event()
+        with _ctrl_c_sets(stop):  # from here until the history holds the reply
+            history = _answer(
+                chat_model,
+                settings,
+                Turn(history, system, typed.text, derived_seed(seed, "chat", replies), budget),
+                write,
+                show_prompt=show_prompt,
+                stop=stop,
+            )
         replies += 1
-        write("\n")
-        if reply.stopped:
-            write("(stopped)\n")
-        elif not reply.ended:
-            write(f"(cut at {settings.max_new_tokens} new tokens)\n")
-        history = [
-            *history,
-            {"role": "user", "content": typed.text},
-            {"role": "assistant", "content": reply.text},
-        ]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What one reply is made from: the history so far, the system and the new message, the
+    reply's seed and the prompt's token budget (`context_budget`)."""
+
+    history: Messages
+    system: str | None
+    user_text: str
+    seed: int
+    budget: int | None
+
+
+def _answer(
+    chat_model: ChatModel,
+    settings: SamplingSettings,
+    turn: Turn,
+    write: Callable[[str], None],
+    *,
+    show_prompt: bool,
+    stop: threading.Event,
+) -> Messages:
+    """Write the reply to `turn.user_text` as it is generated; the history that follows."""
+    tokenizer = chat_model.tokenizer
+
+    def prompt_length(messages: Messages) -> int:
+        return len(render_prompt(tokenizer, messages))
+
+    try:
+        fitted = fit_history(turn.history, turn.system, turn.user_text, prompt_length, turn.budget)
+    except ValueError as error:
+        write(f"({error})\n")
+        return list(turn.history)
+    if fitted.dropped_turns:
+        write(truncation_notice(fitted.dropped_turns) + "\n")
+    prompt_ids = render_prompt(tokenizer, conversation(fitted.history, turn.system, turn.user_text))
+    if show_prompt:
+        shown = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        write(f"--- prompt ({len(prompt_ids)} tokens) ---\n{shown}\n--- end of prompt ---\n")
+    write("model> ")
+    reply = stream_reply(
+        chat_model.model, tokenizer, prompt_ids, settings, turn.seed, write, stop=stop
+    )
+    write("\n")
+    if reply.stopped:
+        write("(stopped)\n")
+    elif not reply.ended:
+        write(f"(cut at {settings.max_new_tokens} new tokens)\n")
+    return [
+        *fitted.history,
+        {"role": "user", "content": turn.user_text},
+        {"role": "assistant", "content": reply.text},
+    ]
 
 
 def describe_sampling(settings: SamplingSettings, seed: int) -> str:

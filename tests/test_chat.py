@@ -275,6 +275,54 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_session_goes_on(loaded):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
+def test_ctrl_c_before_the_reply_begins_stops_it_at_its_first_token(loaded):
+    lines = iter(["the film was", "and the plot?"])
+    written = []
+    settings = SamplingSettings(max_new_tokens=24)
+
+    def write(text):
+        written.append(text)
+        if text.startswith("--- prompt") and len(lines_read) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # while the prompt is shown, before generating
+
+    lines_read = []
+
+    def read_line(prompt):
+        written.append(prompt)
+        try:
+            lines_read.append(next(lines))
+        except StopIteration:
+            raise EOFError from None
+        return lines_read[-1]
+
+    try:
+        history = chat_session(
+            loaded,
+            settings,
+            seed=5,
+            system=None,
+            read_line=read_line,
+            write=write,
+            show_prompt=True,
+        )
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C before a reply escaped the session instead of stopping the reply")
+    output = "".join(written)
+    assert output.count("(stopped)") == 1 and output.count("model> ") == 2
+    shown = output.split("model> ")[1].split("\n")[0].strip()
+    assert history[1] == {"role": "assistant", "content": shown}
+    full = stream_reply(
+        loaded.model,
+        loaded.tokenizer,
+        render_prompt(loaded.tokenizer, conversation([], None, "the film was")),
+        settings,
+        derived_seed(5, "chat", 0),
+        lambda _: None,
+    )
+    assert full.text.startswith(shown) and len(shown.split()) <= 1 < len(full.text.split())
+    assert len(history) == 4
+
+
 # --------------------------------------------------------------------------------------------
 # The command on a model folder
 # --------------------------------------------------------------------------------------------
