@@ -51,6 +51,8 @@ CHAMPION_CHOICE = "champion"
 CANDIDATE_CHOICE = "candidate"
 RESET_COMMAND = "/reset"
 EXIT_COMMANDS = ("/exit", "/quit")
+# What MLflow answers for a registered model or an alias that does not exist.
+_ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 HELP_LINE = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply."
 
 
@@ -200,7 +202,8 @@ def load_chat_model(
     safetensors only (`load_causal_lm`); `trust_remote_code` as params.yaml says.
 
     Raises:
-        ValueError: no version has the alias, or the folder is missing or not a model.
+        ValueError: no version has the alias, the registry does not answer, or the folder
+            is missing, not a model or holds no safetensors weights.
     """
     from rlhf_core.models.loading import load_causal_lm
 
@@ -210,8 +213,8 @@ def load_chat_model(
         folder, description = _model_folder(choice), choice
     try:
         model, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:  # FileNotFoundError: no safetensors
-        raise ValueError(f"Could not load a model from {folder}: {error}") from error
+    except OSError as error:  # FileNotFoundError: no safetensors weights in the folder
+        raise ValueError(str(error)) from error
     return ChatModel(model, tokenizer, description)
 
 
@@ -227,13 +230,19 @@ def _download_registered(alias: str, project_root: Path, workdir: Path) -> tuple
     )
 
     client = registry_client(project_root)
-    if alias == CHAMPION_CHOICE:
-        version = current_champion(client, POLICY_MODEL)
-    else:
-        try:
+    try:
+        if alias == CHAMPION_CHOICE:
+            version = current_champion(client, POLICY_MODEL)
+        else:
             version = client.get_model_version_by_alias(POLICY_MODEL, alias)
-        except MlflowException:
-            version = None
+    except MlflowException as error:
+        if error.error_code not in _ABSENT:
+            raise ValueError(
+                f"Could not read the {alias} of {POLICY_MODEL} from the registry at "
+                f"{client.tracking_uri} ({error.error_code}); check that the tracking store "
+                "answers (`rlhf ui`) or point MLFLOW_TRACKING_URI at it."
+            ) from error
+        version = None
     if version is None:
         raise ValueError(
             f"No {POLICY_MODEL} version is the {alias} in the registry at "

@@ -381,14 +381,21 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(model_folder):
     assert messages[0] not in last
 
 
-def test_chat_explains_a_missing_folder_and_a_folder_that_is_no_model(tmp_path):
+def test_chat_explains_a_missing_folder_and_a_folder_that_is_no_model(tmp_path, model_folder):
     result = chat("--model", str(tmp_path / "nowhere"))
     assert result.exit_code == 2
     assert "nowhere does not exist; pass --model champion, candidate" in result.output
     result = chat("--model", str(tmp_path))
     assert result.exit_code == 2
     assert "is not a model folder (no config.json in it)" in result.output
-    result = chat("--model", str(tmp_path), "--top-p", "1.5")
+    (tmp_path / "config.json").write_text((model_folder / "config.json").read_text())
+    result = chat("--model", str(tmp_path))
+    assert result.exit_code == 2 and "has no *.safetensors weights to load" in result.output
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickled")
+    result = chat("--model", str(tmp_path))
+    assert result.exit_code == 2
+    assert "only has pickled weights (pytorch_model.bin), which are refused" in result.output
+    result = chat("--model", str(model_folder), "--top-p", "1.5")
     assert result.exit_code == 2 and "top_p must lie in (0, 1]" in result.output
     assert "Traceback" not in result.output
 
@@ -421,6 +428,9 @@ def test_chat_talks_to_the_champion_and_says_when_there_is_none(registry_project
     assert result.exit_code == 2
     assert f"No {POLICY_MODEL} version is the champion in the registry at" in result.output
     assert "run `rlhf run` (or `rlhf retrain`)" in result.output
+    result = chat("--model", "candidate")
+    assert result.exit_code == 2
+    assert f"No {POLICY_MODEL} version is the candidate in the registry at" in result.output
 
     candidate = register_candidate(registry_project, "dpo", EVALUATION)
     result = chat("--model", "candidate", input_text="the film\n")
