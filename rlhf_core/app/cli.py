@@ -437,9 +437,10 @@ def chat(
     Exits 2 with one line when there is no such model.
     """
     import dataclasses
+    import readline  # noqa: F401 (input() edits the line and recalls earlier ones in a terminal)
     import tempfile
 
-    from rlhf_core.chat import chat_session, describe_sampling, load_chat_model
+    from rlhf_core.chat import HELP_LINE, chat_session, describe_sampling, load_chat_model
     from rlhf_core.config import Params
     from rlhf_core.devices import resolve_device
 
@@ -471,7 +472,7 @@ def chat(
         loaded.model.to(device)
         typer.echo(f"Model: {loaded.description}")
         typer.echo(f"Sampling: {describe_sampling(settings, seed)}")
-        typer.echo("Type a message; /reset clears the history, /exit or Ctrl-D quits.")
+        typer.echo(f"Type a message; {HELP_LINE}")
         chat_session(
             loaded,
             settings,
