@@ -33,10 +33,13 @@ INSTALL_SCRIPT = "infra/scripts/install-test-packages.sh"
 
 # Telemetry off for every server and client these helpers start (the machine has no internet;
 # each of these would otherwise try, and log a failure, at start).
-TELEMETRY_OFF = {
+SERVER_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # As `rlhf infra up` and `rlhf ui` run MLflow: no GenAI job runner (8 processes that
+    # tracking never uses, and that crowd a 2-core machine while a server starts).
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }
 
 SERVER_START_TIMEOUT_S = 90.0
@@ -82,8 +85,8 @@ def http_ok(url: str) -> bool:
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with telemetry off, plus `extra`."""
-    env = {**os.environ, **TELEMETRY_OFF}
+    """This process's environment with SERVER_DEFAULTS, plus `extra`."""
+    env = {**os.environ, **SERVER_DEFAULTS}
     env.update(extra or {})
     return env
 
@@ -345,10 +348,7 @@ def mlflow_server(
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
     argv += ["--artifacts-destination", str(artifacts_dir), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--workers", "1"]
-    # As `rlhf infra up` runs it: no GenAI job runner (8 processes the tracking never uses).
-    process = start_process(
-        argv, server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), log_path
-    )
+    process = start_process(argv, server_env(), log_path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process, log_path, "mlflow server", timeout_s)
