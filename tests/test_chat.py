@@ -39,6 +39,7 @@ from rlhf_core.tracking.registry import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 SYSTEM = "You review films."
+CHAT_SAMPLING = SamplingSettings(max_new_tokens=24)
 PROMPT_BLOCK = re.compile(r"--- prompt \((\d+) tokens\) ---\n(.*?)\n--- end of prompt ---", re.S)
 
 
@@ -229,23 +230,22 @@ def test_stream_reply_stops_at_every_end_id_of_the_generation_config(loaded):
     assert (reply.ended, reply.tokens) == (True, 1)
 
 
-def test_ctrl_c_during_a_reply_stops_it_and_the_session_goes_on(loaded):
+def session_with_ctrl_c(chat_model, press_when, **options):
+    """Two messages through `chat_session`; a real SIGINT goes to this process once
+    `press_when(text, written so far)` is true for a text the session writes.
+    Returns (everything written, the history)."""
     lines = iter(["the film was", "and the plot?"])
     written = []
-    settings = SamplingSettings(max_new_tokens=24)
+    pressed = []
 
     def write(text):
         written.append(text)
-        first_reply = "".join(written).split("model> ")
-        if len(first_reply) == 2 and len(written) == first_reply_start[0] + 2:
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, after its first word
-
-    first_reply_start = [None]
+        if not pressed and press_when(text, "".join(written)):
+            pressed.append(text)
+            os.kill(os.getpid(), signal.SIGINT)
 
     def read_line(prompt):
         written.append(prompt)
-        if first_reply_start[0] is None:
-            first_reply_start[0] = len(written)  # the next write is "model> "
         try:
             return next(lines)
         except StopIteration:
@@ -253,74 +253,50 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_session_goes_on(loaded):
 
     try:
         history = chat_session(
-            loaded, settings, seed=5, system=None, read_line=read_line, write=write
-        )
+            chat_model, CHAT_SAMPLING, seed=5, system=None, read_line=read_line, write=write,
+            **options,
+        )  # fmt: skip
     except KeyboardInterrupt:
-        pytest.fail("Ctrl-C during a reply escaped the session instead of stopping the reply")
-    output = "".join(written)
+        pytest.fail("Ctrl-C escaped the session instead of stopping the reply")
+    assert pressed, "the session never wrote what the test presses Ctrl-C at"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    return "".join(written), history
+
+
+def unstopped_first_reply(chat_model):
+    """The first reply of `session_with_ctrl_c` when nothing stops it."""
+    tokenizer = chat_model.tokenizer
+    prompt_ids = render_prompt(tokenizer, conversation([], None, "the film was"))
+    seed = derived_seed(5, "chat", 0)
+    return stream_reply(
+        chat_model.model, tokenizer, prompt_ids, CHAT_SAMPLING, seed, lambda _: None
+    )
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_session_goes_on(loaded):
+    def after_the_first_word(text, written):
+        return written.count("model> ") == 1 and not written.endswith("model> ")
+
+    output, history = session_with_ctrl_c(loaded, after_the_first_word)
     assert output.count("(stopped)") == 1 and output.count("model> ") == 2
     shown = output.split("model> ")[1].split("\n")[0].strip()
     assert history[1] == {"role": "assistant", "content": shown}
     assert [message["content"] for message in history[::2]] == ["the film was", "and the plot?"]
     # Stopped early: what was shown is the start of the reply the same seed gives in full.
-    full = stream_reply(
-        loaded.model,
-        loaded.tokenizer,
-        render_prompt(loaded.tokenizer, conversation([], None, "the film was")),
-        settings,
-        derived_seed(5, "chat", 0),
-        lambda _: None,
-    )
+    full = unstopped_first_reply(loaded)
     assert not full.stopped and full.text.startswith(shown) and len(shown) < len(full.text)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_ctrl_c_before_the_reply_begins_stops_it_at_its_first_token(loaded):
-    lines = iter(["the film was", "and the plot?"])
-    written = []
-    settings = SamplingSettings(max_new_tokens=24)
+    def while_the_first_prompt_is_shown(text, written):
+        return text.startswith("--- prompt")
 
-    def write(text):
-        written.append(text)
-        if text.startswith("--- prompt") and len(lines_read) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # while the prompt is shown, before generating
-
-    lines_read = []
-
-    def read_line(prompt):
-        written.append(prompt)
-        try:
-            lines_read.append(next(lines))
-        except StopIteration:
-            raise EOFError from None
-        return lines_read[-1]
-
-    try:
-        history = chat_session(
-            loaded,
-            settings,
-            seed=5,
-            system=None,
-            read_line=read_line,
-            write=write,
-            show_prompt=True,
-        )
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C before a reply escaped the session instead of stopping the reply")
-    output = "".join(written)
+    output, history = session_with_ctrl_c(loaded, while_the_first_prompt_is_shown, show_prompt=True)
     assert output.count("(stopped)") == 1 and output.count("model> ") == 2
     shown = output.split("model> ")[1].split("\n")[0].strip()
-    assert history[1] == {"role": "assistant", "content": shown}
-    full = stream_reply(
-        loaded.model,
-        loaded.tokenizer,
-        render_prompt(loaded.tokenizer, conversation([], None, "the film was")),
-        settings,
-        derived_seed(5, "chat", 0),
-        lambda _: None,
-    )
+    assert history[1] == {"role": "assistant", "content": shown} and len(history) == 4
+    full = unstopped_first_reply(loaded)
     assert full.text.startswith(shown) and len(shown.split()) <= 1 < len(full.text.split())
-    assert len(history) == 4
 
 
 # --------------------------------------------------------------------------------------------
