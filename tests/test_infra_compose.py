@@ -98,7 +98,7 @@ def test_the_services_run_the_versions_the_project_pins(resolved):
     services = resolved["services"]
     assert services["prefect-server"]["image"].startswith(f"prefecthq/prefect:{pinned['prefect']}-")
     dockerfile = (INFRA / "mlflow" / "Dockerfile").read_text()
-    for package in ("mlflow", "psycopg2-binary", "boto3", "botocore"):
+    for package in ("mlflow", "psycopg2-binary", "boto3", "botocore", "flask-wtf"):
         assert f"{package}=={pinned[package]}" in dockerfile, package
     assert services["mlflow"]["image"] == f"rlhf-mlflow:{pinned['mlflow']}"
     # The worker installs this project, so its pins are pyproject.toml's by construction.

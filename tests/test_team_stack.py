@@ -1,10 +1,12 @@
 """A team's first retrain on real servers, end to end: `rlhf infra up` (PostgreSQL, the S3
-emulator, MLflow, Prefect, a worker; `status`, and `up` again keeping all of it), `rlhf
+emulator, MLflow with basic auth, Prefect, a worker; `status`, and `up` again keeping all of
+it), `rlhf
 deploy` (a pool deployment with no machine's path in it), an `rlhf ingest` whose event has the
 worker run the retrain in its checkout: the tiny pipeline against the servers, to completion,
 promoting the first champion; then
 what the team sees: MLflow's nested runs, metric histories, artifacts in the bucket and the
-champion with its lineage, no secret in any param or tag; the results pushed to the DVC
+champion with its lineage, a request without the login refused, no secret in any param or
+tag; the results pushed to the DVC
 remote and dvc.lock committed, a fresh clone that pulls them with a clean `dvc status`; and
 `rlhf infra down` leaving no process and no port behind."""
 
@@ -47,7 +49,7 @@ def stack_dir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_team_retrain_on_the_stack(tmp_path, stack_dir):
+def test_a_team_retrain_on_the_stack(tmp_path, stack_dir, monkeypatch):
     started = time.monotonic()
     params = {**QUICK_PIPELINE_PARAMS, "orchestration": {"record_lock": "commit"}}
     project = scratch_project(REPO, tmp_path / "teamproj", params)
@@ -78,7 +80,17 @@ def test_a_team_retrain_on_the_stack(tmp_path, stack_dir):
         for line in up.splitlines()
         if line.startswith("export ")
     )
-    env = {**base_env, **exports}
+    # MLflow's login: made by `up`, owner-only, loaded from the file, never printed.
+    credentials = stack_dir / "credentials.env"
+    assert f"set -a; . {credentials}; set +a" in up
+    assert credentials.stat().st_mode & 0o777 == 0o600
+    login = dict(line.split("=", 1) for line in credentials.read_text().splitlines())
+    assert login["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert len(login["MLFLOW_TRACKING_PASSWORD"]) >= 24
+    assert login["MLFLOW_TRACKING_PASSWORD"] not in up
+    env = {**base_env, **exports, **login}
+    for name, value in login.items():  # for this process's MLflow client
+        monkeypatch.setenv(name, value)
     stack_up_s = time.monotonic() - started
     _check_status_and_up_again(rlhf, stack_dir, flags, project, env)
 
@@ -118,7 +130,7 @@ def test_a_team_retrain_on_the_stack(tmp_path, stack_dir):
     flow_run = _wait_for_retrain(exports["PREFECT_API_URL"], stack_dir / "logs" / "worker.log")
     assert flow_run["state_type"] == "COMPLETED", flow_run
 
-    _check_mlflow(exports)
+    _check_mlflow(exports, login["MLFLOW_TRACKING_PASSWORD"])
     _check_dvc_round_trip(project, tmp_path / "clone", env)
 
     pids = [
@@ -223,11 +235,20 @@ def _wait_for_retrain(api_url: str, worker_log: Path, timeout_s: float = 240) ->
     )
 
 
-def _check_mlflow(exports: dict[str, str]) -> None:
-    """Through the MLflow server: the retrain's pipeline run with nested stage runs, a curve
-    of several steps, artifacts in the S3 bucket, and the champion with its lineage."""
+def _check_mlflow(exports: dict[str, str], password: str) -> None:
+    """Through the MLflow server: a request without the login refused; the retrain's pipeline
+    run with nested stage runs, a curve of several steps, artifacts in the S3 bucket, and the
+    champion with its lineage; neither secret in any run's params or tags."""
+    import urllib.error
+    import urllib.request
+
     import boto3
     from mlflow import MlflowClient
+
+    search = f"{exports['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=5"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(search, timeout=10)
+    assert refused.value.code == 401
 
     from rlhf_core.tracking.registry import CHAMPION, POLICY_MODEL
     from rlhf_core.tracking.registry_lineage import version_lineage
@@ -258,10 +279,11 @@ def _check_mlflow(exports: dict[str, str]) -> None:
         for item in page.get("Contents", [])
     ]
     assert any(key.endswith(".safetensors") for key in keys)
-    # The S3 secret was in every process's environment; no run records it.
-    secret = exports["AWS_SECRET_ACCESS_KEY"]
+    # The S3 secret and MLflow's password were in every process's environment; no run
+    # records them.
     for run_data in (run.data for run in runs):
-        assert secret not in json.dumps({**run_data.params, **run_data.tags})
+        recorded = json.dumps({**run_data.params, **run_data.tags})
+        assert exports["AWS_SECRET_ACCESS_KEY"] not in recorded and password not in recorded
     champion = client.get_model_version_by_alias(POLICY_MODEL, CHAMPION)
     assert champion.run_id in {run.info.run_id for run in runs}
     assert champion.tags["lineage"].startswith(f"runs:/{champion.run_id}/")

@@ -517,10 +517,17 @@ def infra_up(
 
     PostgreSQL (Debian's server; as root it runs as the postgres user) holds MLflow's and
     Prefect's databases; MLflow's artifacts go to moto's S3 emulator, which keeps them in
-    memory (they end with `down`: use infra/docker-compose.yml for a team). Exits 2 with one
-    line naming the server and its log when one cannot start (the stack is stopped then).
+    memory (they end with `down`: use infra/docker-compose.yml for a team). MLflow runs with
+    basic auth; its login, made at the first `up`, is in <dir>/credentials.env (owner-only).
+    Exits 2 with one line naming the server and its log when one cannot start (the stack is
+    stopped then).
     """
-    from rlhf_core.app.local_stack import LocalStackError, StackPorts, stack_up
+    from rlhf_core.app.local_stack import (
+        CREDENTIALS_FILE,
+        LocalStackError,
+        StackPorts,
+        stack_up,
+    )
 
     ports = StackPorts(postgres_port, s3_port, mlflow_port, prefect_port)
     try:
@@ -530,6 +537,8 @@ def infra_up(
     typer.echo("The stack is up. Use it from a shell with:")
     for name, value in env.items():
         typer.echo(f"export {name}={value}")
+    credentials = Path(folder).resolve() / CREDENTIALS_FILE
+    typer.echo(f"set -a; . {credentials}; set +a  # MLflow's login (basic auth)")
 
 
 @infra_app.command("status")

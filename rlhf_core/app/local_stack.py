@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,8 @@ from rlhf_core.app.local_postgres import (
 from rlhf_core.app.processes import WITHOUT_JOB_RUNNER, group_is_alive, wait_for_group_exit
 
 STATE_FILE = "stack.json"
+CREDENTIALS_FILE = "credentials.env"
+MLFLOW_ADMIN = "admin"
 START_TIMEOUT_S = 120.0
 ARTIFACT_BUCKET = "mlflow-artifacts"
 # moto accepts any credentials; these only have to be present for boto3.
@@ -206,9 +209,55 @@ def _boto_credentials() -> dict[str, str]:
     }
 
 
+def stack_credentials(folder: Path) -> dict[str, str]:
+    """The MLflow login of the stack (MLflow's basic auth, as in infra/docker-compose.yml):
+    made at the first `up` with a random password, kept in `<folder>/credentials.env`
+    (owner-only), never printed. Clients load it with `set -a; . <folder>/credentials.env`."""
+    path = Path(folder) / CREDENTIALS_FILE
+    if not path.is_file():
+        login = f"MLFLOW_TRACKING_USERNAME={MLFLOW_ADMIN}\n"
+        login += f"MLFLOW_TRACKING_PASSWORD={secrets.token_urlsafe(24)}\n"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(login)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def _server_secret(auth: Path) -> str:
+    """The key that signs MLflow's sessions (CSRF): random, made once, owner-only."""
+    path = auth / "server_secret_key"
+    if not path.is_file():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(secrets.token_urlsafe(32))
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _auth_config(folder: Path) -> Path:
+    """MLflow's basic-auth config: its users in SQLite under the folder, the admin's name
+    here and the admin's password from the environment (`stack_credentials`)."""
+    auth = folder / "mlflow-auth"
+    auth.mkdir(mode=0o700, exist_ok=True)
+    config = auth / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{auth / 'basic_auth.db'}\n"
+        f"admin_username = {MLFLOW_ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+        # A login is checked by PBKDF2 (~0.3 s of CPU): once a minute, not on every request
+        # of a stage's metric stream (one server worker, so no other worker's cache is stale).
+        "auth_cache_ttl_seconds = 60\n",
+        encoding="utf-8",
+    )
+    return config
+
+
 def _start_mlflow(folder: Path, ports: StackPorts) -> Service:
     url = f"http://127.0.0.1:{ports.mlflow}"
-    argv = [sys.executable, "-m", "mlflow", "server"]
+    argv = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"]
     argv += ["--backend-store-uri", database_uri(ports.postgres, "mlflow")]
     argv += ["--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts"]
     argv += ["--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"]
@@ -216,6 +265,9 @@ def _start_mlflow(folder: Path, ports: StackPorts) -> Service:
         **EMULATOR_CREDENTIALS,
         "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",
         **{name: os.environ.get(name, value) for name, value in WITHOUT_JOB_RUNNER.items()},
+        "MLFLOW_AUTH_CONFIG_PATH": str(config := _auth_config(folder)),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": stack_credentials(folder)["MLFLOW_TRACKING_PASSWORD"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": _server_secret(config.parent),
     }
     return _python_server(folder, ports, "mlflow", argv, env, ports.mlflow, url, f"{url}/health")
 
@@ -241,7 +293,7 @@ def _start_worker(folder: Path, ports: StackPorts, pool: str, project: Path) -> 
     log_path = folder / "logs" / "worker.log"
     argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
     argv += ["--type", "process"]
-    env = {**os.environ, **QUIET, **client_environment(ports)}
+    env = {**os.environ, **QUIET, **client_environment(ports), **stack_credentials(folder)}
     env["PREFECT_HOME"] = str(folder / "prefect")
     env[PROJECT_ROOT_VARIABLE] = str(project)  # where `rlhf deploy`'s flow runs happen
     process = _start(argv, env, log_path)
