@@ -67,6 +67,25 @@ def launcher_environment(name: str) -> tuple[object, dict[str, str]]:
     return args, prepare_multi_gpu_env(args)
 
 
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [("ddp.yaml", None), ("fsdp2.yaml", "FSDP"), ("deepspeed-zero2.yaml", "DeepSpeed"),
+     ("deepspeed-zero3.yaml", "DeepSpeed")],
+)  # fmt: skip
+def test_a_stage_refuses_the_engines_whose_sharded_states_it_cannot_save_yet(name, engine):
+    """What a training stage's processes see of each config (the launcher's environment): DDP
+    runs; FSDP2 and DeepSpeed are one error naming the engine, not a run whose checkpoints
+    and model would be one process's shard."""
+    from rlhf_core.training.distributed import unsupported_engine
+
+    reason = unsupported_engine(launcher_environment(name)[1])
+    if engine is None:
+        assert reason is None
+    else:
+        assert reason.startswith(f"launch.config_file asks for {engine}, which the training")
+        assert "infra/accelerate/ddp.yaml" in reason
+
+
 def test_fsdp2_config_gives_fsdp_its_wrapping_and_full_state_dict(monkeypatch):
     """The launcher's FSDP2 settings, and the plugin accelerate builds from them in each
     process (the launcher refuses cpu_ram_efficient_loading without sync_module_states)."""

@@ -15,9 +15,10 @@ class LaunchSettings:
             GPUs). Each stage's `train.batch_size` stays the global batch of an optimizer
             step, split over the processes, so N processes reach the update one process makes
             on the same step.
-        config_file: an accelerate config file (e.g. infra/accelerate/fsdp2.yaml) for FSDP2 or
-            DeepSpeed; relative paths are from the project folder. Setting it launches the
-            stage under accelerate even with one process; `num_processes` overrides the file's.
+        config_file: an accelerate config file (e.g. infra/accelerate/ddp.yaml); relative
+            paths are from the project folder. Setting it launches the stage under accelerate
+            even with one process; `num_processes` overrides the file's. FSDP2 and DeepSpeed
+            configs are refused for now (the stages save from the main process's weights).
         main_process_port: the rendezvous port of the processes (null: a free port).
     """
 

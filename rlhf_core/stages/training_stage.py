@@ -220,6 +220,10 @@ def stage_accelerator(context: StageContext, precision: str) -> Any:
     from accelerate import Accelerator
 
     from rlhf_core.config.training import MIXED_PRECISION
+    from rlhf_core.training.distributed import unsupported_engine
+
+    if (reason := unsupported_engine()) is not None:
+        raise ValueError(reason)
 
     accelerator = Accelerator(
         mixed_precision=MIXED_PRECISION[precision], cpu=context.device.type == "cpu"

@@ -12,6 +12,7 @@ With one process every function here is the identity and makes no collective cal
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +40,20 @@ def reduce_named_sums(accelerator: Any, sums: Mapping[str, float]) -> dict[str, 
     return dict(zip(names, reduce_sums(accelerator, [sums[name] for name in names]), strict=True))
 
 
-def any_process(accelerator: Any, flag: bool) -> bool:
-    """True on every process when `flag` is true on at least one of them."""
-    return reduce_sums(accelerator, [1.0 if flag else 0.0])[0] > 0
+def unsupported_engine(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why a launched process cannot train under the engine its accelerate config chose, or
+    None. The training loops save checkpoints and the model from the main process's own
+    weights and step the optimizer themselves: right for DDP, not for FSDP2's or ZeRO's
+    sharded states, nor for DeepSpeed's engine, which steps on its own."""
+    for variable, engine in (
+        ("ACCELERATE_USE_FSDP", "FSDP"),
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+    ):
+        if environ.get(variable, "").lower() == "true":
+            return (
+                f"launch.config_file asks for {engine}, which the training stages do not run "
+                "yet (they save checkpoints and models from the main process's weights, not "
+                "from sharded states); use infra/accelerate/ddp.yaml or launch.config_file: "
+                "null (DDP), see infra/README.md"
+            )
+    return None
