@@ -54,13 +54,13 @@ bench-real: real-model  ## ours vs TRL on SmolLM2-135M (SFT, RM, DPO full and Lo
 
 test: venv test-packages  ## lint, then the whole test suite (slow end-to-end tests included), as CI does
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-packages:  ## install the Debian packages the tests need (PostgreSQL, Chromium) when missing
 	infra/scripts/install-test-packages.sh
 
 test-fast: venv  ## the test suite without the tests marked slow
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: venv  ## ours vs TRL, vs the CPU's peak, orchestration cost -> benchmarks/results/
 	$(BIN)/python -m benchmarks.run --repeats 2 --readme

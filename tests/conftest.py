@@ -159,7 +159,8 @@ def reward_model(tokenizer):
 
 # ---------------------------------------------------------------------------------------------
 # The longest test files first: `make test` runs a file per worker (pytest-xdist, --dist
-# loadfile) in collection order, and the end-to-end file started last would set the suite's
+# loadfile) in collection order (--no-loadscope-reorder: xdist would otherwise hand out the
+# files with the most tests first), and the end-to-end file started last would set the suite's
 # length alone. Within a file, and among the others, the order is unchanged (a stable sort).
 
 LONGEST_FIRST = (
@@ -170,6 +171,9 @@ LONGEST_FIRST = (
     "test_tracking_outage.py",
     "test_crash_harness.py",
     "test_store_crashes.py",
+    "test_training_processes.py",
+    "test_ppo_processes.py",
+    "test_chat.py",
 )
 
 
