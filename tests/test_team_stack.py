@@ -95,15 +95,7 @@ def test_a_team_retrain_on_the_stack(tmp_path, stack_dir, monkeypatch):
     _check_status_and_up_again(rlhf, stack_dir, flags, project, env)
 
     # The team's DVC remote: a bucket of the stack's S3 store.
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=exports["MLFLOW_S3_ENDPOINT_URL"],
-        region_name=exports["AWS_DEFAULT_REGION"],
-        aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"],
-    )
+    s3 = _s3_client(exports)
     s3.create_bucket(Bucket=DVC_BUCKET)
     dvc = [sys.executable, "-m", "dvc"]
     run([*dvc, "remote", "add", "-d", "team", f"s3://{DVC_BUCKET}/cache"], project, env)
@@ -151,6 +143,19 @@ def test_a_team_retrain_on_the_stack(tmp_path, stack_dir, monkeypatch):
     print(
         f"stack up {stack_up_s:.0f} s; down {stack_down_s:.1f} s; "
         f"whole test {time.monotonic() - started:.0f} s"
+    )
+
+
+def _s3_client(exports: dict[str, str]):
+    """A boto3 client of the stack's S3 store, with the credentials `up` exported."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=exports["MLFLOW_S3_ENDPOINT_URL"],
+        region_name=exports["AWS_DEFAULT_REGION"],
+        aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"],
     )
 
 
@@ -242,7 +247,6 @@ def _check_mlflow(exports: dict[str, str], password: str) -> None:
     import urllib.error
     import urllib.request
 
-    import boto3
     from mlflow import MlflowClient
 
     search = f"{exports['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=5"
@@ -266,13 +270,7 @@ def _check_mlflow(exports: dict[str, str], password: str) -> None:
     curves = {key: client.get_metric_history(sft.info.run_id, key) for key in sft.data.metrics}
     longest = max(curves.values(), key=len)
     assert len(longest) > 1 and [m.step for m in longest] == sorted(m.step for m in longest)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=exports["MLFLOW_S3_ENDPOINT_URL"],
-        region_name=exports["AWS_DEFAULT_REGION"],
-        aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"],
-    )
+    s3 = _s3_client(exports)
     keys = [
         item["Key"]
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow-artifacts")

@@ -25,8 +25,9 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
 
 
 def reduce_sums(accelerator: Any, values: Sequence[float]) -> list[float]:
-    """Element-wise sums of `values` over every process (float64; one all-reduce)."""
-    if accelerator.num_processes == 1:
+    """Element-wise sums of `values` over every process (float64; one all-reduce). Without an
+    accelerator (None) or with one process, the values themselves."""
+    if accelerator is None or accelerator.num_processes == 1:
         return [float(value) for value in values]
     tensor = torch.tensor(
         [float(v) for v in values], dtype=torch.float64, device=accelerator.device

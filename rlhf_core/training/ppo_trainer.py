@@ -47,7 +47,7 @@ from rlhf_core.generation import SamplingSettings, derived_seed, generate
 from rlhf_core.training.checkpoint import CheckpointManager
 from rlhf_core.training.distributed import reduce_named_sums, reduce_sums, shard
 from rlhf_core.training.loop import param_groups, progress_bar, replay_history, seed_everything
-from rlhf_core.training.ppo_update import summed_over_processes, update
+from rlhf_core.training.ppo_update import update
 from rlhf_core.training.rollout import (
     Experience,
     Messages,
@@ -439,7 +439,7 @@ def _iteration(
     finished = time.perf_counter()
     controller.update(metrics["kl/mean"], settings.rollout_batch_size)
     seconds = finished - started
-    (tokens,) = summed_over_processes(accelerator, [float(experience.attention_mask.sum())])
+    (tokens,) = reduce_sums(accelerator, [float(experience.attention_mask.sum())])
     metrics.update(
         {
             "loss": metrics["loss/total"],

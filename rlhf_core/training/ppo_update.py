@@ -102,7 +102,7 @@ def update(
     trainable = [p for p in policy.parameters() if p.requires_grad]
     rows = list(range(experience.input_ids.shape[0])) if rows is None else list(rows)
     local_of = {row: local for local, row in enumerate(rows)}  # rollout row -> this shard's
-    n = int(summed_over_processes(accelerator, [len(rows)])[0])  # rows of the whole rollout
+    n = int(reduce_sums(accelerator, [len(rows)])[0])  # rows of the whole rollout
     micro = settings.micro_batch_size_or_minibatch
     totals: dict[str, float] = {}
     total_tokens, grad_norms = 0, []
@@ -114,7 +114,7 @@ def update(
             micro_batches = [mine[i : i + micro] for i in range(0, len(mine), micro)]
             passes = [0.0] * world
             passes[rank] = float(len(micro_batches))
-            minibatch_tokens, *passes = summed_over_processes(
+            minibatch_tokens, *passes = reduce_sums(
                 accelerator, [float(experience.mask[mine].sum()), *passes]
             )
             micro_batches += [[]] * (int(max(passes)) - len(micro_batches))
@@ -155,22 +155,13 @@ def update(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    summed = _named_sums(accelerator, {**totals, _TOKENS: float(total_tokens)})
+    summed = reduce_named_sums(accelerator, {**totals, _TOKENS: float(total_tokens)})
     metrics = {key: summed[key] / summed[_TOKENS] for key in totals}
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return metrics
 
 
 _TOKENS = "_tokens"  # the name of the token count among the reduced stat sums
-
-
-def summed_over_processes(accelerator: Any, values: Sequence[float]) -> list[float]:
-    """`reduce_sums` over the processes; the values themselves without an accelerator."""
-    return list(values) if accelerator is None else reduce_sums(accelerator, values)
-
-
-def _named_sums(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
-    return sums if accelerator is None else reduce_named_sums(accelerator, sums)
 
 
 def _require_finite_losses(
