@@ -43,6 +43,7 @@ from typing import Any
 
 from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.expectations import inspect_row
+from rlhf_core.data.schemas import REQUIRED_FIELDS
 from rlhf_core.data.store_lock import store_lock
 from rlhf_core.files import create_temporary_beside
 
@@ -65,8 +66,8 @@ def preference_rows(
 
     `vote` holds `vote_id`, `prompt` (messages), `answer_a`, `answer_b`, `model_a`,
     `model_b`, `verdict`, `better_answer` (or None), `annotator` ("" for anonymous),
-    `created_at` and `sampling`. Pairs that `inspect_row` finds fault with under `settings`
-    are left out.
+    `created_at` and `sampling`. Pairs the validation would quarantine under `settings`
+    (`quarantine_reasons`) are left out.
     """
     answers = {"a": (vote["answer_a"], vote["model_a"]), "b": (vote["answer_b"], vote["model_b"])}
     pairs: list[tuple[tuple[str, str], tuple[str, str]]] = []
@@ -88,8 +89,8 @@ def preference_rows(
         }
         if vote.get("annotator"):
             row["annotator"] = vote["annotator"]
-        if inspect_row(row, "preference", settings).notes:
-            continue  # it would be quarantined: identical, empty or too long texts
+        if quarantine_reasons(row, "preference", settings):
+            continue  # identical, empty or too long texts: validation would quarantine it
         row.update(
             vote_id=vote["vote_id"],
             chosen_model=chosen_model,
@@ -98,6 +99,39 @@ def preference_rows(
         )
         rows.append(row)
     return rows
+
+
+# The row checks of the validation suite (`gx_suite.row_expectations`) that one row decides on
+# its own: derived column -> (reason code, whether the value passes). Token lengths (only
+# with a tokenizer), duplicates and split leaks depend on the tokenizer or the other rows.
+_ROW_CHECKS = {
+    "has_expected_types": ("wrong_type", lambda value: value is not False),
+    "margin_is_valid": ("invalid_margin", lambda value: value is not False),
+    "text_is_valid": ("invalid_text", lambda value: value is not False),
+    "text_is_nonempty": ("empty_text", lambda value: value is not False),
+    "roles_are_valid": ("invalid_role", lambda value: value is not False),
+    "chosen_differs_from_rejected": ("chosen_equals_rejected", lambda value: value is not False),
+}
+
+
+def quarantine_reasons(
+    row: Mapping[str, Any], kind: str, settings: ValidationSettings
+) -> dict[str, str]:
+    """The reasons (code -> sentence) the validation would quarantine `row` for, of those one
+    row decides on its own; empty when it passes them. (`inspect_row` gives the derived
+    values and a sentence for every check that could fail; the suite's bounds decide.)"""
+    findings = inspect_row(row, kind, settings)
+    failing = [
+        code
+        for column, (code, passes) in _ROW_CHECKS.items()
+        if not passes(findings.values.get(column))
+    ]
+    if any(row.get(name) is None for name in REQUIRED_FIELDS[kind]):
+        failing.append("missing_field")
+    longest = findings.values.get("longest_text_chars")
+    if longest is not None and longest > settings.max_chars:
+        failing.append("too_long_chars")
+    return {code: findings.notes.get(code, code) for code in failing}
 
 
 def utc_now() -> str:
