@@ -151,7 +151,7 @@ def test_every_batch_size_votes_become_one_batch_and_each_vote_lands_once(folder
     assert journal.flush() is None  # nothing left: no empty batch
     rows, files = batch_rows(incoming)
     assert len(files) == 3
-    assert sorted(row["vote_id"] for row in rows) == ["vote-1", "vote-3", "vote-4", "vote-6", "vote-7"]
+    assert sorted(row["vote_id"] for row in rows) == [f"vote-{n}" for n in (1, 3, 4, 6, 7)]
 
 
 def test_votes_without_rows_are_marked_done_without_a_batch(folders):
@@ -213,9 +213,12 @@ def crash_at(monkeypatch, point):
     monkeypatch.setattr(votes_module.os, "replace", replace)
 
 
-@pytest.mark.parametrize("point", ["staged", "committed", "renamed"])
+@pytest.mark.parametrize(
+    ("point", "batches"),
+    [("staged", 1), ("committed", 2), ("renamed", 2)],  # before the commit point: one batch
+)
 def test_a_crash_at_any_point_of_a_batch_commit_loses_and_repeats_no_row(
-    folders, monkeypatch, point
+    folders, monkeypatch, point, batches
 ):
     labels, incoming = folders
     journal = VoteJournal(labels, incoming, batch_size=4)
@@ -231,6 +234,7 @@ def test_a_crash_at_any_point_of_a_batch_commit_loses_and_repeats_no_row(
     restarted.recover()
     rows, files = batch_rows(incoming)
     assert sorted(row["vote_id"] for row in rows) == [f"vote-{n}" for n in range(1, 6)]
+    assert len(files) == batches
     assert not list(incoming.glob(".*")) and not list(labels.glob(".*.tmp"))
     assert json.loads((labels / BATCHES_STATE).read_text()) == {"staged": None, "through": 5}
     assert restarted.recover() is None  # a second restart writes nothing again
