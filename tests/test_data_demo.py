@@ -24,6 +24,7 @@ from rlhf_core.data.demo import (
     corpus_texts,
     created_at,
     generate_demo,
+    read_reward_eval,
     sample_response,
     write_demo,
 )
@@ -32,7 +33,13 @@ from rlhf_core.data.gold import FILM_WORDS, GoldJudge, expected_agreement, words
 from rlhf_core.data.texts import corpus_from_rows
 
 SMALL = DemoSettings(
-    seed=3, n_sft=120, n_preference_prompts=150, n_ranked=20, n_ppo_prompts=40, n_eval_prompts=30
+    seed=3,
+    n_sft=120,
+    n_preference_prompts=150,
+    n_ranked=20,
+    n_ppo_prompts=40,
+    n_eval_prompts=30,
+    n_reward_eval_pairs=60,
 )
 JSONL_FILES = [
     "sft.jsonl",
@@ -40,6 +47,7 @@ JSONL_FILES = [
     "rankings.jsonl",
     "ppo_prompts.jsonl",
     "eval_prompts.jsonl",
+    "reward_eval.jsonl",
 ]
 
 
@@ -93,6 +101,7 @@ def test_sizes_are_as_configured(small_dir: Path) -> None:
         "rankings.jsonl": SMALL.n_ranked,
         "ppo_prompts.jsonl": SMALL.n_ppo_prompts,
         "eval_prompts.jsonl": SMALL.n_eval_prompts,
+        "reward_eval.jsonl": SMALL.n_reward_eval_pairs,
     }
     for name, size in sizes.items():
         assert len(read_jsonl(small_dir / name)) == size, name
@@ -102,16 +111,35 @@ def test_sizes_are_as_configured(small_dir: Path) -> None:
 
 def test_no_rankings_file_when_ranking_is_disabled(tmp_path: Path) -> None:
     (tmp_path / "rankings.jsonl").write_text("stale\n", encoding="utf-8")
-    meta = write_demo(DemoSettings(n_sft=5, n_preference_prompts=5, n_ranked=0), tmp_path)
+    meta = write_demo(
+        DemoSettings(n_sft=5, n_preference_prompts=5, n_ranked=0, n_reward_eval_pairs=5), tmp_path
+    )
     assert not (tmp_path / "rankings.jsonl").exists()
     assert "rankings.jsonl" not in meta["files"]
     assert meta["counts"]["rankings"] == 0
 
 
+def test_no_reward_eval_file_when_it_is_disabled(tmp_path: Path) -> None:
+    (tmp_path / "reward_eval.jsonl").write_text("stale\n", encoding="utf-8")
+    meta = write_demo(
+        DemoSettings(n_sft=5, n_preference_prompts=5, n_reward_eval_pairs=0), tmp_path
+    )
+    assert not (tmp_path / "reward_eval.jsonl").exists()
+    assert "reward_eval.jsonl" not in meta["files"]
+    assert meta["counts"]["reward_eval"] == 0
+    assert meta["reward_eval_agreement_expected"] is None
+
+
 def test_one_set_size_does_not_change_the_other_sets(small_dir: Path, tmp_path: Path) -> None:
-    write_demo(dataclasses.replace(SMALL, n_ranked=3, n_ppo_prompts=7), tmp_path)
+    write_demo(
+        dataclasses.replace(SMALL, n_ranked=3, n_ppo_prompts=7, n_reward_eval_pairs=20), tmp_path
+    )
     for name in ["sft.jsonl", "preferences.jsonl", "eval_prompts.jsonl"]:
         assert (tmp_path / name).read_bytes() == (small_dir / name).read_bytes(), name
+    # A smaller reward-evaluation set is the start of the larger one.
+    fewer = (tmp_path / "reward_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    more = (small_dir / "reward_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    assert fewer == more[:20]
 
 
 # ---------------------------------------------------------------- canonical schema
@@ -132,7 +160,11 @@ def test_every_row_has_the_canonical_schema(small_dir: Path) -> None:
         assert set(row) == {"prompt", "completion"}
         assert_canonical_prompt(row)
         assert_text(row["completion"])
-    for row in read_jsonl(small_dir / "preferences.jsonl"):
+    pair_rows = [
+        *read_jsonl(small_dir / "preferences.jsonl"),
+        *read_jsonl(small_dir / "reward_eval.jsonl"),
+    ]
+    for row in pair_rows:
         assert set(row) == {"prompt", "chosen", "rejected", "source", "annotator", "created_at"}
         assert_canonical_prompt(row)
         assert_text(row["chosen"])
@@ -177,6 +209,14 @@ def test_meta_records_settings_counts_and_statistics(small_dir: Path, judge: Gol
     assert meta["annotator_agreement_empirical"] == pytest.approx(statistics.fmean(wins), abs=1e-6)
     expected = expected_agreement(chosen, rejected, SMALL.annotator_temperature)
     assert meta["annotator_agreement_expected"] == pytest.approx(expected, abs=1e-6)
+    assert meta["counts"]["reward_eval"] == SMALL.n_reward_eval_pairs
+    held_out = read_jsonl(small_dir / "reward_eval.jsonl")
+    held_out_expected = expected_agreement(
+        judge.score_batch(row["chosen"] for row in held_out),
+        judge.score_batch(row["rejected"] for row in held_out),
+        SMALL.annotator_temperature,
+    )
+    assert meta["reward_eval_agreement_expected"] == pytest.approx(held_out_expected, abs=1e-6)
     longer = [len(words_of(row["chosen"])) > len(words_of(row["rejected"])) for row in pairs]
     assert meta["chosen_longer_fraction"] == pytest.approx(statistics.fmean(longer), abs=1e-6)
     completions = judge.score_batch(
@@ -204,6 +244,53 @@ def test_eval_prompts_are_disjoint_from_training_prompts(default_data: DemoData)
     assert eval_titles
     training_text = "\n".join(corpus_from_rows(training_rows))
     assert not any(title in training_text for title in eval_titles)
+
+
+def test_reward_eval_pairs_are_many_and_about_titles_no_training_row_uses(
+    default_data: DemoData,
+) -> None:
+    pairs = default_data.reward_eval
+    assert len(pairs) == DemoSettings().n_reward_eval_pairs >= 1000
+    training_rows = [*default_data.sft, *default_data.preferences, *default_data.ppo_prompts]
+    training_text = "\n".join(corpus_from_rows(training_rows))
+    titles = {
+        title
+        for title in demo_grammar.ALL_TITLES
+        if any(title in prompt_text(row) for row in pairs)
+    }
+    assert titles <= set(demo_grammar.EVAL_TITLES)
+    assert len(titles) > 10
+    assert not any(title in training_text for title in titles)
+    # Not in the tokenizer's corpus either: only evaluation reads them.
+    naming_a_title = [row["chosen"] for row in pairs if any(t in row["chosen"] for t in titles)]
+    assert naming_a_title and not set(naming_a_title) & set(corpus_texts(default_data))
+
+
+def test_reward_eval_labels_match_the_analytic_ceiling(
+    default_data: DemoData, judge: GoldJudge
+) -> None:
+    pairs = default_data.reward_eval
+    chosen = judge.score_batch(row["chosen"] for row in pairs)
+    rejected = judge.score_batch(row["rejected"] for row in pairs)
+    expected = default_data.meta["reward_eval_agreement_expected"]
+    assert expected == pytest.approx(
+        expected_agreement(chosen, rejected, DemoSettings().annotator_temperature), abs=1e-6
+    )
+    assert abs(empirical_agreement(chosen, rejected) - expected) < binomial_tolerance(
+        expected, len(pairs)
+    )
+
+
+def test_read_reward_eval_returns_the_written_pairs_and_names_a_bad_row(
+    small_dir: Path, tmp_path: Path
+) -> None:
+    assert read_reward_eval(small_dir / "reward_eval.jsonl") == read_jsonl(
+        small_dir / "reward_eval.jsonl"
+    )
+    broken = tmp_path / "reward_eval.jsonl"
+    broken.write_text('{"prompt": [], "chosen": "a", "rejected": "b"}\n{"prompt": []}\n')
+    with pytest.raises(ValueError, match=r"reward_eval.jsonl:2: .*'chosen', 'rejected'.*prepare"):
+        read_reward_eval(broken)
 
 
 def test_prompt_sets_hold_distinct_prompts(default_data: DemoData) -> None:
@@ -244,7 +331,11 @@ def test_label_agreement_matches_the_analytic_expectation(
 
 
 def test_noiseless_annotators_always_agree_with_gold(judge: GoldJudge) -> None:
-    data = generate_demo(DemoSettings(n_sft=1, n_preference_prompts=400, annotator_temperature=0))
+    data = generate_demo(
+        DemoSettings(
+            n_sft=1, n_preference_prompts=400, n_reward_eval_pairs=0, annotator_temperature=0
+        )
+    )
     chosen, rejected = gold_pairs(data, judge)
     assert all(c >= r for c, r in zip(chosen, rejected, strict=True))
     untied = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c != r]
@@ -254,7 +345,12 @@ def test_noiseless_annotators_always_agree_with_gold(judge: GoldJudge) -> None:
 
 def test_very_noisy_annotators_agree_with_gold_half_the_time(judge: GoldJudge) -> None:
     data = generate_demo(
-        DemoSettings(n_sft=1, n_preference_prompts=1000, annotator_temperature=1000.0)
+        DemoSettings(
+            n_sft=1,
+            n_preference_prompts=1000,
+            n_reward_eval_pairs=0,
+            annotator_temperature=1000.0,
+        )
     )
     chosen, rejected = gold_pairs(data, judge)
     assert abs(empirical_agreement(chosen, rejected) - 0.5) < binomial_tolerance(0.5, 1000)
@@ -402,6 +498,7 @@ def test_corpus_texts_holds_every_prompt_and_response(small_dir: Path) -> None:
         ({"n_ranked": -1}, "n_ranked"),
         ({"ranking_k": 1}, "ranking_k"),
         ({"n_eval_prompts": 2.5}, "n_eval_prompts"),
+        ({"n_reward_eval_pairs": -1}, "n_reward_eval_pairs"),
         ({"n_annotators": True}, "n_annotators"),
         ({"annotator_temperature": -0.1}, "annotator_temperature"),
         ({"annotator_temperature": float("inf")}, "annotator_temperature"),

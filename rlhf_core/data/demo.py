@@ -9,7 +9,10 @@ degenerate: repetition loops, truncation, off-topic). The gold judge (`gold.Gold
 responses; simulated annotators (`gold.SimulatedAnnotators`) label pairs with known noise.
 
 Evaluation prompts use film titles that no training prompt uses (a fixed hash split of the
-title pool, independent of the seed), so the policy is evaluated on unseen prompts.
+title pool, independent of the seed), so the policy is evaluated on unseen prompts. The
+reward-evaluation pairs (`reward_eval`) are labelled like the preference pairs but asked about
+those unseen titles too: a held-out set for the reward model, large enough (1000 pairs by
+default, against the ~150 of a 10% split) to put a tight interval on its accuracy.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class DemoData:
     rankings: list[dict[str, Any]]
     ppo_prompts: list[dict[str, Any]]
     eval_prompts: list[dict[str, Any]]
+    reward_eval: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,16 +112,21 @@ def _sft_rows(settings: DemoSettings) -> list[dict[str, Any]]:
 
 
 def _preference_rows(
-    settings: DemoSettings, judge: GoldJudge
+    settings: DemoSettings,
+    judge: GoldJudge,
+    name: str = "preferences",
+    titles: list[str] = TRAIN_TITLES,
+    count: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[float], list[float]]:
-    """Labelled pairs, and the gold scores of their chosen and rejected responses."""
-    rng = _stream(settings, "preferences")
+    """Labelled pairs about `titles` (stream `name`, `count` pairs; by default the training
+    preference set), and the gold scores of their chosen and rejected responses."""
+    rng = _stream(settings, name)
     annotators = SimulatedAnnotators(
         settings.annotator_temperature, settings.n_annotators, seed=rng.randrange(2**63)
     )
     rows, chosen_golds, rejected_golds = [], [], []
-    for _ in range(settings.n_preference_prompts):
-        film = sample_prompt(rng, TRAIN_TITLES)
+    for _ in range(settings.n_preference_prompts if count is None else count):
+        film = sample_prompt(rng, titles)
         first, second = _distinct_responses(rng, film, settings, 2)
         first_gold, second_gold = judge.score(first), judge.score(second)
         label = annotators.label_pair(first_gold, second_gold)
@@ -181,12 +190,16 @@ def generate_demo(settings: DemoSettings, judge: GoldJudge | None = None) -> Dem
     judge = judge or GoldJudge()
     sft = _sft_rows(settings)
     preferences, chosen_golds, rejected_golds = _preference_rows(settings, judge)
+    reward_eval, eval_chosen_golds, eval_rejected_golds = _preference_rows(
+        settings, judge, "reward_eval", EVAL_TITLES, settings.n_reward_eval_pairs
+    )
     data = DemoData(
         sft=sft,
         preferences=preferences,
         rankings=_ranking_rows(settings, judge),
         ppo_prompts=_prompt_rows(settings, "ppo_prompts", TRAIN_TITLES, settings.n_ppo_prompts),
         eval_prompts=_prompt_rows(settings, "eval_prompts", EVAL_TITLES, settings.n_eval_prompts),
+        reward_eval=reward_eval,
     )
 
     sft_scores = [judge.breakdown(row["completion"]) for row in sft]
@@ -216,6 +229,11 @@ def generate_demo(settings: DemoSettings, judge: GoldJudge | None = None) -> Dem
             expected_agreement(chosen_golds, rejected_golds, temperature)
         ),
         "annotator_agreement_empirical": _rounded(observed_agreement(chosen_golds, rejected_golds)),
+        "reward_eval_agreement_expected": _rounded(
+            expected_agreement(eval_chosen_golds, eval_rejected_golds, temperature)
+        )
+        if reward_eval
+        else None,
         "chosen_longer_fraction": _rounded(chosen_longer / len(preferences)),
         "vocabulary_size": len({word for text in corpus_texts(data) for word in words_of(text)}),
     }
@@ -223,7 +241,8 @@ def generate_demo(settings: DemoSettings, judge: GoldJudge | None = None) -> Dem
 
 
 def corpus_texts(data: DemoData) -> Iterator[str]:
-    """All texts of the demo (prompts and responses of every set), e.g. to train a tokenizer."""
+    """The texts of the demo's training and prompt sets (prompts and responses), e.g. to train
+    a tokenizer; the reward-evaluation pairs are left out (only evaluation reads them)."""
     for rows in (data.sft, data.preferences, data.rankings, data.ppo_prompts, data.eval_prompts):
         yield from corpus_from_rows(rows)
 
@@ -235,7 +254,9 @@ FILE_NAMES = {
     "rankings": "rankings.jsonl",
     "ppo_prompts": "ppo_prompts.jsonl",
     "eval_prompts": "eval_prompts.jsonl",
+    "reward_eval": "reward_eval.jsonl",
 }
+OPTIONAL_SETS = {"rankings": "n_ranked", "reward_eval": "n_reward_eval_pairs"}  # 0: no file
 META_FILE = "demo_meta.json"
 
 
@@ -245,12 +266,30 @@ def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def read_reward_eval(path: str | Path) -> list[dict[str, Any]]:
+    """The reward-evaluation pairs `write_demo` wrote to `path`, each with prompt, chosen and
+    rejected; a row without them is an error that names the file."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            row = json.loads(line)
+            missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
+            if missing:
+                raise ValueError(
+                    f"{path}:{number}: a reward-evaluation pair lacks {missing}; regenerate the "
+                    "demo data with `dvc repro prepare`."
+                )
+            rows.append(row)
+    return rows
+
+
 def write_demo(settings: DemoSettings, out_dir: str | Path) -> dict[str, Any]:
     """Generate the demo and write it as canonical JSONL plus demo_meta.json; return the meta.
 
-    Files: sft.jsonl, preferences.jsonl, rankings.jsonl (only when n_ranked > 0; a stale one is
-    removed otherwise), ppo_prompts.jsonl, eval_prompts.jsonl, demo_meta.json. The same
-    settings give byte-identical files.
+    Files: sft.jsonl, preferences.jsonl, rankings.jsonl (only when n_ranked > 0),
+    ppo_prompts.jsonl, eval_prompts.jsonl, reward_eval.jsonl (only when n_reward_eval_pairs > 0;
+    a stale optional file is removed otherwise), demo_meta.json. The same settings give
+    byte-identical files.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +297,7 @@ def write_demo(settings: DemoSettings, out_dir: str | Path) -> dict[str, Any]:
     written = []
     for name, file_name in FILE_NAMES.items():
         rows = getattr(data, name)
-        if name == "rankings" and settings.n_ranked == 0:
+        if name in OPTIONAL_SETS and getattr(settings, OPTIONAL_SETS[name]) == 0:
             (out / file_name).unlink(missing_ok=True)
             continue
         _write_jsonl(rows, out / file_name)
