@@ -65,6 +65,14 @@ def test_run_ppo_writes_the_policy_metrics_curves_and_an_mlflow_run(
     assert metrics["iterations"] == ITERATIONS and metrics["resumed_from"] == 0
     for key in ("reward/score_mean", "kl/mean", "kl/coef", "eval/score_mean", "eval/kl_mean"):
         assert key in metrics
+    # The demo's gold judge scores every evaluation; the alarm and the fits read the curves.
+    assert -1.0 <= metrics["eval/gold_score_mean"] <= 1.0
+    assert -1.0 <= metrics["eval_initial/gold_score_mean"] <= 1.0
+    assert metrics["overoptimisation/alarm"] in (0, 1)
+    assert metrics["overoptimisation/status"] in ("fired", "silent")
+    assert metrics["overoptimisation/window"] == 3  # evaluations at steps 0, 2 and 3
+    assert (metrics["overoptimisation/first_step"] == 3) == (metrics["overoptimisation/alarm"] == 1)
+    assert isinstance(metrics["overoptimisation/gold_change"], float)
     assert metrics["eval_initial/kl_mean"] == pytest.approx(0.0, abs=1e-4)  # policy == SFT
     assert metrics["eval_prompts"] >= 1 and metrics["train_prompts"] >= 8
     rows = json.loads((paths.plots_dir / "ppo_curves.json").read_text())
@@ -87,8 +95,12 @@ def test_run_ppo_writes_the_policy_metrics_curves_and_an_mlflow_run(
     ):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3], key
-    eval_steps = client.get_metric_history(run.info.run_id, "eval/score_mean")
-    assert sorted(m.step for m in eval_steps) == [0, 2, 3]
+    for key in ("eval/score_mean", "eval/gold_score_mean"):
+        eval_steps = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in eval_steps) == [0, 2, 3]
+    alarm = client.get_metric_history(run.info.run_id, "overoptimisation/alarm")
+    assert [m.value for m in alarm] == [metrics["overoptimisation/alarm"]]
+    assert run.data.tags["overoptimisation.status"] == metrics["overoptimisation/status"]
     assert run.data.params["ppo.train.rollout_batch_size"] == "8"
     assert run.data.params["seed"] == "0"
     for name in ("prompts", "sft_model", "reward_model"):
@@ -146,6 +158,20 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_a_changed_config_starts_ov
     assert not paths.checkpoints_dir("ppo").exists()
 
 
+def test_without_a_gold_judge_the_alarm_is_off_and_says_so(tiny_project, tiny_params, tracking_uri):
+    # The tiny project's files, read as user data: no gold judge stands behind them.
+    data = tiny_params.data.model_copy(update={"source": "files"})
+    metrics = run_ppo(
+        tiny_settings(checkpoint_every=0), StageContext(data, 0, tiny_project, show_progress=False)
+    )
+    assert "eval/gold_score_mean" not in metrics and "eval/score_mean" in metrics
+    assert metrics["overoptimisation/alarm"] is None
+    assert metrics["overoptimisation/status"] == "no gold judge: alarm off"
+    assert metrics["overoptimisation/gold_alpha"] is None
+    saved = json.loads(ProjectPaths(tiny_project).metrics_file("ppo").read_text())
+    assert saved["overoptimisation/status"] == "no gold judge: alarm off"
+
+
 def test_missing_reward_model_is_a_clear_error(tiny_project, tiny_params, tracking_uri):
     import shutil
 
@@ -159,6 +185,8 @@ def test_missing_reward_model_is_a_clear_error(tiny_project, tiny_params, tracki
     [
         ({"max_eval_prompts": -1}, "max_eval_prompts"),
         ({"scorer_batch_size": 0}, "scorer_batch_size"),
+        ({"overoptimisation_window": 1}, "overoptimisation_window"),
+        ({"overoptimisation_epsilon": -0.1}, "overoptimisation_epsilon"),
         ({"train": {"iterations": 2}}, "PPOTrainSettings"),
     ],
 )

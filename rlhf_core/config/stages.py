@@ -254,16 +254,34 @@ class PPOSettings:
         max_eval_prompts: most held-out prompts in the periodic evaluation (64); the first ones
             of the held-out split, so every evaluation uses the same prompts.
         scorer_batch_size: sequences per reward-model forward pass (64).
+        overoptimisation_window: evaluations per window of the overoptimisation alarm (3):
+            it fires when, over that many consecutive evaluations, the reward-model score's
+            fitted change is above +`overoptimisation_epsilon` while the gold score's is below
+            −`overoptimisation_epsilon` (`evaluation.overoptimisation`).
+        overoptimisation_epsilon: the least fitted change across a window, in score units,
+            that counts as a rise or a fall (0.05: above the noise of a gold mean over 64
+            prompts at one seed).
     """
 
     train: PPOTrainSettings = field(default_factory=PPOTrainSettings)
     max_eval_prompts: int = 64
     scorer_batch_size: int = 64
+    overoptimisation_window: int = 3
+    overoptimisation_epsilon: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, PPOTrainSettings):
             raise ValueError("ppo train must be a PPOTrainSettings (the ppo.train section).")
-        require_minimums("policy.ppo", self, {"max_eval_prompts": 0, "scorer_batch_size": 1})
+        require_minimums(
+            "policy.ppo",
+            self,
+            {"max_eval_prompts": 0, "scorer_batch_size": 1, "overoptimisation_window": 2},
+        )
+        epsilon = self.overoptimisation_epsilon
+        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not epsilon >= 0:
+            raise ValueError(
+                f"policy.ppo.overoptimisation_epsilon must be a number >= 0, got {epsilon!r}."
+            )
 
 
 def _default_sampling() -> SamplingSettings:

@@ -6,6 +6,12 @@ frozen reference) and the reward model (frozen). Output: `artifacts/policy/ppo`,
 tokenizer. Also writes `artifacts/metrics/ppo.json`, `artifacts/plots/ppo_curves.json` (for
 `dvc plots`) and `ppo_curves.png`, and logs everything to the stage's MLflow run.
 
+On the demo task the gold judge, which the reward model never sees, also scores every
+evaluation (`eval/gold_score_mean` beside `eval/score_mean`): ppo.json then holds the
+overoptimisation alarm (the reward-model score rising while the gold score falls) and Gao et
+al.'s RL-form fits of both curves against √KL (`evaluation.overoptimisation`). Off the demo
+there is no gold score and the alarm is off, which ppo.json says.
+
 Held-out prompts for the periodic evaluation come from the same stable hash split every stage
 uses (`data.eval_fraction`); the `eval_prompts` set stays unseen for the evaluation stage.
 """
@@ -16,7 +22,13 @@ import dataclasses
 import logging
 from typing import Any
 
+from rlhf_core.config import DataSettings
 from rlhf_core.config.stages import PPOSettings
+from rlhf_core.evaluation.overoptimisation import (
+    STATUS_METRIC,
+    overoptimisation_warning,
+    run_overoptimisation,
+)
 from rlhf_core.files import writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
@@ -32,7 +44,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "ppo"
 # Curves drawn in the PNG (all logged metrics are in the curves JSON and in MLflow).
-PLOTTED_CURVES = ("reward/score_mean", "kl/mean", "eval/score_mean")
+PLOTTED_CURVES = ("reward/score_mean", "kl/mean", "eval/score_mean", "eval/gold_score_mean")
 # The last iteration's values that go to artifacts/metrics/ppo.json.
 FINAL_ITERATION_METRICS = (
     *("reward/score_mean", "reward/total_mean", "kl/mean", "kl/coef", "policy/entropy"),
@@ -98,6 +110,7 @@ def run_ppo(
             settings.train,
             seed=context.seed,
             eval_prompts=list(eval_frame["prompt"]),
+            gold_scorer=gold_scorer(context.data),
             checkpoints=stage.checkpoint_manager(),
             on_log=stage.log_step,
             on_eval=stage.log_eval,
@@ -105,13 +118,25 @@ def run_ppo(
             accelerator=accelerator,
         )
         stage.main_process_only()
-        stage.run.set_tags({"resumed_from": result.resumed_from})
+        overoptimisation = run_overoptimisation(
+            result.eval_history,
+            settings.overoptimisation_window,
+            settings.overoptimisation_epsilon,
+        )
+        stage.run.set_tags(
+            {
+                "resumed_from": result.resumed_from,
+                "overoptimisation.status": overoptimisation[STATUS_METRIC],
+            }
+        )
+        if warning := overoptimisation_warning(overoptimisation):
+            log.warning("ppo: %s", warning)
         out_dir = paths.policy_dir(STAGE)
         with writing("the PPO policy", out_dir):
             policy.save_pretrained(out_dir, tokenizer=tokenizer)
         metrics = stage.finish(
             result,
-            final_metrics(result, len(train_frame), len(eval_frame)),
+            {**final_metrics(result, len(train_frame), len(eval_frame)), **overoptimisation},
             out_dir,
             shown=PLOTTED_CURVES,
             title="PPO: reward-model score and KL to SFT",
@@ -124,6 +149,19 @@ def run_ppo(
         metrics.get("kl/mean", float("nan")),
     )
     return metrics
+
+
+def gold_scorer(data: DataSettings) -> Any:
+    """The demo's gold judge as a PPO scorer of response texts, or None off the demo (user
+    data has no judge the reward model never saw)."""
+    if data.source != "demo":
+        return None
+    import torch
+
+    from rlhf_core.data.gold import GoldJudge
+
+    judge = GoldJudge()
+    return lambda rollout: torch.tensor(judge.score_batch(rollout.texts))
 
 
 def ppo_run_label(train: Any) -> str:

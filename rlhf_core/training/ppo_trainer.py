@@ -52,6 +52,7 @@ from rlhf_core.training.rollout import (
     Experience,
     Messages,
     PPOModels,
+    Scorer,
     inference_token_stats,
     iteration_prompt_indices,
     make_experience,
@@ -88,12 +89,16 @@ def evaluate_policy(
     prompts: Sequence[Messages],
     settings: PPOTrainSettings,
     seed: int,
+    gold_scorer: Scorer | None = None,
 ) -> dict[str, float]:
     """Held-out metrics of responses sampled at the training temperature with a fixed seed.
 
     `score_mean` (raw scorer output), `kl_mean` (per-sequence Σ_t log π − log π_ref),
-    `length_mean` (response tokens) and `ended_fraction`. The same seed at every evaluation
-    keeps the curve free of sampling noise that is not due to the policy.
+    `length_mean` (response tokens) and `ended_fraction`; with a `gold_scorer` (a judge the
+    scorer never saw, e.g. the demo's gold judge) also `gold_score_mean` of the same
+    responses, so proxy and true reward can be compared step by step (overoptimisation). The
+    same seed at every evaluation keeps the curve free of sampling noise that is not due to
+    the policy.
     """
     policy, reference, scorer, tokenizer = models
     sampling = SamplingSettings(
@@ -109,12 +114,15 @@ def evaluate_policy(
     logps, _ = inference_token_stats(policy, tensors, settings.temperature, False, batch)
     ref_logps, _ = inference_token_stats(reference, tensors, settings.temperature, False, batch)
     scores = scorer(rollout).float()
-    return {
+    metrics = {
         "score_mean": float(scores.mean()),
         "kl_mean": float((logps - ref_logps).sum(dim=1).mean()),
         "length_mean": sum(len(ids) for ids in rollout.response_ids) / len(rollout),
         "ended_fraction": sum(rollout.ended) / len(rollout),
     }
+    if gold_scorer is not None:
+        metrics["gold_score_mean"] = float(gold_scorer(rollout).float().mean())
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +181,7 @@ def train_ppo(
     *,
     seed: int = 0,
     eval_prompts: Sequence[Messages] = (),
+    gold_scorer: Scorer | None = None,
     checkpoints: CheckpointManager | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
@@ -184,6 +193,8 @@ def train_ppo(
     Resumes from the newest matching checkpoint in `checkpoints`, if any. `on_log(iteration,
     metrics)` is called after every iteration (1-based), `on_eval(iteration, metrics)` after
     every evaluation on `eval_prompts` (iteration 0 = before training; none without prompts).
+    `gold_scorer`, when given, also scores every evaluation's responses (`evaluate_policy`'s
+    `gold_score_mean`); it never shapes a reward.
     The reference is put in eval mode with gradients off; the scorer must not need gradients.
     The policy stays in eval mode (no dropout) while it trains.
 
@@ -252,7 +263,7 @@ def train_ppo(
             trained, optimizer = accelerator.prepare(policy, optimizer)
         result = _train(
             models, prompts, settings, trained, optimizer, scheduler, controller, accelerator,
-            seed=seed, eval_prompts=eval_prompts, checkpoints=checkpoints,
+            seed=seed, eval_prompts=eval_prompts, gold_scorer=gold_scorer, checkpoints=checkpoints,
             on_log=on_log if is_main else None, on_eval=on_eval if is_main else None,
             show_progress=show_progress and is_main,
         )  # fmt: skip
@@ -276,6 +287,7 @@ def _train(
     *,
     seed: int,
     eval_prompts: Sequence[Messages],
+    gold_scorer: Scorer | None,
     checkpoints: CheckpointManager | None,
     on_log: Callable[[int, dict[str, float]], None] | None,
     on_eval: Callable[[int, dict[str, float]], None] | None,
@@ -302,7 +314,9 @@ def _train(
     def run_eval(iteration: int) -> None:
         if not eval_prompts or not is_main:
             return
-        metrics = evaluate_policy(models, eval_prompts, settings, derived_seed(seed, "eval"))
+        metrics = evaluate_policy(
+            models, eval_prompts, settings, derived_seed(seed, "eval"), gold_scorer
+        )
         result.eval_history.append({"step": iteration, **metrics})
         if on_eval is not None:
             on_eval(iteration, metrics)

@@ -1,0 +1,274 @@
+"""Overoptimisation: Gao et al.'s fits, the alarm, and the alarm on real PPO runs."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import FILM_WORDS, TINY_PPO_TRAIN, word_tokenizer
+
+from rlhf_core.config.training import PPOTrainSettings
+from rlhf_core.evaluation.overoptimisation import (
+    NO_GOLD,
+    fit_gao,
+    overoptimisation_alarm,
+    overoptimisation_warning,
+    run_overoptimisation,
+    window_change,
+)
+from rlhf_core.models.heads import PolicyWithValueHead
+from rlhf_core.models.tiny import build_tiny_llama
+from rlhf_core.training.ppo_trainer import train_ppo
+from rlhf_core.training.rollout import PPOModels
+
+KL_GRID = np.linspace(0.0, 25.0, 26)
+
+
+def gao_curve(form: str, kl, alpha: float, beta: float, initial: float = -0.3) -> np.ndarray:
+    distance = np.sqrt(np.asarray(kl, dtype=float))
+    if form == "bon":
+        return initial + distance * (alpha - beta * distance)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_d = np.where(distance > 0, np.log(np.where(distance > 0, distance, 1.0)), 0.0)
+    return initial + distance * (alpha - beta * log_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fits
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("form", "alpha", "beta"), [("bon", 0.9, 0.2), ("rl", 0.6, 0.35)])
+def test_fits_recover_the_coefficients_of_an_exact_curve(form, alpha, beta):
+    scores = gao_curve(form, KL_GRID, alpha, beta)
+    fit = fit_gao(form, KL_GRID, scores)  # R0 read from the point at KL 0
+    assert fit.alpha == pytest.approx(alpha, abs=1e-9)
+    assert fit.beta == pytest.approx(beta, abs=1e-9)
+    assert fit.r_squared == pytest.approx(1.0, abs=1e-12)
+    assert fit.points == len(KL_GRID) - 1  # the point at d = 0 carries no information
+    np.testing.assert_allclose(fit.predict(KL_GRID), scores - scores[0], atol=1e-9)
+
+
+@pytest.mark.parametrize(("form", "alpha", "beta"), [("bon", 0.9, 0.2), ("rl", 0.6, 0.35)])
+def test_fits_recover_the_coefficients_of_a_noisy_curve(form, alpha, beta):
+    rng = np.random.default_rng(0)
+    kl = np.repeat(KL_GRID[1:], 8)
+    scores = gao_curve(form, kl, alpha, beta) + rng.normal(0.0, 0.05, kl.shape)
+    fit = fit_gao(form, kl, scores, initial_score=-0.3)
+    assert fit.alpha == pytest.approx(alpha, rel=0.05)
+    assert fit.beta == pytest.approx(beta, rel=0.05)
+    assert 0.9 < fit.r_squared < 1.0
+
+
+def test_the_peak_is_where_the_fitted_curve_is_highest():
+    bon = fit_gao("bon", KL_GRID, gao_curve("bon", KL_GRID, 1.0, 0.25))
+    assert bon.peak_d == pytest.approx(2.0) and bon.peak_kl == pytest.approx(4.0)  # α / 2β
+    rl = fit_gao("rl", KL_GRID, gao_curve("rl", KL_GRID, 1.0, 0.5))
+    assert rl.peak_d == pytest.approx(math.e) and rl.peak_kl == pytest.approx(math.e**2)
+    fine = np.linspace(0.0, 30.0, 30001)
+    for fit in (bon, rl):
+        assert fine[np.argmax(fit.predict(fine))] == pytest.approx(fit.peak_kl, abs=2e-3)
+
+
+def test_a_curve_that_never_turns_down_has_no_peak():
+    # β < 0: the gain keeps growing with d in both forms.
+    for form in ("bon", "rl"):
+        fit = fit_gao(form, KL_GRID, gao_curve(form, KL_GRID, 0.5, -0.1))
+        assert fit.beta == pytest.approx(-0.1) and fit.peak_d is None and fit.peak_kl is None
+    # A best-of-n curve that only falls peaks at d = 0.
+    falling = fit_gao("bon", KL_GRID, gao_curve("bon", KL_GRID, -0.2, 0.1))
+    assert falling.peak_d == 0.0
+
+
+def test_too_few_points_or_no_initial_score_give_no_fit():
+    assert fit_gao("rl", [0.0, 4.0], [0.1, 0.3]) is None  # one point away from d = 0
+    assert fit_gao("rl", [0.0, 0.0, 0.0], [0.1, 0.2, 0.3]) is None
+    assert fit_gao("bon", [1.0, 4.0, 9.0], [0.1, 0.2, 0.25]) is None  # no KL 0, no R0 given
+    assert fit_gao("bon", [1.0, 4.0, 9.0], [0.1, 0.2, 0.25], initial_score=0.0) is not None
+    # NaN rows are dropped before counting.
+    assert fit_gao("bon", [0.0, 1.0, float("nan")], [0.0, 0.2, 0.3]) is None
+    # Negative Monte-Carlo KL estimates count as d = 0.
+    assert fit_gao("rl", [-0.01, 1.0, 4.0], [0.0, 0.2, 0.3]).points == 2
+    with pytest.raises(ValueError, match="one score per KL"):
+        fit_gao("rl", [0.0, 1.0], [0.0])
+    with pytest.raises(ValueError, match="Unknown overoptimisation fit form"):
+        fit_gao("ppo", [0.0, 1.0], [0.0, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The alarm
+# ---------------------------------------------------------------------------------------------
+
+STEPS = [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_window_change_is_the_fitted_change_across_the_window_whatever_the_spacing():
+    assert window_change([0, 1, 2], [0.0, 0.1, 0.2]) == pytest.approx(0.2)
+    assert window_change([0, 50, 100], [0.0, 0.1, 0.2]) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="increasing steps"):
+        window_change([5, 5], [0.0, 1.0])
+
+
+def test_alarm_fires_when_the_proxy_rises_while_the_gold_falls():
+    proxy = [0.0, 0.3, 0.6, 0.9, 1.2, 1.5, 1.8]
+    gold = [0.0, 0.2, 0.3, 0.3, 0.2, 0.0, -0.2]  # peaks, then falls
+    alarm = overoptimisation_alarm(STEPS, proxy, gold, window=3, epsilon=0.05)
+    assert alarm.fired and alarm.status == "fired"
+    # Windows ending at 20 and 30 see gold rising or flat; the one ending at 40 sees
+    # 0.3, 0.3, 0.2 (fitted change -0.1) and fires.
+    assert alarm.first_step == 40
+    assert alarm.proxy_change == pytest.approx(0.6) and alarm.gold_change == pytest.approx(-0.1)
+    assert overoptimisation_alarm(STEPS, proxy, gold, window=4, epsilon=0.05).first_step == 50
+
+
+def test_alarm_stays_silent_when_both_rise_or_when_changes_are_within_epsilon():
+    rising = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    both = overoptimisation_alarm(STEPS, rising, [g / 2 for g in rising], window=3, epsilon=0.05)
+    assert not both.fired and both.status == "silent" and both.first_step is None
+    assert both.proxy_change == pytest.approx(0.2)  # the last window's changes
+    # Noise around flat curves, every window's change within ±epsilon.
+    rng = random.Random(0)
+    noisy_proxy = [0.5 + rng.uniform(-0.01, 0.01) for _ in STEPS]
+    noisy_gold = [0.2 + rng.uniform(-0.01, 0.01) for _ in STEPS]
+    assert not overoptimisation_alarm(STEPS, noisy_proxy, noisy_gold, 3, 0.05).fired
+    # The same opposite trend, but smaller than epsilon: silent; above it: fires.
+    small_proxy = [0.01 * i for i in range(7)]
+    small_gold = [-0.01 * i for i in range(7)]
+    assert not overoptimisation_alarm(STEPS, small_proxy, small_gold, 3, 0.05).fired
+    assert overoptimisation_alarm(STEPS, small_proxy, small_gold, 3, 0.01).first_step == 20
+
+
+def test_alarm_without_gold_or_with_too_few_evaluations_does_not_fire_and_says_why():
+    off = overoptimisation_alarm(STEPS, [0.1] * 7, None)
+    assert not off.fired and off.status == NO_GOLD == "no gold judge: alarm off"
+    short = overoptimisation_alarm([0, 10], [0.0, 1.0], [0.0, -1.0], window=3)
+    assert not short.fired and short.status == "too few evaluations" and short.gold_change is None
+    with pytest.raises(ValueError, match="window must be at least 2"):
+        overoptimisation_alarm(STEPS, [0.0] * 7, [0.0] * 7, window=1)
+    with pytest.raises(ValueError, match="one proxy and one gold score per step"):
+        overoptimisation_alarm(STEPS, [0.0] * 7, [0.0] * 6)
+
+
+def test_run_metrics_of_an_evaluation_history():
+    kl = [0.0, 1.0, 4.0, 9.0, 16.0, 25.0, 36.0]
+    gold = gao_curve("rl", kl, 0.6, 0.35, initial=0.1)
+    history = [
+        {"step": step, "score_mean": 0.2 * i, "kl_mean": kl[i], "gold_score_mean": gold[i]}
+        for i, step in enumerate(STEPS)
+    ]
+    metrics = run_overoptimisation(history, window=3, epsilon=0.05)
+    assert metrics["overoptimisation/alarm"] == 1 and metrics["overoptimisation/status"] == "fired"
+    assert metrics["overoptimisation/gold_alpha"] == pytest.approx(0.6)
+    assert metrics["overoptimisation/gold_beta"] == pytest.approx(0.35)
+    assert metrics["overoptimisation/gold_peak_kl"] == pytest.approx(math.exp(0.6 / 0.35 - 1) ** 2)
+    assert metrics["overoptimisation/proxy_r2"] is not None
+    first = metrics["overoptimisation/first_step"]
+    assert f"from step {first} the reward-model score rose" in overoptimisation_warning(metrics)
+    without_gold = run_overoptimisation(
+        [{k: v for k, v in row.items() if k != "gold_score_mean"} for row in history]
+    )
+    assert without_gold["overoptimisation/alarm"] is None
+    assert without_gold["overoptimisation/status"] == NO_GOLD
+    assert without_gold["overoptimisation/gold_alpha"] is None
+    assert without_gold["overoptimisation/proxy_alpha"] is not None
+    assert overoptimisation_warning(without_gold) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Real PPO runs: an over-optimised one fires, a KL-controlled one stays silent
+# ---------------------------------------------------------------------------------------------
+
+
+def favoured_share(ids: list[int], vocab_size: int) -> float:
+    return sum(token < vocab_size // 2 for token in ids) / len(ids)
+
+
+def repetition_loving_proxy(vocab_size: int):
+    """A flawed reward model: likes tokens of the lower half of the vocabulary, and likes them
+    more the more often one token repeats (as reward models learn to like "great great great").
+    Its optimum, one favoured token over and over, is what the gold score penalises."""
+
+    def score(rollout):
+        return torch.tensor(
+            [
+                favoured_share(ids, vocab_size) * (1 + max(map(ids.count, ids)) / len(ids))
+                for ids in rollout.response_ids
+            ]
+        )
+
+    return score
+
+
+def repetition_discounting_gold(vocab_size: int):
+    """The true preference: the same favoured tokens, discounted by the share of distinct
+    tokens (as the demo's gold judge discounts repeated words)."""
+
+    def score(rollout):
+        return torch.tensor(
+            [
+                favoured_share(ids, vocab_size) * len(set(ids)) / len(ids)
+                for ids in rollout.response_ids
+            ]
+        )
+
+    return score
+
+
+def ppo_run(**overrides):
+    tokenizer = word_tokenizer()
+    rng = random.Random(1)
+    prompts = [
+        [{"role": "user", "content": " ".join(rng.choice(FILM_WORDS) for _ in range(1 + i % 4))}]
+        for i in range(16)
+    ]
+    settings = PPOTrainSettings(
+        **{
+            **TINY_PPO_TRAIN,
+            "iterations": 20,
+            "eval_every": 2,
+            "checkpoint_every": 0,
+            "rollout_batch_size": 16,
+            "minibatch_size": 16,
+            "ppo_epochs": 2,
+            "learning_rate": 3e-2,
+            "missing_eos_penalty": 0.0,
+            **overrides,
+        }
+    )
+    policy = PolicyWithValueHead(build_tiny_llama("nano", tokenizer, seed=0), seed=0)
+    reference = build_tiny_llama("nano", tokenizer, seed=0)
+    proxy = repetition_loving_proxy(len(tokenizer))
+    result = train_ppo(
+        PPOModels(policy, reference, proxy, tokenizer),
+        prompts,
+        settings,
+        seed=0,
+        eval_prompts=prompts,
+        gold_scorer=repetition_discounting_gold(len(tokenizer)),
+        show_progress=False,
+    )
+    return result.eval_history, run_overoptimisation(result.eval_history)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_alarm_fires_on_an_over_optimised_ppo_run_and_not_on_a_kl_controlled_one():
+    # No KL penalty: the policy collapses onto one favoured token; the proxy keeps rising
+    # while the gold score, after rising with it, falls.
+    history, metrics = ppo_run(init_kl_coef=0.0, adaptive_kl=False)
+    proxy = [row["score_mean"] for row in history]
+    gold = [row["gold_score_mean"] for row in history]
+    peak = int(np.argmax(gold))
+    assert 0 < peak < len(gold) - 1 and gold[-1] < gold[peak] - 0.2, gold
+    assert proxy[-1] > proxy[peak] + 0.3, proxy
+    assert metrics["overoptimisation/alarm"] == 1, metrics
+    assert history[peak]["step"] < metrics["overoptimisation/first_step"], metrics
+    # The default KL control (adaptive β from 0.2, target 3 nats): the same reward model
+    # and learning rate, and the gold score rises with the proxy.
+    history, metrics = ppo_run()
+    gold = [row["gold_score_mean"] for row in history]
+    assert gold[-1] > gold[0], gold
+    assert max(row["kl_mean"] for row in history) < 5.0
+    assert metrics["overoptimisation/alarm"] == 0, metrics
+    assert metrics["overoptimisation/status"] == "silent"
