@@ -1,6 +1,7 @@
 """The evaluation stage on the tiny project: metrics, consistency, reports, MLflow run, errors."""
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -12,8 +13,10 @@ import torch
 from mlflow import MlflowClient
 
 from rlhf_core.config import DataSettings
+from rlhf_core.config.data import DemoSettings
 from rlhf_core.config.stages import EvaluateSettings
-from rlhf_core.data.gold import GoldJudge
+from rlhf_core.data.demo import read_reward_eval, write_demo
+from rlhf_core.data.gold import GoldJudge, expected_agreement
 from rlhf_core.evaluation.comparison import select_best_of_n
 from rlhf_core.evaluation.metrics import POLICY_SUMMARY_KEYS
 from rlhf_core.generation import Rollout, SamplingSettings
@@ -27,7 +30,18 @@ from rlhf_core.tracking.lineage import read_producer_run_id, run_marker_path
 
 # Every policy's summary holds these (distinct-n too, checked in test_evaluation_metrics).
 REQUIRED_POLICY_KEYS = tuple(k for k in POLICY_SUMMARY_KEYS if not k.startswith("distinct"))
-REWARD_MODEL_KEYS = ("eval_accuracy", "eval_margin_mean", "annotator_agreement")
+# The reward model's block: numbers in [0, 1] (eval_margin_mean aside) and nested tables.
+REWARD_MODEL_KEYS = (
+    "eval_accuracy",
+    "eval_accuracy_ci_low",
+    "eval_accuracy_ci_high",
+    "annotator_agreement",
+    "annotator_agreement_expected",
+    "rm_gold_agreement",
+    "ece_vs_labels",
+    "ece_vs_gold",
+)
+REWARD_EVAL_PAIRS = 40  # the demo's reward_eval set, cut from 1000 to keep the test fast
 BEST_OF_N = (2, 3)
 PROMPTS, SAMPLES_PER_PROMPT, SAMPLES_IN_REPORT = 4, 2, 3
 SETTINGS = EvaluateSettings(
@@ -70,6 +84,11 @@ def evaluated(tiny_project_template, tmp_path_factory, tracking_store):
     a noisy copy."""
     root = shutil.copytree(tiny_project_template, tmp_path_factory.mktemp("evaluate") / "project")
     paths = ProjectPaths(root)
+    # The demo as prepare writes it with demo.n_reward_eval_pairs: 40 (the other sets are the
+    # same: each has a random stream of its own).
+    written = json.loads((paths.raw_dir / "demo_meta.json").read_text())["settings"]
+    demo = dataclasses.replace(DemoSettings(**written), n_reward_eval_pairs=REWARD_EVAL_PAIRS)
+    write_demo(demo, paths.raw_dir)
     sft_model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
     save_model(sft_model, tokenizer, paths.policy_dir("dpo"))
     save_model(_perturbed(sft_model, 0.1, seed=1), tokenizer, paths.policy_dir("ppo"))
@@ -103,8 +122,15 @@ def test_metrics_file_has_every_policy_and_the_reward_model_block(evaluated):
             assert math.isfinite(metrics[policy][key]), (policy, key)
         low, high = (metrics[policy][f"rm_win_rate_vs_sft_ci_{end}"] for end in ("low", "high"))
         assert low <= metrics[policy]["rm_win_rate_vs_sft"] <= high
+    block = metrics["reward_model"]
     for key in REWARD_MODEL_KEYS:
-        assert 0.0 <= metrics["reward_model"][key] <= 1.0 or key == "eval_margin_mean"
+        assert 0.0 <= block[key] <= 1.0, key
+    assert math.isfinite(block["eval_margin_mean"])
+    assert block["eval_accuracy_ci_low"] <= block["eval_accuracy"] <= block["eval_accuracy_ci_high"]
+    assert sum(bucket["pairs"] for bucket in block["gold_margin_buckets"].values()) == (
+        REWARD_EVAL_PAIRS
+    )
+    assert sum(b["pairs"] for b in block["calibration_bins"].values()) == REWARD_EVAL_PAIRS
     assert metrics == json.loads(json.dumps(evaluated.results))  # the stage returns the file
     for policy in POLICIES:
         assert len(_texts(evaluated.responses, policy)) == PROMPTS * SAMPLES_PER_PROMPT
@@ -162,26 +188,42 @@ def test_select_best_of_n_picks_the_highest_reward_among_the_first_n():
 
 
 def test_reward_model_block_matches_a_direct_computation(evaluated):
+    """On the demo the reward model is checked on the reward_eval pairs prepare wrote."""
     paths = evaluated.paths
-    _, held_out = train_eval_split(
-        load_validated(paths, "preference"), DATA.eval_fraction, DATA.split_salt
-    )
-    assert len(held_out) > 0
+    pairs = read_reward_eval(paths.raw_dir / "reward_eval.jsonl")
+    assert len(pairs) == REWARD_EVAL_PAIRS
     reward_model = RewardModel.from_pretrained(paths.reward_model_dir)
     tokenizer = load_tokenizer(str(paths.reward_model_dir))
-    prompts = list(held_out["prompt"])
-    chosen = score(reward_model, tokenizer, prompts, list(held_out["chosen"]), batch_size=16)
-    rejected = score(reward_model, tokenizer, prompts, list(held_out["rejected"]), batch_size=16)
+    prompts = [pair["prompt"] for pair in pairs]
+    chosen_texts = [pair["chosen"] for pair in pairs]
+    rejected_texts = [pair["rejected"] for pair in pairs]
+    chosen = score(reward_model, tokenizer, prompts, chosen_texts, batch_size=16)
+    rejected = score(reward_model, tokenizer, prompts, rejected_texts, batch_size=16)
     judge = GoldJudge()
+    chosen_gold, rejected_gold = judge.score_batch(chosen_texts), judge.score_batch(rejected_texts)
     gold_outcomes = [
-        1.0 if judge.score(c) > judge.score(r) else 0.5 if judge.score(c) == judge.score(r) else 0.0
-        for c, r in zip(held_out["chosen"], held_out["rejected"], strict=True)
+        1.0 if c > r else 0.5 if c == r else 0.0
+        for c, r in zip(chosen_gold, rejected_gold, strict=True)
+    ]
+    temperature = json.loads((paths.raw_dir / "demo_meta.json").read_text())["settings"][
+        "annotator_temperature"
     ]
     block = evaluated.metrics["reward_model"]
-    assert block["eval_pairs"] == len(held_out)
-    assert block["eval_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert block["eval_set"] == "reward_eval"
+    assert block["eval_pairs"] == REWARD_EVAL_PAIRS
+    correct = int((chosen > rejected).sum())
+    assert block["eval_accuracy"] == pytest.approx(correct / REWARD_EVAL_PAIRS)
+    # Wilson's interval of `correct` out of 40, by its formula.
+    z, n, share = 1.959964, REWARD_EVAL_PAIRS, correct / REWARD_EVAL_PAIRS
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    assert block["eval_accuracy_ci_low"] == pytest.approx(centre - half, abs=1e-5)
+    assert block["eval_accuracy_ci_high"] == pytest.approx(centre + half, abs=1e-5)
     assert block["eval_margin_mean"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
     assert block["annotator_agreement"] == pytest.approx(float(np.mean(gold_outcomes)))
+    assert block["annotator_agreement_expected"] == pytest.approx(
+        expected_agreement(chosen_gold, rejected_gold, temperature)
+    )
 
 
 def test_sanity_prompts_are_answered_greedily_by_sft_and_each_policy(evaluated):
@@ -215,7 +257,13 @@ def test_reports_and_plots_are_written(evaluated):
     comparison = (paths.evaluation_dir / "comparison.md").read_text()
     for policy in POLICIES:
         assert f"| {policy} |" in comparison
-    assert "| eval_accuracy |" in comparison
+    assert f"## Reward model on {REWARD_EVAL_PAIRS} held-out pairs (reward_eval)" in comparison
+    assert "| eval_accuracy |" in comparison and "| ece_vs_gold |" in comparison
+    bucket_rows = [line for line in comparison.splitlines() if line.startswith("| q")]
+    assert len(bucket_rows) == len(evaluated.metrics["reward_model"]["gold_margin_buckets"]) >= 2
+    assert "![reliability diagram](reward_model_reliability.png)" in comparison
+    reliability = paths.evaluation_dir / "reward_model_reliability.png"
+    assert reliability.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (paths.evaluation_dir / "samples.md").read_text().splitlines()
     table_rows = [line for line in samples if line.startswith("|")]
     assert len(table_rows) == 2 + SAMPLES_IN_REPORT  # header, alignment, one row per prompt
@@ -239,14 +287,21 @@ def test_mlflow_run_has_metrics_figure_and_lineage(evaluated, tracking_store):
             assert run.data.metrics[f"{policy}/{key}"] == pytest.approx(
                 evaluated.metrics[policy][key]
             )
-    assert run.data.metrics["reward_model/eval_accuracy"] == pytest.approx(
-        evaluated.metrics["reward_model"]["eval_accuracy"]
+    block = evaluated.metrics["reward_model"]
+    for key in ("eval_accuracy", "eval_accuracy_ci_low", "ece_vs_labels", "ece_vs_gold"):
+        assert run.data.metrics[f"reward_model/{key}"] == pytest.approx(block[key])
+    assert run.data.metrics["reward_model/gold_margin_buckets/q1/accuracy"] == pytest.approx(
+        block["gold_margin_buckets"]["q1"]["accuracy"]
     )
     plots = {item.path for item in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/reward_vs_kl.png" in plots
     reports = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/comparison.md", "evaluation/samples.md"} <= reports
-    for name in ("sft", "reward", "policy.dpo", "policy.ppo", "eval_prompts"):
+    assert {
+        "evaluation/comparison.md",
+        "evaluation/samples.md",
+        "evaluation/reward_model_reliability.png",
+    } <= reports
+    for name in ("sft", "reward", "policy.dpo", "policy.ppo", "eval_prompts", "reward_eval"):
         assert f"input.{name}.md5" in run.data.tags
 
 
@@ -272,8 +327,17 @@ def test_without_a_gold_judge_gold_metrics_are_null(tiny_project, tracking_store
     assert results["sft"]["gold_score_mean"] is None
     assert results["sft"]["gold_win_rate_vs_sft"] is None
     assert math.isfinite(results["sft"]["rm_score_mean"])
-    assert results["reward_model"]["annotator_agreement"] is None
-    assert 0.0 <= results["reward_model"]["eval_accuracy"] <= 1.0
+    block = results["reward_model"]
+    # Off the demo the reward model is checked on the preference set's held-out split.
+    _, held_out = train_eval_split(load_validated(ProjectPaths(tiny_project), "preference"), 0.2)
+    assert block["eval_set"] == "preference_held_out"
+    assert block["eval_pairs"] == len(held_out) > 0
+    for key in ("annotator_agreement", "annotator_agreement_expected", "rm_gold_agreement"):
+        assert block[key] is None, key
+    assert block["ece_vs_gold"] is None and block["gold_margin_buckets"] == {}
+    assert 0.0 <= block["eval_accuracy"] <= 1.0
+    assert 0.0 <= block["ece_vs_labels"] <= 1.0
+    assert all(b["gold_probability"] is None for b in block["calibration_bins"].values())
     samples = (ProjectPaths(tiny_project).evaluation_dir / "samples.md").read_text()
     assert "scores from the reward model" in samples
 

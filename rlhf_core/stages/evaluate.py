@@ -6,8 +6,11 @@ that the reward model never saw. A policy's sample i is compared with SFT's samp
 same prompt (paired win rates), and its KL to SFT is estimated from its own samples. Best-of-n
 draws n fresh SFT candidates per prompt, keeps the one the reward model scores highest, and
 sits on the KL axis at the analytic log n − (n − 1)/n (Gao et al. 2023, arXiv:2210.10760).
-The reward model is also checked on the held-out preference pairs, next to the agreement of
-those labels with the gold judge (the accuracy ceiling the annotators' noise allows).
+The reward model is also checked on held-out preference pairs (on the demo, the `reward_eval`
+pairs about unseen titles that prepare writes; otherwise the held-out split of the preference
+set): its accuracy with a 95% interval, next to the agreement of those labels with the gold
+judge (the accuracy ceiling the annotators' noise allows), its calibration and its accuracy by
+gold margin (`evaluation.reward_trust`).
 
 With `sanity_prompts`, SFT and each policy also answer out-of-task questions greedily
 (`evaluation.sanity`): `sanity_pass_fraction` per policy, the answers in sanity.md.
@@ -20,6 +23,7 @@ artifacts/plots/reward_vs_kl.{png,json}; all logged to one MLflow run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -52,6 +56,7 @@ from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext, load_validated, train_eval_split
 
 if TYPE_CHECKING:
+    import pandas as pd
     from transformers import PreTrainedTokenizerBase
 
     from rlhf_core.config import DataSettings
@@ -121,6 +126,14 @@ def _load_reward_model(paths: ProjectPaths, fallback_tokenizer: PreTrainedTokeni
     return reward_model, fallback_tokenizer
 
 
+def _ensemble_members(paths: ProjectPaths) -> list:
+    """The reward ensemble's members after member 0 (the reward model); [] without one."""
+    from rlhf_core.models.heads import RewardModel
+    from rlhf_core.scoring import reward_member_dirs
+
+    return [RewardModel.from_pretrained(d) for d in reward_member_dirs(paths.reward_model_dir)[1:]]
+
+
 def _require_same_vocabulary(
     name: str, tokenizer: PreTrainedTokenizerBase, sft_tokenizer: PreTrainedTokenizerBase
 ) -> None:
@@ -158,9 +171,9 @@ def run_evaluate(
     if len(prompt_frame) == 0:
         raise ValueError(f"{inputs['eval_prompts']} has no prompts to evaluate on.")
     prompts: list[Messages] = list(prompt_frame["prompt"])
-    _, held_out_pairs = train_eval_split(
-        load_validated(paths, "preference"), data.eval_fraction, data.split_salt
-    )
+    held_out_pairs, pairs_set, pairs_file = _reward_eval_pairs(paths, data)
+    if pairs_set == REWARD_EVAL_SET:
+        inputs[REWARD_EVAL_SET] = pairs_file
     items = expand_prompts(prompts, settings.samples_per_prompt)
     gold_judge = _gold_judge(data)
     params = {
@@ -181,9 +194,7 @@ def run_evaluate(
     ) as run:
         run.log_dataset(prompt_frame, "eval_prompts", "evaluation", source=inputs["eval_prompts"])
         if len(held_out_pairs):
-            run.log_dataset(
-                held_out_pairs, "preference_held_out", "evaluation", source=inputs["preference"]
-            )
+            run.log_dataset(held_out_pairs, pairs_set, "evaluation", source=pairs_file)
         device = context.device  # fp32 on every device (see ComputeSettings)
         sft_model, tokenizer = load_causal_lm(str(paths.sft_model_dir))
         sft_model = sft_model.to(device)
@@ -196,6 +207,10 @@ def run_evaluate(
             settings.batch_size,
             settings.missing_eos_penalty,
             settings.unfinished_score,
+            # a reward ensemble: scores are the members' mean, best-of-n picks by the aggregate
+            members=[reward_model, *(m.to(device) for m in _ensemble_members(paths))],
+            best_of_n_aggregate=settings.best_of_n_aggregate,
+            best_of_n_std_coef=settings.best_of_n_std_coef,
         )
 
         def sample(name, model, reference_model=None):
@@ -267,7 +282,12 @@ def run_evaluate(
         }
         for name, answers in sanity.items():
             results[name][SANITY_METRIC] = pass_fraction(answers)
-        results[REWARD_MODEL] = reward_model_metrics(judge, held_out_pairs)
+        results[REWARD_MODEL] = reward_model_metrics(
+            judge,
+            held_out_pairs,
+            eval_set=pairs_set,
+            annotator_temperature=_annotator_temperature(data, demo_meta),
+        )
 
         with writing("the evaluation reports and metrics", paths.evaluation_dir):
             written = write_reports(
@@ -282,6 +302,38 @@ def run_evaluate(
             run.record_output(path)
     log.info("evaluate: results\n%s", comparison_markdown(results, len(prompts), settings))
     return results
+
+
+REWARD_EVAL_SET = "reward_eval"  # the demo's held-out pairs for the reward model
+HELD_OUT_SPLIT = "preference_held_out"  # the held-out split of the preference set
+
+
+def _reward_eval_pairs(paths: ProjectPaths, data: DataSettings) -> tuple[pd.DataFrame, str, Path]:
+    """The pairs the reward model is checked on, their name, and the file they come from.
+
+    On the demo, the reward_eval pairs prepare wrote (demo.n_reward_eval_pairs about titles no
+    training row uses); otherwise, or when the demo wrote none, the held-out split of the
+    validated preference set, the rows the reward stage held out.
+    """
+    import pandas as pd
+
+    from rlhf_core.data.demo import FILE_NAMES, read_reward_eval
+
+    reward_eval = paths.raw_dir / FILE_NAMES[REWARD_EVAL_SET]
+    if data.source == "demo" and reward_eval.is_file():
+        return pd.DataFrame(read_reward_eval(reward_eval)), REWARD_EVAL_SET, reward_eval
+    _, held_out = train_eval_split(
+        load_validated(paths, "preference"), data.eval_fraction, data.split_salt
+    )
+    return held_out, HELD_OUT_SPLIT, paths.validated_set("preference") / "valid.parquet"
+
+
+def _annotator_temperature(data: DataSettings, demo_meta: Path) -> float | None:
+    """The demo annotators' Bradley-Terry temperature from demo_meta.json; None off the demo."""
+    if data.source != "demo" or not demo_meta.is_file():
+        return None
+    meta = json.loads(demo_meta.read_text(encoding="utf-8"))
+    return float(meta["settings"]["annotator_temperature"])
 
 
 def _gold_judge(data: DataSettings) -> GoldJudge | None:
