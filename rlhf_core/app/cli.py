@@ -485,6 +485,139 @@ def chat(
 
 
 @app.command()
+def label(
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="Two models to compare, comma-separated: champion,candidate (the default; "
+            "the rlhf-policy versions with those aliases) or PATHs of save_pretrained folders.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Compare two samples of one model instead: champion | candidate | PATH.",
+        ),
+    ] = None,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="eval (the project's validated held-out prompts) or a prompts FILE "
+            "(.jsonl, .json, .csv, .parquet); people can also type their own in the page.",
+        ),
+    ] = "eval",
+    host: Annotated[
+        str, typer.Option(help="Interface to serve on; 0.0.0.0 lets other machines vote.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the page.")] = 8765,
+    annotator_required: Annotated[
+        bool,
+        typer.Option("--annotator-required", help="Refuse votes without an annotator id."),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Votes per batch file written to data/incoming/ (the rest when it stops).",
+            min=1,
+        ),
+    ] = 20,
+    votes_per_pair: Annotated[
+        int,
+        typer.Option(
+            help="Annotators each pair from the prompt set is shown to (2+ measures their "
+            "agreement).",
+            min=1,
+        ),
+    ] = 2,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Sampling temperature > 0 (default: evaluate.sampling in params)."),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Keep the k likeliest tokens; 0 keeps all (default: params)."),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option("--top-p", help="Nucleus mass in (0, 1]; 1 keeps all (default: params)."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", help="Most tokens per answer (default: params)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling and of the sides.")] = 0,
+    params_path: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Serve a page where people compare two answers to a prompt and vote (A, B, tie, both bad),
+    optionally writing a better answer.
+
+    Which model wrote which side is hidden until the vote. Every vote is appended to
+    data/labels/votes.jsonl (synced to disk) before the page says saved; "A"/"B" votes and
+    written answers become preference rows (source rlhf-label, annotator, created_at) that
+    go to data/incoming/ in batches of --batch-size votes and when the server stops, where
+    the retrain deployment ingests them. A restart writes the votes a crash left unbatched.
+    The page shows a live tally: the candidate's win rate over the champion with a 95%
+    interval, and annotators' agreement. Exits 2 with one line when a model or the prompts
+    file cannot be loaded.
+    """
+    import dataclasses
+
+    from rlhf_core.app.label_page import LabelOptions, run_label
+    from rlhf_core.config import Params
+
+    params_obj = load_params_or_exit(params_path) if params_path.is_file() else Params()
+    if models is not None and model is not None:
+        fail("Pass --models A,B to compare two models or --model M to sample one twice, not both.")
+    listed = (models or "champion,candidate").split(",")
+    choices = (model,) if model is not None else tuple(choice.strip() for choice in listed)
+    if len(choices) > 1 and (len(choices) != 2 or not all(choices) or choices[0] == choices[1]):
+        fail(f"--models takes two different models separated by a comma, got {models!r}.")
+    asked = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+    }
+    options = LabelOptions(
+        choices, prompts, host, port, annotator_required, batch_size, votes_per_pair, seed
+    )
+    try:
+        sampling = dataclasses.replace(
+            params_obj.evaluate.sampling,
+            **{key: value for key, value in asked.items() if value is not None},
+        )
+        run_label(options, sampling, params_obj, params_path.resolve().parent, typer.echo)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        fail(str(error))
+
+
+@app.command()
+def sweep(
+    params_path: ParamsOption = Path("params.yaml"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the grid and the dvc commands only.")
+    ] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Experiments at once (default: sweep.jobs)."),
+    ] = None,
+) -> None:
+    """The reward–KL frontier: one DVC experiment per DPO β and PPO KL target (params'
+    `sweep` section), run through DVC's queue; writes artifacts/plots/frontier.{json,png},
+    artifacts/sweep/frontier.md and an MLflow run "sweep" with one nested run per point."""
+    from rlhf_core.config import ParamsError
+    from rlhf_core.orchestration.sweep import SweepError, run_sweep
+
+    load_params_or_exit(params_path)
+    try:
+        run_sweep(params_path, dry_run=dry_run, jobs=jobs, echo=typer.echo)
+    except (SweepError, ParamsError) as error:
+        fail(str(error))
+
+
+@app.command()
 def demo(
     project: Annotated[Path, typer.Option(help="Project root (dvc.yaml, params.yaml).")] = Path(
         "."
