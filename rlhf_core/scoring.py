@@ -4,11 +4,20 @@ The reward model is trained on the chat-rendered prompt with the assistant gener
 the response's tokens and the EOS (`training.tokenize`), and reads its score at the last real
 token. PPO (`score_token_ids` on the sampled ids), best-of-n, the evaluation, the gate's
 head-to-head and the served `rlhf-reward` model (`score`) all feed it exactly those ids.
+
+A reward stage that trained an ensemble (`reward.ensemble.members` > 1) leaves member 0 at the
+reward model's directory, the others under `members/<i>/` in it and the list of all of them in
+`ensemble.json` (`write_ensemble_manifest`); `load_reward_members` reads them back and
+`score_members` / `score_token_ids_members` give each member's scores, (members, n), for
+`algorithms.ensemble.conservative_reward` to aggregate.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -44,6 +53,17 @@ def score(
     re-rendered full chat template would add what follows the EOS (ChatML's newline) and move
     the scored position off the token the model was trained to read.
     """
+    sequences, pad_id = response_token_ids(tokenizer, prompts, responses, ended)
+    return score_token_ids(reward_model, sequences, pad_id, batch_size)
+
+
+def response_token_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    responses: Sequence[str],
+    ended: Sequence[bool] | None = None,
+) -> tuple[list[list[int]], int]:
+    """(the token ids `score` feeds the reward model for each pair, the pad id)."""
     if len(prompts) != len(responses) or (ended is not None and len(ended) != len(responses)):
         raise ValueError(
             f"score needs one response per prompt (and one ended flag per response) but got "
@@ -58,7 +78,7 @@ def score(
         + ([eos_id] if finished else [])
         for prompt, response, finished in zip(prompts, responses, ended, strict=True)
     ]
-    return score_token_ids(reward_model, sequences, pad_id, batch_size)
+    return sequences, pad_id
 
 
 def score_token_ids(
@@ -87,3 +107,102 @@ def score_token_ids(
             rewards = reward_model(input_ids.to(device), attention_mask.to(device))  # (batch,)
             scores[batch] = rewards.float().cpu()
     return scores
+
+
+# --------------------------------------------------------------------------------------------
+# Reward-model ensembles
+# --------------------------------------------------------------------------------------------
+
+ENSEMBLE_MANIFEST = "ensemble.json"
+ENSEMBLE_FORMAT = "rlhf_core.reward_ensemble"
+MEMBERS_DIR = "members"
+
+
+def member_dir(reward_dir: str | os.PathLike, index: int) -> Path:
+    """Where member `index` lives: member 0 is the reward model itself (everything that loads
+    one reward model loads it), member i ≥ 1 is `members/<i>/` inside it."""
+    reward_dir = Path(reward_dir)
+    return reward_dir if index == 0 else reward_dir / MEMBERS_DIR / str(index)
+
+
+def write_ensemble_manifest(
+    reward_dir: str | os.PathLike, seeds: Sequence[int], bootstrap: bool
+) -> Path:
+    """Write `ensemble.json` listing every member (path relative to `reward_dir`, seed, and
+    whether it trained on a bootstrap resample; member 0 never does). Written after the
+    members, so a manifest names only members that are whole."""
+    from rlhf_core.files import write_json
+
+    reward_dir = Path(reward_dir)
+    members = [
+        {
+            "index": index,
+            "path": member_dir(reward_dir, index).relative_to(reward_dir).as_posix(),
+            "seed": int(seed),
+            "bootstrap": bool(bootstrap and index > 0),
+        }
+        for index, seed in enumerate(seeds)
+    ]
+    manifest = {"format": ENSEMBLE_FORMAT, "members": members}
+    return write_json(reward_dir / ENSEMBLE_MANIFEST, manifest, what="the reward ensemble manifest")
+
+
+def reward_member_dirs(reward_dir: str | os.PathLike) -> list[Path]:
+    """The directories of the reward model's ensemble members, member 0 (`reward_dir`) first;
+    just `[reward_dir]` when the stage trained one model (no `ensemble.json`)."""
+    reward_dir = Path(reward_dir)
+    manifest_path = reward_dir / ENSEMBLE_MANIFEST
+    if not manifest_path.is_file():
+        return [reward_dir]
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != ENSEMBLE_FORMAT or not manifest.get("members"):
+        raise ValueError(
+            f"{manifest_path} is not a reward ensemble manifest; rerun `rlhf stage reward`."
+        )
+    directories = [reward_dir / member["path"] for member in manifest["members"]]
+    missing = [str(d) for d in directories if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{manifest_path} lists members that are missing ({', '.join(missing)}); "
+            "rerun `rlhf stage reward`."
+        )
+    return directories
+
+
+def load_reward_members(
+    reward_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> list[RewardModel]:
+    """Every member of the reward ensemble at `reward_dir` (one model without a manifest), in
+    eval mode, member 0 first."""
+    return [
+        RewardModel.from_pretrained(directory, dtype=dtype).eval()
+        for directory in reward_member_dirs(reward_dir)
+    ]
+
+
+def score_token_ids_members(
+    members: Sequence[RewardModel],
+    input_ids_list: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Each member's reward of each sequence, (members, n) float32 (`score_token_ids` per
+    member: k members cost k forward passes per sequence)."""
+    if not members:
+        raise ValueError("No reward models to score with; pass at least one member.")
+    return torch.stack(
+        [score_token_ids(member, input_ids_list, pad_id, batch_size) for member in members]
+    )
+
+
+def score_members(
+    members: Sequence[RewardModel],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    responses: Sequence[str],
+    batch_size: int = 64,
+    ended: Sequence[bool] | None = None,
+) -> torch.Tensor:
+    """`score` by each member, (members, n) float32; the pairs are tokenised once."""
+    sequences, pad_id = response_token_ids(tokenizer, prompts, responses, ended)
+    return score_token_ids_members(members, sequences, pad_id, batch_size)

@@ -24,3 +24,6 @@ GROUP_ADVANTAGE_KINDS = ("grpo", "rloo")
 
 # Where PPO's advantages come from: `ppo.compute_gae` with a critic, or a group baseline.
 ADVANTAGE_ESTIMATORS = ("gae", *GROUP_ADVANTAGE_KINDS)
+
+# `ensemble.conservative_reward(mode=...)`: how a reward-model ensemble's scores become one.
+REWARD_AGGREGATES = ("mean", "mean_minus_std", "min")

@@ -3,12 +3,17 @@ sections of params.yaml. Importable without torch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
-from rlhf_core.algorithms.options import LENGTH_NORMALISED_LOSS_TYPES, LOSS_TYPES
+from rlhf_core.algorithms.options import (
+    LENGTH_NORMALISED_LOSS_TYPES,
+    LOSS_TYPES,
+    REWARD_AGGREGATES,
+)
 from rlhf_core.config.training import (
     PPOTrainSettings,
     SamplingSettings,
@@ -74,6 +79,41 @@ REWARD_DEMO_TRAIN = TrainSettings(
 
 
 @dataclass(frozen=True)
+class EnsembleSettings:
+    """The reward stage's ensemble (Coste et al. 2023, arXiv:2310.02743): `reward.ensemble`.
+
+    Attributes:
+        members: reward models trained one after another in the stage (default 1, a single
+            model). Member 0 is the single model (global seed, every training comparison) at
+            artifacts/reward; member i ≥ 1 trains with the seed `derived_seed(seed,
+            "reward/member", i)` (its score head and data order) under
+            artifacts/reward/members/<i>. Costs k× the training time and k× the scoring
+            time wherever the ensemble is used.
+        bootstrap: members i ≥ 1 train on a bootstrap resample of the training comparisons
+            (as many, drawn with replacement) rather than on all of them (default True):
+            each member sees as much data as one model, the resamples make them disagree.
+    """
+
+    members: int = 1
+    bootstrap: bool = True
+
+    def __post_init__(self) -> None:
+        require_minimums("reward.ensemble", self, {"members": 1})
+        if not isinstance(self.bootstrap, bool):
+            raise ValueError(
+                f"reward.ensemble.bootstrap must be true or false, got {self.bootstrap!r}."
+            )
+
+
+def require_aggregate(key: str, mode: object, coef_key: str, coef: object) -> None:
+    """One error line unless `mode` is a reward aggregate and `coef` a number >= 0."""
+    if mode not in REWARD_AGGREGATES:
+        raise ValueError(f"{key} must be one of {', '.join(REWARD_AGGREGATES)}, got {mode!r}.")
+    if not (is_number(coef) and math.isfinite(coef) and coef >= 0):
+        raise ValueError(f"{coef_key} must be a finite number >= 0, got {coef!r}.")
+
+
+@dataclass(frozen=True)
 class RewardSettings:
     """Every knob of the reward stage.
 
@@ -91,6 +131,8 @@ class RewardSettings:
         center_rewards: shift the score head so the mean reward over the training responses
             is 0 (default True).
         eval_batch_size: sequences per forward pass when scoring (default 64).
+        ensemble: how many reward models to train and on what (`EnsembleSettings`; default
+            one model). Each member is centred on the same training responses.
     """
 
     train: TrainSettings = REWARD_DEMO_TRAIN
@@ -99,9 +141,17 @@ class RewardSettings:
     use_rankings: bool = True
     center_rewards: bool = True
     eval_batch_size: int = 64
+    ensemble: EnsembleSettings = field(default_factory=EnsembleSettings)
 
     def __post_init__(self) -> None:
         require_minimums("reward", self, {"max_length": 2, "eval_batch_size": 2})
+        if isinstance(self.ensemble, Mapping):
+            object.__setattr__(self, "ensemble", EnsembleSettings(**self.ensemble))
+        if not isinstance(self.ensemble, EnsembleSettings):
+            raise ValueError(
+                f"reward.ensemble must be a mapping with members and bootstrap, "
+                f"got {self.ensemble!r}."
+            )
 
 
 # Chosen on the demo (0.9M-parameter Llama, 1350 training pairs, 2 CPU cores): one epoch of
@@ -261,6 +311,12 @@ class PPOSettings:
         overoptimisation_epsilon: the least fitted change across a window, in score units,
             that counts as a rise or a fall (0.05: above the noise of a gold mean over 64
             prompts at one seed).
+        reward_aggregate: how the reward ensemble's member scores become PPO's reward, when
+            the reward stage trained members (`reward.ensemble.members` > 1): mean, min or
+            mean_minus_std (`algorithms.ensemble.conservative_reward`; default mean). With
+            one member every choice is that model's score.
+        reward_std_coef: λ of mean_minus_std, r̄ − λ·σ with σ the members' population std
+            (default 1.0).
     """
 
     train: PPOTrainSettings = field(default_factory=PPOTrainSettings)
@@ -268,6 +324,8 @@ class PPOSettings:
     scorer_batch_size: int = 64
     overoptimisation_window: int = 3
     overoptimisation_epsilon: float = 0.05
+    reward_aggregate: str = "mean"
+    reward_std_coef: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, PPOTrainSettings):
@@ -282,6 +340,12 @@ class PPOSettings:
             raise ValueError(
                 f"policy.ppo.overoptimisation_epsilon must be a number >= 0, got {epsilon!r}."
             )
+        require_aggregate(
+            "policy.ppo.reward_aggregate",
+            self.reward_aggregate,
+            "policy.ppo.reward_std_coef",
+            self.reward_std_coef,
+        )
 
 
 def _default_sampling() -> SamplingSettings:
@@ -318,6 +382,11 @@ class EvaluateSettings:
             each policy answer them greedily (`evaluation.sanity`): a pretrained model tuned
             too hard on the task forgets the rest. {} (the default) skips them.
         sanity_max_new_tokens: most tokens of a sanity answer (64).
+        best_of_n_aggregate: how the reward ensemble's member scores pick the best of n,
+            when the reward stage trained members: mean, min or mean_minus_std
+            (`algorithms.ensemble.conservative_reward`; default mean). The reported
+            rm_score of every response, best-of-n included, stays the members' mean.
+        best_of_n_std_coef: λ of mean_minus_std in the best-of-n choice (default 1.0).
     """
 
     sampling: SamplingSettings = field(default_factory=_default_sampling)
@@ -331,6 +400,8 @@ class EvaluateSettings:
     unfinished_score: float | None = None
     sanity_prompts: Mapping[str, str] = field(default_factory=dict)
     sanity_max_new_tokens: int = 64
+    best_of_n_aggregate: str = "mean"
+    best_of_n_std_coef: float = 1.0
 
     def __post_init__(self) -> None:
         # params.yaml gives plain mappings and lists; keep the typed forms.
@@ -374,3 +445,9 @@ class EvaluateSettings:
                 f"contain, both non-empty strings, got {self.sanity_prompts!r}."
             )
         require_minimums("evaluate", self, {"sanity_max_new_tokens": 1})
+        require_aggregate(
+            "evaluate.best_of_n_aggregate",
+            self.best_of_n_aggregate,
+            "evaluate.best_of_n_std_coef",
+            self.best_of_n_std_coef,
+        )

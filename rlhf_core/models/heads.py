@@ -227,6 +227,26 @@ class RewardModel(nn.Module):
         return cls(backbone, score=score)
 
 
+class RewardEnsemble(nn.Module):
+    """k reward models scored together; `forward` gives their mean score, so anything that
+    scores one reward model (a held-out evaluation, `scoring.score_token_ids`) scores the
+    ensemble's mean r̄(x) = (1/k) Σ_i r_i(x)."""
+
+    def __init__(self, members: list[RewardModel]):
+        super().__init__()
+        if not members:
+            raise ValueError("A reward ensemble needs at least one member.")
+        self.members = nn.ModuleList(members)
+
+    def member_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each member's rewards, (members, batch) float32, for (batch, seq) inputs."""
+        return torch.stack([member(input_ids, attention_mask) for member in self.members])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The members' mean reward, (batch,) float32."""
+        return self.member_scores(input_ids, attention_mask).mean(dim=0)
+
+
 class PolicyWithValueHead(nn.Module):
     """A causal LM plus a linear value head on its final hidden states, for PPO.
 

@@ -59,10 +59,11 @@ def run_ppo(
     """Train the PPO policy; save it, its metrics and curves; return the final metrics."""
     import torch
 
-    from rlhf_core.models.heads import PolicyWithValueHead, RewardModel
+    from rlhf_core.models.heads import PolicyWithValueHead
     from rlhf_core.models.loading import load_causal_lm
+    from rlhf_core.scoring import load_reward_members
     from rlhf_core.training.ppo_trainer import train_ppo
-    from rlhf_core.training.rollout import PPOModels, reward_model_scorer
+    from rlhf_core.training.rollout import PPOModels, reward_scorer, with_ensemble_std
 
     paths = ProjectPaths(context.root)
     inputs = {
@@ -98,11 +99,15 @@ def run_ppo(
         policy = PolicyWithValueHead(policy_lm, seed=context.seed)
         with torch.no_grad():  # V ≈ 0 at the start: no value estimate before any return is seen
             policy.value_head.weight.mul_(0.01)
-        reward_model = RewardModel.from_pretrained(paths.reward_model_dir).eval()
+        reward_members = load_reward_members(paths.reward_model_dir)  # one without an ensemble
         stage.check_outputs(policy, paths.policy_dir(STAGE))
-        policy, reference, reward_model = (m.to(device) for m in (policy, reference, reward_model))
-        scorer = reward_model_scorer(
-            reward_model, tokenizer.pad_token_id, settings.scorer_batch_size
+        policy, reference = (m.to(device) for m in (policy, reference))
+        scorer = reward_scorer(  # the members' aggregate (reward_aggregate) when there are several
+            [member.to(device) for member in reward_members],
+            tokenizer.pad_token_id,
+            settings.scorer_batch_size,
+            settings.reward_aggregate,
+            settings.reward_std_coef,
         )
         result = train_ppo(
             PPOModels(policy, reference, scorer, tokenizer),
@@ -112,7 +117,7 @@ def run_ppo(
             eval_prompts=list(eval_frame["prompt"]),
             gold_scorer=gold_scorer(context.data),
             checkpoints=stage.checkpoint_manager(),
-            on_log=stage.log_step,
+            on_log=with_ensemble_std(stage.log_step, scorer),
             on_eval=stage.log_eval,
             show_progress=context.show_progress,
             accelerator=accelerator,

@@ -12,23 +12,45 @@ Both losses only see reward differences, so a reward model's offset is arbitrary
 `center_rewards` the score head's bias is shifted after training so that the mean reward of
 the training responses is 0, which keeps PPO's rewards centred. Rankings and accuracy are
 unchanged by the shift.
+
+With `ensemble.members` k > 1 the stage trains k reward models one after another in its one
+MLflow run (Coste et al. 2023, arXiv:2310.02743). Member 0 is exactly the single model above
+(global seed, every training comparison) and stays at artifacts/reward, so whatever loads one
+reward model is unchanged; member i ≥ 1 starts from the same SFT model with the seed
+`derived_seed(seed, "reward/member", i)` (its score head and data order) and, with
+`ensemble.bootstrap`, trains on a bootstrap resample of the training comparisons
+(`algorithms.ensemble.bootstrap_indices`). Each member is centred on the same training
+responses, so their offsets agree and their spread is disagreement, not offset. Members go
+to artifacts/reward/members/<i>/ and `ensemble.json` lists them all (`scoring`); their curves
+are logged as `member_<i>/…`, and reward.json adds `member_<i>/eval_accuracy` (and the other
+held-out numbers) per member and `ensemble/eval_accuracy` etc. of the members' mean score.
+
+Resuming: member 0 resumes from its checkpoints as the single model does. A member i ≥ 1 that
+finished is kept under .checkpoints/reward/member-<i>/final (with its metrics) and loaded
+instead of retrained; the member that was training resumes from its own checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
 from rlhf_core.config.stages import RewardSettings
-from rlhf_core.files import writing
+from rlhf_core.files import write_json, writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.training_stage import (
+    TrainingStage,
+    eval_metric_name,
     run_training_stage,
     split_for_training,
     training_label,
@@ -111,6 +133,11 @@ def run_reward(
             "no training comparisons: the preference (and ranked) sets are empty or all "
             "held out; add data or lower eval_fraction"
         )
+    if settings.ensemble.members > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError(
+            "reward.ensemble.members > 1 trains the members one after another in one process; "
+            "run the reward stage with launch.num_processes: 1 or set members: 1"
+        )
     with run_training_stage(
         STAGE,
         settings,
@@ -166,6 +193,19 @@ def run_reward(
             **{k: v for k, v in result.final_eval.items() if k != "step"},
             **centering,
         }
+        if settings.ensemble.members > 1:
+            metrics.update(
+                train_members(
+                    stage,
+                    settings,
+                    reward_model,
+                    metrics,
+                    tokenizer,
+                    objective,
+                    train_groups,
+                )
+            )
+            stage.run.set_tags({"resumed_from": result.resumed_from})  # member 0's, as k = 1
         return stage.finish(
             result,
             metrics,
@@ -173,3 +213,161 @@ def run_reward(
             shown=("loss", "accuracy", "eval/loss", "eval/accuracy"),
             title="Reward model",
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Ensemble members (reward.ensemble.members > 1)
+# --------------------------------------------------------------------------------------------
+
+MEMBER_METRICS = ("train_loss", "train_accuracy", "steps", "resumed_from", "reward_offset")
+
+
+def member_seed(seed: int, index: int) -> int:
+    """The seed of ensemble member `index`: the global seed for member 0 (the single model),
+    an independent stream `derived_seed(seed, "reward/member", index)` for the others."""
+    from rlhf_core.generation import derived_seed
+
+    return seed if index == 0 else derived_seed(seed, "reward/member", index)
+
+
+@dataclasses.dataclass
+class MemberStage(TrainingStage):
+    """The reward stage's run seen by ensemble member `member`: its curves are logged as
+    `member_<i>/<name>` beside member 0's, and its checkpoints are its own."""
+
+    member: int = 0
+
+    def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        prefix = f"member_{self.member}/"
+        self.run.log_metrics({prefix + k: v for k, v in metrics.items() if k != "tokens"}, step)
+
+    def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        prefix = f"member_{self.member}/"
+        self.run.log_metrics({prefix + eval_metric_name(k): v for k, v in metrics.items()}, step)
+
+
+def train_members(
+    stage: TrainingStage,
+    settings: RewardSettings,
+    first: Any,
+    first_metrics: Mapping[str, Any],
+    tokenizer: Any,
+    objective: Any,
+    train_groups: Sequence[ComparisonGroup],
+) -> dict[str, Any]:
+    """Train members 1 … k−1 (member 0, `first`, is trained and saved), save each under
+    artifacts/reward/members/<i>, write the manifest; return the per-member and ensemble
+    metrics for reward.json."""
+    from rlhf_core.algorithms.ensemble import bootstrap_indices
+    from rlhf_core.generation import eval_mode
+    from rlhf_core.models.heads import RewardEnsemble
+    from rlhf_core.scoring import member_dir, write_ensemble_manifest
+    from rlhf_core.training.checkpoint import CheckpointManager
+
+    paths, context = stage.paths, stage.context
+    members = [first]
+    metrics = {f"member_0/{k}": v for k, v in _member_summary(first_metrics).items()}
+    seeds = [member_seed(context.seed, i) for i in range(settings.ensemble.members)]
+    for index in range(1, settings.ensemble.members):
+        work = paths.checkpoints_dir(STAGE) / f"member-{index}"
+        finished = _finished_member(work, stage.fingerprint)
+        if finished is not None:
+            log.info("reward: member %d finished before the interruption; loading it", index)
+            member, member_metrics = finished
+        else:
+            member_stage = MemberStage(
+                **{f.name: getattr(stage, f.name) for f in dataclasses.fields(TrainingStage)},
+                member=index,
+            )
+            member_stage.context = dataclasses.replace(context, seed=seeds[index])
+            member_stage.checkpoints = CheckpointManager(
+                work,
+                keep=settings.train.keep_checkpoints,
+                fingerprint=f"{stage.fingerprint}/member-{index}",
+            )
+            groups = list(train_groups)
+            if settings.ensemble.bootstrap:
+                groups = [groups[i] for i in bootstrap_indices(len(groups), seeds[index])]
+            member, member_metrics = _train_member(
+                member_stage, settings, tokenizer, objective, groups, train_groups, seeds[index]
+            )
+            member.save_pretrained(work / "final")  # kept until the stage ends well
+            write_json(
+                work / "final.json",
+                {"fingerprint": stage.fingerprint, "metrics": member_metrics},
+                what=f"reward ensemble member {index}'s record",
+            )
+        members.append(member)
+        metrics.update({f"member_{index}/{k}": v for k, v in member_metrics.items()})
+    for index, member in enumerate(members[1:], start=1):
+        out_dir = member_dir(paths.reward_model_dir, index)
+        with writing(f"reward ensemble member {index}", out_dir):
+            member.save_pretrained(out_dir)
+    write_ensemble_manifest(paths.reward_model_dir, seeds, settings.ensemble.bootstrap)
+    ensemble = RewardEnsemble(members)
+    with eval_mode(ensemble):
+        ensemble_eval = objective.evaluate(ensemble)  # of the members' mean score
+    metrics["ensemble/members"] = len(members)
+    metrics.update({f"ensemble/{k}": v for k, v in ensemble_eval.items()})
+    return metrics
+
+
+def _finished_member(work: Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | None:
+    """(the member, its metrics) that an interrupted run with the same fingerprint finished
+    and kept in `work`, else None."""
+    from rlhf_core.models.heads import RewardModel
+
+    record_file, model_dir = work / "final.json", work / "final"
+    if not (record_file.is_file() and model_dir.is_dir()):
+        return None
+    record = json.loads(record_file.read_text())
+    if record.get("fingerprint") != fingerprint:
+        return None
+    return RewardModel.from_pretrained(model_dir), record["metrics"]
+
+
+def _train_member(
+    stage: MemberStage,
+    settings: RewardSettings,
+    tokenizer: Any,
+    objective: Any,
+    groups: list[ComparisonGroup],
+    centre_groups: Sequence[ComparisonGroup],
+    seed: int,
+) -> tuple[Any, dict[str, Any]]:
+    """One member from the SFT model: trained on `groups`, centred on `centre_groups` (every
+    member on the same responses); returns it and its summary metrics."""
+    from rlhf_core.models.heads import RewardModel
+    from rlhf_core.models.loading import load_causal_lm
+    from rlhf_core.training.objectives.reward import RewardObjective
+
+    causal_lm, _ = load_causal_lm(str(stage.paths.sft_model_dir))
+    member = RewardModel.from_causal_lm(causal_lm, seed=seed)
+    del causal_lm
+    member_objective = RewardObjective(
+        groups,
+        objective.eval_groups,
+        tokenizer.pad_token_id,
+        use_margin=settings.use_margin,
+        eval_batch_size=settings.eval_batch_size,
+    )
+    result = stage.train(member, member_objective, description=f"reward member {stage.member}")
+    centering = (
+        center_score_head(member, centre_groups, tokenizer.pad_token_id)
+        if settings.center_rewards
+        else {}
+    )
+    last = result.history[-1] if result.history else {}
+    summary = {
+        **result.summary(),
+        "train_loss": last.get("loss"),
+        "train_accuracy": last.get("accuracy"),
+        **{k: v for k, v in result.final_eval.items() if k != "step"},
+        **centering,
+    }
+    return member, _member_summary(summary)
+
+
+def _member_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers reward.json keeps per member: held-out metrics and a few training ones."""
+    return {k: v for k, v in metrics.items() if k.startswith("eval_") or k in MEMBER_METRICS}

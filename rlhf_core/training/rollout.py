@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.algorithms.ensemble import conservative_reward, ensemble_std
 from rlhf_core.algorithms.logprobs import shift_for_causal_lm, token_logprobs
 from rlhf_core.algorithms.ppo import (
     compute_gae,
@@ -29,7 +30,7 @@ from rlhf_core.algorithms.ppo import (
 from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.generation import Rollout, SamplingSettings, derived_seed, generate
 from rlhf_core.models.heads import PolicyWithValueHead, RewardModel, position_ids_from_mask
-from rlhf_core.scoring import score_token_ids
+from rlhf_core.scoring import score_token_ids, score_token_ids_members
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,76 @@ def reward_model_scorer(reward_model: RewardModel, pad_id: int, batch_size: int 
         return score_token_ids(reward_model, sequences, pad_id, batch_size)
 
     return score_rollout
+
+
+class EnsembleScorer:
+    """A scorer reading every reward-ensemble member's score at the end of each sampled
+    sequence and aggregating them (`algorithms.ensemble.conservative_reward`: mean,
+    mean_minus_std with λ = `std_coef`, or min; Coste et al. 2023, arXiv:2310.02743).
+
+    `last_std_mean` is the mean over responses of the members' population std on the last
+    rollout scored (None before the first): how much the members disagree where the policy
+    now samples. Costs one reward-model pass per member.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[RewardModel],
+        pad_id: int,
+        batch_size: int = 64,
+        aggregate: str = "mean",
+        std_coef: float = 1.0,
+    ) -> None:
+        if not members:
+            raise ValueError("A reward ensemble scorer needs at least one reward model.")
+        self.members = list(members)
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.aggregate = aggregate
+        self.std_coef = std_coef
+        self.last_std_mean: float | None = None
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        sequences = [p + r for p, r in zip(rollout.prompt_ids, rollout.response_ids, strict=True)]
+        scores = score_token_ids_members(self.members, sequences, self.pad_id, self.batch_size)
+        self.last_std_mean = float(ensemble_std(scores).mean())  # scores: (members, n)
+        return conservative_reward(scores, self.aggregate, self.std_coef)
+
+
+def reward_scorer(
+    members: Sequence[RewardModel],
+    pad_id: int,
+    batch_size: int = 64,
+    aggregate: str = "mean",
+    std_coef: float = 1.0,
+) -> Scorer:
+    """PPO's scorer for the reward stage's members (`scoring.load_reward_members`): the one
+    model's `reward_model_scorer` when there is one (every aggregate of one score is that
+    score), an `EnsembleScorer` of all of them otherwise."""
+    if len(members) == 1:
+        return reward_model_scorer(members[0], pad_id, batch_size)
+    return EnsembleScorer(members, pad_id, batch_size, aggregate, std_coef)
+
+
+def with_ensemble_std(
+    on_log: Callable[[int, dict[str, float]], None], scorer: Scorer
+) -> Callable[[int, dict[str, float]], None]:
+    """`on_log` that also logs `reward/ensemble_std_mean` from an `EnsembleScorer`.
+
+    The PPO loop calls `on_log` right after an iteration's rollout was scored and before any
+    evaluation, so the scorer's last std is that rollout's (on several processes, the main
+    process's share). Curves replayed on a resume come before any scoring and go unchanged.
+    Any other scorer gets `on_log` back as it is.
+    """
+    if not isinstance(scorer, EnsembleScorer):
+        return on_log
+
+    def log_with_std(step: int, metrics: dict[str, float]) -> None:
+        if scorer.last_std_mean is not None:
+            metrics = {**metrics, "reward/ensemble_std_mean": scorer.last_std_mean}
+        on_log(step, metrics)
+
+    return log_with_std
 
 
 def iteration_prompt_indices(num_prompts: int, count: int, iteration: int, seed: int) -> list[int]:
