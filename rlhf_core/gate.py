@@ -14,6 +14,11 @@ The gate checks, in order:
 3. with a champion already registered, the candidate's head-to-head win rate against it.
 With no champion yet, passing 1 and 2 is enough: the first candidate becomes the champion.
 
+With `block_on_overoptimisation`, step 2 also reads each policy's training-stage metrics
+(`artifacts/metrics/<policy>.json`, given as `stage_metrics`): a policy whose stage reports
+the overoptimisation alarm (`overoptimisation/alarm` 1, see `evaluation.overoptimisation`)
+fails.
+
 `gold_*` metrics are null for user data without a gold judge; the gate then falls back to the
 reward model's version of the metric and says so in its reasons and checks.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_core.config.gate import GateSettings, is_finite_number
+from rlhf_core.evaluation.overoptimisation import ALARM_METRIC, FIRST_STEP_METRIC
 from rlhf_core.evaluation.sanity import SANITY_METRIC
 
 REWARD_MODEL_KEY = "reward_model"
@@ -33,6 +39,8 @@ ENDED_METRIC = "ended_fraction"
 REWARD_ACCURACY_METRIC = "eval_accuracy"
 
 Evaluation = Mapping[str, Mapping[str, Any]]
+# Each policy's training-stage metrics (artifacts/metrics/<policy>.json), by policy name.
+StageMetrics = Mapping[str, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -116,10 +124,16 @@ class GateDecision:
         }
 
 
-def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -> list[Check]:
+def policy_checks(
+    evaluation: Evaluation,
+    policy: str,
+    settings: GateSettings,
+    stage_metrics: StageMetrics | None = None,
+) -> list[Check]:
     """The absolute checks of one policy: its `policy_metric` (or fallback), its KL to SFT and
-    the share of its responses that ended (a policy that learned not to stop fails here), and
-    with `min_sanity_pass_fraction`, its share of right answers to the sanity prompts."""
+    the share of its responses that ended (a policy that learned not to stop fails here), with
+    `min_sanity_pass_fraction` its share of right answers to the sanity prompts, and with
+    `block_on_overoptimisation` its training stage's overoptimisation alarm."""
     metrics = evaluation.get(policy) or {}
     metric_name, value = settings.policy_metric, _number(metrics.get(settings.policy_metric))
     fallback_from = None
@@ -147,13 +161,47 @@ def policy_checks(evaluation: Evaluation, policy: str, settings: GateSettings) -
                 ">=",
             )
         )
+    if settings.block_on_overoptimisation:
+        alarm = overoptimisation_check(stage_metrics or {}, policy)
+        if alarm is not None:
+            checks.append(alarm)
     return checks
 
 
-def select_candidate(evaluation: Evaluation, settings: GateSettings) -> CandidateSelection:
+def overoptimisation_check(stage_metrics: StageMetrics, policy: str) -> Check | None:
+    """`<policy>.overoptimisation/alarm` ≤ 0, or None when the policy's stage metrics carry no
+    alarm (DPO watches no gold curve while it trains) or the alarm is off (no gold judge)."""
+    value = (stage_metrics.get(policy) or {}).get(ALARM_METRIC)
+    if value is None:
+        return None
+    return Check(f"{policy}.{ALARM_METRIC}", _number(value), 0.0, "<=")
+
+
+def overoptimisation_reason(stage_metrics: StageMetrics, policy: str) -> str | None:
+    """Why the alarm blocks or cannot block `policy`, in words; None when it has no alarm or
+    the alarm stayed silent."""
+    metrics = stage_metrics.get(policy) or {}
+    if ALARM_METRIC not in metrics:
+        return None
+    if metrics[ALARM_METRIC] is None:
+        return f"{policy}: no gold judge, so the overoptimisation alarm is off and does not block"
+    if metrics[ALARM_METRIC] == 1:
+        return (
+            f"{policy}: the overoptimisation alarm fired at step {metrics.get(FIRST_STEP_METRIC)}"
+            " (the reward-model score rose while the gold score fell), and "
+            "gate.block_on_overoptimisation is on"
+        )
+    return None
+
+
+def select_candidate(
+    evaluation: Evaluation,
+    settings: GateSettings,
+    stage_metrics: StageMetrics | None = None,
+) -> CandidateSelection:
     """The best of `settings.candidate_policies` by policy metric among those passing every
     absolute check; ties go to the policy listed first. Policies absent from the evaluation
-    are skipped with a reason."""
+    are skipped with a reason. `stage_metrics` are read only with `block_on_overoptimisation`."""
     checks: list[Check] = []
     reasons: list[str] = []
     passing: list[tuple[float, int, str]] = []
@@ -161,9 +209,13 @@ def select_candidate(evaluation: Evaluation, settings: GateSettings) -> Candidat
         if policy not in evaluation:
             reasons.append(f"{policy}: not in the evaluation, so it cannot be the candidate")
             continue
-        policy_ones = policy_checks(evaluation, policy, settings)
+        policy_ones = policy_checks(evaluation, policy, settings, stage_metrics)
         checks.extend(policy_ones)
         reasons.extend(check.sentence() for check in policy_ones)
+        if settings.block_on_overoptimisation:
+            alarm_reason = overoptimisation_reason(stage_metrics or {}, policy)
+            if alarm_reason is not None:
+                reasons.append(alarm_reason)
         if all(check.passed for check in policy_ones):
             metric_value = policy_ones[0].value
             passing.append((metric_value, -order, policy))
@@ -193,6 +245,7 @@ def decide(
     settings: GateSettings,
     head_to_head_win_rate: float | None,
     has_champion: bool,
+    stage_metrics: StageMetrics | None = None,
 ) -> GateDecision:
     """Promote the candidate or not.
 
@@ -201,9 +254,10 @@ def decide(
 
     `head_to_head_win_rate` is the candidate's win rate against the champion (ties half), as
     measured by `rlhf_core.evaluation.head_to_head`; with a champion, None fails the gate.
+    `stage_metrics` (each policy's training-stage metrics) feed `block_on_overoptimisation`.
     """
     reward_check = reward_model_check(evaluation, settings)
-    selection = select_candidate(evaluation, settings)
+    selection = select_candidate(evaluation, settings, stage_metrics)
     checks = [reward_check, *selection.checks]
     reasons = [reward_check.sentence(), *selection.reasons]
     promote = reward_check.passed and selection.candidate is not None

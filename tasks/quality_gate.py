@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,17 @@ def gate_settings(project_root: Path, override: Mapping[str, Any] | None = None)
     if section is None or isinstance(section, GateSettings):
         return section or GateSettings()
     return gate_settings(project_root, section.model_dump())
+
+
+def stage_metrics(project_root: Path, policies: Sequence[str]) -> dict[str, Any]:
+    """Each policy's training-stage metrics (artifacts/metrics/<policy>.json) that exist: the
+    gate's `block_on_overoptimisation` reads PPO's alarm there."""
+    metrics_dir = project_root / EVALUATION_METRICS.parent
+    return {
+        policy: json.loads((metrics_dir / f"{policy}.json").read_text(encoding="utf-8"))
+        for policy in policies
+        if (metrics_dir / f"{policy}.json").is_file()
+    }
 
 
 def measure_head_to_head(project_root: Path, policy: str, client: Any, champion: Any) -> dict:
@@ -93,7 +104,8 @@ def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
     evaluation = json.loads((root / EVALUATION_METRICS).read_text(encoding="utf-8"))
     client = registry.registry_client(root)
     champion = registry.current_champion(client)
-    selection = select_candidate(evaluation, settings)
+    trained = stage_metrics(root, settings.candidate_policies)
+    selection = select_candidate(evaluation, settings, trained)
     head_to_head = None
     if champion is not None and selection.candidate is not None:
         policy_dir = ProjectPaths(root).policy_dir(selection.candidate)
@@ -113,7 +125,9 @@ def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
             }
         head_to_head = measure_head_to_head(root, selection.candidate, client, champion)
     win_rate = None if head_to_head is None else head_to_head["win_rate"]
-    decision = decide(evaluation, settings, win_rate, has_champion=champion is not None)
+    decision = decide(
+        evaluation, settings, win_rate, has_champion=champion is not None, stage_metrics=trained
+    )
     candidate = None
     if decision.candidate is not None:
         candidate = registry.register_candidate(

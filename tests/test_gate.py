@@ -163,6 +163,85 @@ def test_settings_reject_impossible_thresholds():
         GateSettings(candidate_policies=())
     with pytest.raises(ValueError, match="min_sanity_pass_fraction"):
         GateSettings(min_sanity_pass_fraction=2.0)
+    with pytest.raises(ValueError, match="block_on_overoptimisation"):
+        GateSettings(block_on_overoptimisation="yes")
+
+
+def ppo_stage(alarm, first_step=None):
+    """ppo.json's overoptimisation keys (alarm None: no gold judge, the alarm is off)."""
+    return {
+        "ppo": {
+            "overoptimisation/alarm": alarm,
+            "overoptimisation/first_step": first_step,
+            "eval/score_mean": 1.2,
+        },
+        "dpo": {"eval/loss": 0.5},  # DPO's stage metrics have no alarm
+    }
+
+
+BLOCKING = GateSettings(block_on_overoptimisation=True)
+
+
+def test_a_fired_overoptimisation_alarm_blocks_the_policy_only_when_the_knob_is_on():
+    both = evaluation(dpo=policy(0.65), ppo=policy(0.8))
+    # Off (the default): the alarm only warns, and PPO, with the better metric, is promoted.
+    warned = decide(both, SETTINGS, None, has_champion=False, stage_metrics=ppo_stage(1, 14))
+    assert warned.candidate == "ppo" and warned.promote
+    assert "ppo.overoptimisation/alarm" not in warned.checks
+    # On: PPO fails its alarm check and DPO, which has no alarm, becomes the candidate.
+    blocked = decide(both, BLOCKING, None, has_champion=False, stage_metrics=ppo_stage(1, 14))
+    assert blocked.candidate == "dpo" and blocked.promote
+    assert blocked.checks["ppo.overoptimisation/alarm"] == {
+        "value": 1.0,
+        "threshold": 0.0,
+        "comparison": "<=",
+        "passed": False,
+    }
+    assert "dpo.overoptimisation/alarm" not in blocked.checks
+    assert (
+        "ppo: the overoptimisation alarm fired at step 14 (the reward-model score rose while the "
+        "gold score fell), and gate.block_on_overoptimisation is on"
+    ) in blocked.reasons
+    # On, alarm silent: PPO passes the check and wins again.
+    silent = decide(both, BLOCKING, None, has_champion=False, stage_metrics=ppo_stage(0))
+    assert silent.candidate == "ppo" and silent.checks["ppo.overoptimisation/alarm"]["passed"]
+
+
+def test_with_no_gold_judge_the_alarm_is_off_and_cannot_block():
+    only_ppo = GateSettings(block_on_overoptimisation=True, candidate_policies=("ppo",))
+    decision = decide(
+        evaluation(ppo=policy(None, rm=0.8)),
+        only_ppo,
+        None,
+        has_champion=False,
+        stage_metrics=ppo_stage(None),
+    )
+    assert decision.promote and decision.candidate == "ppo"
+    assert "ppo.overoptimisation/alarm" not in decision.checks
+    assert (
+        "ppo: no gold judge, so the overoptimisation alarm is off and does not block"
+        in decision.reasons
+    )
+    # Without PPO's stage metrics at all there is nothing to read, and nothing blocks.
+    assert decide(evaluation(ppo=policy(0.8)), only_ppo, None, has_champion=False).promote
+
+
+def test_the_gate_task_reads_each_policy_stage_metrics_that_exist(tmp_path):
+    import json
+    from pathlib import Path
+
+    from rlhf_core.scripts import load_script
+
+    quality_gate = load_script(Path(__file__).resolve().parents[1] / "tasks" / "quality_gate.py")
+    metrics_dir = tmp_path / "artifacts" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    (metrics_dir / "ppo.json").write_text(json.dumps(ppo_stage(1, 6)["ppo"]), encoding="utf-8")
+    read = quality_gate.stage_metrics(tmp_path, ("dpo", "ppo"))
+    assert read == {"ppo": ppo_stage(1, 6)["ppo"]}  # no dpo.json, no entry
+    blocked = decide(
+        evaluation(ppo=policy(0.8)), BLOCKING, None, has_champion=False, stage_metrics=read
+    )
+    assert not blocked.promote and blocked.candidate is None
 
 
 def test_decision_serialises_to_plain_json_types():

@@ -272,3 +272,43 @@ def test_alarm_fires_on_an_over_optimised_ppo_run_and_not_on_a_kl_controlled_one
     assert max(row["kl_mean"] for row in history) < 5.0
     assert metrics["overoptimisation/alarm"] == 0, metrics
     assert metrics["overoptimisation/status"] == "silent"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run summary
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alarm", "status", "expected"),
+    [
+        (1, "fired", "warning: ppo: overoptimisation alarm: from step 14 the reward-model score"),
+        (None, NO_GOLD, "ppo: no gold judge: alarm off"),
+        (0, "silent", None),
+    ],
+)
+def test_the_run_summary_warns_when_the_alarm_fired(tmp_path, capsys, alarm, status, expected):
+    import json
+
+    from rlhf_core.app.summary import print_summary
+    from rlhf_core.paths import ProjectPaths
+
+    ppo_file = ProjectPaths(tmp_path).metrics_file("ppo")
+    ppo_file.parent.mkdir(parents=True)
+    ppo_metrics = {
+        "overoptimisation/alarm": alarm,
+        "overoptimisation/status": status,
+        "overoptimisation/first_step": 14 if alarm else None,
+        "overoptimisation/window": 3,
+        "overoptimisation/proxy_change": 0.302,
+        "overoptimisation/gold_change": -0.207,
+    }
+    ppo_file.write_text(json.dumps(ppo_metrics), encoding="utf-8")
+    print_summary({}, tmp_path)
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    if expected is None:
+        assert "overoptimisation" not in printed and "alarm" not in printed
+    else:
+        assert expected in printed
+    if alarm == 1:
+        assert "rose by +0.302 while the gold score changed by -0.207 over 3 evaluations" in printed

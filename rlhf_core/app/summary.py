@@ -9,6 +9,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from rlhf_core.evaluation.overoptimisation import (
+    ALARM_METRIC,
+    NO_GOLD,
+    STATUS_METRIC,
+    overoptimisation_warning,
+)
 from rlhf_core.paths import ProjectPaths
 
 COLUMNS = (
@@ -27,8 +33,19 @@ def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def overoptimisation_line(ppo_metrics: dict[str, Any]) -> str | None:
+    """A warning when PPO's overoptimisation alarm fired, a note when it was off (no gold
+    judge), None when it stayed silent or the metrics predate it."""
+    if (warning := overoptimisation_warning(ppo_metrics)) is not None:
+        return f"warning: ppo: {warning}"
+    if ALARM_METRIC in ppo_metrics and ppo_metrics.get(STATUS_METRIC) == NO_GOLD:
+        return f"ppo: {NO_GOLD} (user data has no gold judge to compare the reward model with)"
+    return None
+
+
 def print_summary(summary: dict[str, Any], root: Path = Path(".")) -> None:
-    """Print the evaluation table, the gate's decision and the places to look next."""
+    """Print the evaluation table, PPO's overoptimisation alarm, the gate's decision and the
+    places to look next."""
     console = Console()
     paths = ProjectPaths(root)
     metrics_file = paths.metrics_file("evaluate")
@@ -47,6 +64,11 @@ def print_summary(summary: dict[str, Any], root: Path = Path(".")) -> None:
             f"reward model: held-out accuracy {_cell(reward.get('eval_accuracy'))}, "
             f"annotator agreement (ceiling) {_cell(reward.get('annotator_agreement'))}"
         )
+    ppo_file = paths.metrics_file("ppo")
+    if ppo_file.is_file():
+        line = overoptimisation_line(json.loads(ppo_file.read_text(encoding="utf-8")))
+        if line is not None:
+            console.print(line, style="bold yellow" if line.startswith("warning") else None)
     gate = summary.get("gate") or {}
     if gate:
         console.print(f"gate: {gate.get('status')}")

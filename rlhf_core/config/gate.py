@@ -36,6 +36,11 @@ class GateSettings:
         min_win_rate_vs_champion: the least head-to-head win rate of the candidate against the
             current champion (default 0.55, ties counting half).
         candidate_policies: the policies that may become the candidate (default dpo, ppo).
+        block_on_overoptimisation: fail a policy whose training stage reports the
+            overoptimisation alarm (`overoptimisation/alarm` 1 in artifacts/metrics/ppo.json:
+            the reward-model score rose while the gold score fell); default False, the alarm
+            only warns. A policy whose stage has no gold judge (alarm off) or no alarm (DPO)
+            is not blocked.
     """
 
     policy_metric: str = "gold_win_rate_vs_sft"
@@ -47,6 +52,7 @@ class GateSettings:
     min_sanity_pass_fraction: float | None = None
     min_win_rate_vs_champion: float = 0.55
     candidate_policies: tuple[str, ...] = ("dpo", "ppo")
+    block_on_overoptimisation: bool = False
 
     def __post_init__(self) -> None:
         for name in ("min_policy_metric", "max_kl", "min_reward_accuracy", "min_ended_fraction"):
@@ -63,5 +69,7 @@ class GateSettings:
             raise ValueError("GateSettings.min_sanity_pass_fraction must lie in [0, 1] or be null.")
         if self.max_kl < 0:
             raise ValueError("GateSettings.max_kl must be non-negative (KL is never below 0).")
+        if not isinstance(self.block_on_overoptimisation, bool):
+            raise ValueError("GateSettings.block_on_overoptimisation must be true or false.")
         if isinstance(self.candidate_policies, str) or not self.candidate_policies:
             raise ValueError("GateSettings.candidate_policies must be a non-empty tuple of names.")

@@ -61,6 +61,10 @@ class ResponseJudge:
     Sampled responses that never ended are scored as unfinished (`penalise_unfinished` with
     `missing_eos_penalty` and `unfinished_score`, as PPO does), so neither best-of-n nor a win
     rate can favour a response cut off by the length limit.
+
+    With a reward ensemble (`members`: every member, `reward_model` first) each member scores
+    every response; the reported reward-model score is the members' mean, and best-of-n picks
+    by `best_of_n_aggregate` (`algorithms.ensemble.conservative_reward`; Coste et al. 2023).
     """
 
     def __init__(
@@ -71,8 +75,15 @@ class ResponseJudge:
         batch_size: int,
         missing_eos_penalty: float = 1.0,
         unfinished_score: float | None = None,
+        *,
+        members: Sequence[RewardModel] | None = None,
+        best_of_n_aggregate: str = "mean",
+        best_of_n_std_coef: float = 1.0,
     ) -> None:
         self.reward_model = reward_model
+        self.members = list(members) if members else [reward_model]
+        self.best_of_n_aggregate = best_of_n_aggregate
+        self.best_of_n_std_coef = best_of_n_std_coef
         self.tokenizer = tokenizer
         self.gold_judge = gold_judge
         self.batch_size = batch_size
@@ -86,12 +97,15 @@ class ResponseJudge:
         ended: Sequence[bool] | None = None,
     ) -> np.ndarray:
         """(items,) float64 reward-model scores of `texts` as answers to `prompts`; `ended`
-        flags sampled responses (None: every text is a finished answer)."""
+        flags sampled responses (None: every text is a finished answer). With an ensemble,
+        the members' mean."""
         import torch
 
         from rlhf_core.algorithms.ppo import penalise_unfinished
         from rlhf_core.scoring import score
 
+        if len(self.members) > 1:
+            return self.member_rm_scores(prompts, texts, ended).mean(axis=0)
         rewards = score(
             self.reward_model, self.tokenizer, prompts, texts, self.batch_size, ended=ended
         )
@@ -103,6 +117,54 @@ class ResponseJudge:
                 self.unfinished_score,
             )
         return rewards.double().numpy()
+
+    def member_rm_scores(
+        self,
+        prompts: Sequence[Messages],
+        texts: Sequence[str],
+        ended: Sequence[bool] | None = None,
+    ) -> np.ndarray:
+        """(members, items) float64 scores of each ensemble member, unfinished responses
+        penalised as in `rm_scores`; one row without an ensemble."""
+        import torch
+
+        from rlhf_core.algorithms.ppo import penalise_unfinished
+        from rlhf_core.scoring import score_members
+
+        rewards = score_members(
+            self.members, self.tokenizer, prompts, texts, self.batch_size, ended=ended
+        )  # (members, items)
+        if ended is not None:
+            flags = torch.tensor(list(ended), dtype=torch.bool)
+            rewards = torch.stack(
+                [
+                    penalise_unfinished(row, flags, self.missing_eos_penalty, self.unfinished_score)
+                    for row in rewards
+                ]
+            )
+        return rewards.double().numpy()
+
+    def best_of_n_scores(
+        self,
+        prompts: Sequence[Messages],
+        texts: Sequence[str],
+        ended: Sequence[bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """((items,) reported scores as `rm_scores`, (items,) the scores best-of-n picks by):
+        the same array without an ensemble, else the members' mean and their
+        `best_of_n_aggregate`."""
+        import torch
+
+        from rlhf_core.algorithms.ensemble import conservative_reward
+
+        if len(self.members) == 1:
+            reported = self.rm_scores(prompts, texts, ended)
+            return reported, reported
+        members = self.member_rm_scores(prompts, texts, ended)  # (members, items)
+        picked = conservative_reward(
+            torch.from_numpy(members), self.best_of_n_aggregate, self.best_of_n_std_coef
+        )
+        return members.mean(axis=0), picked.double().numpy()
 
     def gold_scores(self, texts: Sequence[str]) -> np.ndarray | None:
         """(items,) float64 gold scores of `texts`, or None without a gold judge."""
@@ -190,23 +252,27 @@ def sample_best_of_n(
 
     max(ns) candidates per item are drawn with `seed` (pass one other than the SFT samples'
     seed, so that best-of-n is compared with an independent SFT sample) and scored once; each
-    n keeps the best of the first n. KL is the analytic `best_of_n_kl(n)`.
+    n keeps the best of the first n. KL is the analytic `best_of_n_kl(n)`. With a reward
+    ensemble the best is by the judge's `best_of_n_aggregate` and the reported score is the
+    members' mean (`ResponseJudge.best_of_n_scores`).
     """
     from rlhf_core.generation import generate
 
     n_max = max(ns)
     pool_prompts = list(items) * n_max  # candidate j of item i at row j · items + i
     candidates = generate(model, tokenizer, pool_prompts, sampling, seed, progress=progress)
-    pool_rm = judge.rm_scores(pool_prompts, candidates.texts, candidates.ended)
-    pool_rm = pool_rm.reshape(n_max, len(items)).T
+    pool_rm, pool_pick = judge.best_of_n_scores(
+        pool_prompts, candidates.texts, candidates.ended
+    )  # (n_max · items,) each
+    pool_pick = pool_pick.reshape(n_max, len(items)).T
     results = {}
     for n in ns:
-        rows, rm_scores = select_best_of_n(candidates, pool_rm, n)
+        rows, _ = select_best_of_n(candidates, pool_pick, n)
         texts = [candidates.texts[row] for row in rows]
         results[n] = PolicyResponses(
             texts=texts,
             ended=[candidates.ended[row] for row in rows],
-            rm_scores=rm_scores,
+            rm_scores=pool_rm[rows],
             gold_scores=judge.gold_scores(texts),
             kl_to_sft=best_of_n_kl(n),
         )

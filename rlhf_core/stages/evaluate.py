@@ -126,6 +126,14 @@ def _load_reward_model(paths: ProjectPaths, fallback_tokenizer: PreTrainedTokeni
     return reward_model, fallback_tokenizer
 
 
+def _ensemble_members(paths: ProjectPaths) -> list:
+    """The reward ensemble's members after member 0 (the reward model); [] without one."""
+    from rlhf_core.models.heads import RewardModel
+    from rlhf_core.scoring import reward_member_dirs
+
+    return [RewardModel.from_pretrained(d) for d in reward_member_dirs(paths.reward_model_dir)[1:]]
+
+
 def _require_same_vocabulary(
     name: str, tokenizer: PreTrainedTokenizerBase, sft_tokenizer: PreTrainedTokenizerBase
 ) -> None:
@@ -199,6 +207,10 @@ def run_evaluate(
             settings.batch_size,
             settings.missing_eos_penalty,
             settings.unfinished_score,
+            # a reward ensemble: scores are the members' mean, best-of-n picks by the aggregate
+            members=[reward_model, *(m.to(device) for m in _ensemble_members(paths))],
+            best_of_n_aggregate=settings.best_of_n_aggregate,
+            best_of_n_std_coef=settings.best_of_n_std_coef,
         )
 
         def sample(name, model, reference_model=None):
