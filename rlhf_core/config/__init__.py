@@ -3,8 +3,9 @@
 params.yaml is the one source of every knob. `Params` is the whole file; each section is one
 class: `model`, `data`, `policy`, `orchestration` here, the stage sections in `config.stages`,
 their `train:` and `sampling:` subsections in `config.training`, `data.validation` and `demo`
-in `config.data`, `gate` in `config.gate`. Unknown keys are errors (a typo must not become a
-silent default), and every error names the key and the file. Nothing here imports torch.
+in `config.data`, `gate` in `config.gate`, `sweep` in `config.sweep`. Unknown keys are errors
+(a typo must not become a silent default), and every error names the key and the file. Nothing
+here imports torch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rlhf_core.config.stages import (
     RewardSettings,
     SFTSettings,
 )
+from rlhf_core.config.sweep import SweepSettings
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -136,6 +138,7 @@ class Params(_Section):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
 
     def validation_for(self, kind: str) -> ValidationSettings:

@@ -1,0 +1,436 @@
+"""`rlhf sweep`: the frontier math on constructed points, the grid and its dvc commands, the
+checks before a sweep, and one real sweep of a tiny project through DVC's experiment queue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rlhf_core.app.cli import app
+from rlhf_core.config import ParamsError, parse_params
+from rlhf_core.config.sweep import SweepSettings
+from rlhf_core.evaluation.frontier import (
+    FrontierPoint,
+    ScoreEstimate,
+    compare_fronts,
+    frontier_score,
+    pareto_front,
+    score_estimate,
+)
+from rlhf_core.evaluation.frontier_report import (
+    frontier_figure,
+    frontier_markdown,
+    frontier_rows,
+)
+from rlhf_core.orchestration.sweep import (
+    SweepError,
+    check_project,
+    experiment_command,
+    experiment_states,
+    sweep_commands,
+    sweep_points,
+    untracked_inputs,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def point(method: str, kl: float, gold: float, *, value: float = 1.0, rm: float | None = None):
+    """A frontier point with a ±0.1 interval on each score."""
+    reward = gold if rm is None else rm
+    return FrontierPoint(
+        method=method,
+        parameter={"dpo": "beta", "ppo": "target_kl"}.get(method, "n"),
+        value=value,
+        kl=kl,
+        kl_stderr=0.05 if method != "best_of_n" else None,
+        gold=ScoreEstimate(gold, gold - 0.1, gold + 0.1),
+        rm=ScoreEstimate(reward, reward - 0.1, reward + 0.1),
+        experiment=f"exp-{method}-{value:g}",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Frontier math
+# --------------------------------------------------------------------------------------------
+
+
+def test_pareto_front_keeps_only_points_no_other_beats_at_less_kl():
+    points = [
+        point("dpo", 1.0, 0.2, value=0.5),
+        point("dpo", 2.0, 0.1, value=0.2),  # more KL, lower score than (1, 0.2): dominated
+        point("dpo", 3.0, 0.5, value=0.1),
+        point("dpo", 0.5, 0.0, value=1.0),
+        point("dpo", 3.0, 0.4, value=0.05),  # same KL as (3, 0.5), lower: dominated
+    ]
+    front = pareto_front(points, "gold")
+    assert [(p.kl, p.score("gold")) for p in front] == [(0.5, 0.0), (1.0, 0.2), (3.0, 0.5)]
+
+
+def test_frontier_score_interpolates_holds_its_best_and_is_undefined_below_its_first_kl():
+    front = pareto_front([point("dpo", 1.0, 0.0), point("dpo", 3.0, 1.0)], "gold")
+    assert frontier_score(front, "gold", 2.0) == pytest.approx(0.5)
+    assert frontier_score(front, "gold", 10.0) == 1.0
+    assert frontier_score(front, "gold", 0.5) is None
+
+
+def test_a_frontier_above_everywhere_dominates_and_the_other_is_dominated():
+    dpo = [point("dpo", 1.0, 0.5), point("dpo", 2.0, 0.8), point("dpo", 4.0, 0.9)]
+    ppo = [point("ppo", 1.0, 0.3), point("ppo", 3.0, 0.6), point("ppo", 4.0, 0.7)]
+    ahead = compare_fronts(dpo, ppo, "gold")
+    assert ahead.kind == "dominates"
+    assert ahead.verdict.startswith("DPO's frontier dominates PPO's")
+    assert ahead.kl_range == (1.0, 4.0)
+    # DPO − PPO at the corners 1, 2, 3, 4: 0.2, 0.35, 0.25, 0.2; trapezoids / width 3.
+    assert ahead.mean_gap == pytest.approx((0.275 + 0.3 + 0.225) / 3)
+    assert ahead.crossings == ()
+    behind = compare_fronts(ppo, dpo, "gold", ("PPO", "DPO"))
+    assert behind.kind == "dominated"
+    assert "PPO's frontier does not dominate DPO's" in behind.verdict
+    assert behind.mean_gap == pytest.approx(-ahead.mean_gap)
+
+
+def test_frontiers_that_cross_say_where():
+    # DPO better at small KL, PPO at large: gap +0.2 at KL 1, −0.2 at KL 3 -> crosses at 2.
+    dpo = [point("dpo", 1.0, 0.5), point("dpo", 3.0, 0.5)]
+    ppo = [point("ppo", 1.0, 0.3), point("ppo", 3.0, 0.7)]
+    comparison = compare_fronts(dpo, ppo, "gold")
+    assert comparison.kind == "cross"
+    assert comparison.crossings == pytest.approx((2.0,))
+    assert "cross (at KL ≈ 2)" in comparison.verdict
+    assert comparison.mean_gap == pytest.approx(0.0)
+
+
+def test_equal_within_tolerance_and_an_empty_frontier_cannot_be_compared():
+    dpo = [point("dpo", 1.0, 0.50), point("dpo", 2.0, 0.60)]
+    ppo = [point("ppo", 1.0, 0.49), point("ppo", 2.0, 0.61)]
+    assert compare_fronts(dpo, ppo, "gold").kind == "cross"
+    assert compare_fronts(dpo, ppo, "gold", tolerance=0.02).kind == "equal"
+    empty = compare_fronts(dpo, [], "gold")
+    assert empty.kind == "incomparable" and empty.mean_gap is None
+
+
+def test_a_frontier_reaching_less_kl_with_more_score_dominates_one_far_out():
+    # No KL in common: past its last point DPO keeps its best score, which beats PPO's.
+    dpo = [point("dpo", 0.5, 0.9)]
+    ppo = [point("ppo", 4.0, 0.6), point("ppo", 8.0, 0.8)]
+    assert compare_fronts(dpo, ppo, "gold").kind == "dominates"
+
+
+def test_score_estimate_resamples_whole_prompts():
+    scores = np.array([0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    by_response = score_estimate(scores, seed=0)
+    by_prompt = score_estimate(scores, [0, 0, 1, 1, 2, 2], seed=0)
+    assert by_response.mean == by_prompt.mean == pytest.approx(0.5)
+    assert by_response.low <= 0.5 <= by_response.high
+    # Two answers to one prompt agree, so prompts vary more than responses: a wider interval.
+    assert by_prompt.high - by_prompt.low >= by_response.high - by_response.low
+
+
+def test_reports_show_every_point_with_intervals_and_the_verdict():
+    points = [
+        point("dpo", 1.0, 0.5, value=0.1),
+        point("dpo", 2.0, 0.6, value=0.05),
+        point("dpo", 2.5, 0.55, value=0.02),  # more KL, less score than beta 0.05
+        point("ppo", 1.5, 0.2, value=2.0),
+        point("best_of_n", 0.0, 0.1, value=1),
+        point("best_of_n", 0.19, 0.25, value=2),
+    ]
+    rows = frontier_rows(points)
+    assert [row["on_gold_frontier"] for row in rows] == [True, True, False, True, True, True]
+    assert rows[0]["gold_score_ci_low"] == pytest.approx(0.4)
+    assert rows[4]["kl_to_sft_stderr"] is None
+    markdown = frontier_markdown(points, num_prompts=8)
+    assert "8 held-out prompts" in markdown
+    assert "DPO's frontier dominates PPO's on gold score" in markdown
+    assert (
+        "| DPO | beta | 0.1 | exp-dpo-0.1 | 1.000 | 0.050 | 0.500* | [0.400, 0.600] |" in markdown
+    )
+    figure = frontier_figure(points)
+    gold_panel, rm_panel = figure.axes
+    assert gold_panel.get_ylabel() == "mean gold score"
+    assert rm_panel.get_ylabel() == "mean reward-model score"
+    # One error-bar container per method, and DPO's two-point frontier as a dashed line.
+    assert len(gold_panel.containers) == 3
+    assert any(line.get_label() == "DPO frontier" for line in gold_panel.get_lines())
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, grid and commands
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"dpo_betas": [0.1, -1]}, "sweep.dpo_betas must hold only finite numbers > 0"),
+        ({"ppo_target_kls": [2, 2]}, "sweep.ppo_target_kls lists a value twice"),
+        ({"dpo_betas": [], "ppo_target_kls": []}, "both empty"),
+        ({"best_of_n": [0, 2]}, "sweep.best_of_n must hold distinct integers >= 1"),
+        ({"eval_prompts": 0}, "sweep.eval_prompts must be an integer >= 1 or null"),
+        ({"jobs": 0}, "sweep.jobs must be an integer >= 1"),
+        ({"betas": [0.1]}, "sweep.betas: unknown key"),
+    ],
+)
+def test_each_bad_sweep_key_is_one_error_line(section, message):
+    with pytest.raises(ParamsError, match=message) as raised:
+        parse_params({"sweep": section})
+    assert "\n" not in str(raised.value)
+
+
+def test_the_grid_trains_one_method_per_experiment_and_draws_best_of_n_once():
+    sweep = SweepSettings(dpo_betas=(0.05, 0.5), ppo_target_kls=(1, 8), best_of_n=(1, 2, 4))
+    points = sweep_points(sweep, eval_prompts=16, stamp="20260101-000000")
+    assert [(p.method, p.parameter, p.value) for p in points] == [
+        ("dpo", "beta", 0.05),
+        ("dpo", "beta", 0.5),
+        ("ppo", "target_kl", 1.0),
+        ("ppo", "target_kl", 8.0),
+    ]
+    assert points[0].overrides == (
+        "policy.algorithms=[dpo]",
+        "policy.dpo.beta=0.05",
+        "evaluate.best_of_n=[2,4]",
+        "evaluate.max_prompts=16",
+    )
+    assert points[2].overrides == (
+        "policy.algorithms=[ppo]",
+        "policy.ppo.train.target_kl=1.0",
+        "policy.ppo.train.adaptive_kl=true",
+        "evaluate.best_of_n=[]",
+        "evaluate.max_prompts=16",
+    )
+    assert points[3].name == "sweep-20260101-000000-ppo-target_kl-8"
+    for name in {p.name for p in points}:  # every name is a valid git ref, as DVC requires
+        check = subprocess.run(["git", "check-ref-format", f"refs/exps/{name}"])
+        assert check.returncode == 0, name
+
+    commands = sweep_commands(points, queue=True, jobs=2, copy_paths=["data/preferences"])
+    assert commands[0] == ["repro", "reward"]
+    assert commands[1] == [
+        "exp", "run", "--queue", "-n", points[0].name, "-C", "data/preferences",
+        "-S", "policy.algorithms=[dpo]", "-S", "policy.dpo.beta=0.05",
+        "-S", "evaluate.best_of_n=[2,4]", "-S", "evaluate.max_prompts=16",
+    ]  # fmt: skip
+    assert commands[-1] == ["exp", "run", "--run-all", "--jobs", "2"]
+    assert len(commands) == 6
+    one_by_one = sweep_commands(points, queue=False, jobs=1)
+    assert len(one_by_one) == 5 and one_by_one[1][:3] == ["exp", "run", "--temp"]
+    assert experiment_command(points[1], queue=False)[-4:-2] == ["-S", "evaluate.best_of_n=[]"]
+
+
+def test_untracked_stage_inputs_are_copied_into_the_temporary_workspace():
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    exists = {"data/preferences", "data/raw", "artifacts/sft", "rlhf_core/stages/sft.py"}
+    tracked = {"rlhf_core/stages/sft.py"}
+    # data/raw and artifacts/sft are stage outputs; the code is in git; the store is neither.
+    assert untracked_inputs(dvc_yaml, tracked, exists) == ["data/preferences"]
+    assert untracked_inputs(dvc_yaml, tracked | {"data/preferences.dvc"}, exists) == []
+    assert untracked_inputs(dvc_yaml, tracked, exists - {"data/preferences"}) == []
+
+
+def test_experiment_states_read_dvc_exp_show():
+    show = [
+        {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+        {
+            "rev": "abc",
+            "name": "main",
+            "experiments": [
+                {
+                    "name": "sweep-x-dpo-beta-0.1",
+                    "executor": {"state": "failed", "local": {"log": "/p/x.out"}},
+                    "revs": [{"rev": "111", "name": "sweep-x-dpo-beta-0.1", "data": {}}],
+                },
+                {
+                    "name": "sweep-x-ppo-target_kl-1",
+                    "executor": None,
+                    "revs": [
+                        {
+                            "rev": "222",
+                            "data": {"metrics": {"m.json": {"data": {"ppo": {"kl_to_sft": 1}}}}},
+                        }
+                    ],
+                },
+            ],
+        },
+    ]
+    states = experiment_states(show)
+    assert states["sweep-x-dpo-beta-0.1"]["state"] == "failed"
+    assert states["sweep-x-dpo-beta-0.1"]["log"] == "/p/x.out"
+    assert states["sweep-x-ppo-target_kl-1"] == {
+        "state": "success",
+        "rev": "222",
+        "log": None,
+        "metrics": {"m.json": {"ppo": {"kl_to_sft": 1}}},
+    }
+
+
+def test_dry_run_prints_the_grid_and_the_dvc_commands():
+    result = CliRunner().invoke(app, ["sweep", "--dry-run", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "Sweep: 9 points, best-of-n [1, 2, 4, 8, 16, 32, 64]"
+    queued = [line for line in lines if line.strip().startswith("dvc exp run --queue")]
+    assert len(queued) == 9
+    assert "'evaluate.best_of_n=[2,4,8,16,32,64]'" in queued[0]
+    assert lines[-1].strip() == "dvc exp run --run-all --jobs 1"
+
+
+def _git(root: Path, *arguments: str) -> None:
+    subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *arguments],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_a_project_without_git_dvc_a_commit_or_committed_params_is_refused(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    with pytest.raises(SweepError, match="is not a git repository"):
+        check_project(root)
+    _git(root, "init", "-q")
+    with pytest.raises(SweepError, match="run `dvc init`"):
+        check_project(root)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    with pytest.raises(SweepError, match="no git commit yet"):
+        check_project(root)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    _git(root, "add", "dvc.yaml", ".dvc")
+    _git(root, "commit", "-qm", "dvc")
+    (root / "params.yaml").write_text("seed: 0\n")
+    with pytest.raises(SweepError, match=r"params\.yaml is not committed"):
+        check_project(root)
+    _git(root, "add", "params.yaml")
+    _git(root, "commit", "-qm", "params")
+    check_project(root)
+
+
+# --------------------------------------------------------------------------------------------
+# A real sweep
+# --------------------------------------------------------------------------------------------
+
+TINY_SWEEP = {
+    "dpo_betas": [0.05, 0.5],
+    "ppo_target_kls": [1, 8],
+    "best_of_n": [1, 2],
+    "eval_prompts": 4,
+    "queue": True,
+    "jobs": 1,
+}
+
+
+def _rlhf_sweep(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_core.app.cli", "sweep"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_runs_through_dvcs_queue_and_writes_the_frontier(tmp_path):
+    from mlflow import MlflowClient
+
+    from benchmarks.pipeline import project_environment, scratch_project
+    from benchmarks.settings import QUICK_PIPELINE_PARAMS
+
+    root = tmp_path / "project"
+    scratch_project(REPO, root, {**QUICK_PIPELINE_PARAMS, "sweep": TINY_SWEEP})
+    env = project_environment(root)
+    started = time.perf_counter()
+    done = _rlhf_sweep(root, env)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f"tiny sweep: {seconds:.0f} s")
+    out = done.stdout
+    assert out.count("] queued ") == 4 and out.count("] running ") == 4
+
+    rows = json.loads((root / "artifacts" / "plots" / "frontier.json").read_text())
+    found = sorted((row["method"], row["value"]) for row in rows)
+    assert found == [
+        ("best_of_n", 1.0),
+        ("best_of_n", 2.0),
+        ("dpo", 0.05),
+        ("dpo", 0.5),
+        ("ppo", 1.0),
+        ("ppo", 8.0),
+    ]
+    for row in rows:
+        for kind in ("gold", "rm"):
+            low, mean, high = (row[f"{kind}_score_{key}"] for key in ("ci_low", "mean", "ci_high"))
+            assert low <= mean <= high, row
+        assert row["experiment"].startswith("sweep-")
+        if row["method"] == "best_of_n":
+            assert row["kl_to_sft"] == pytest.approx(np.log(row["value"]) - 1 + 1 / row["value"])
+        else:
+            assert row["kl_to_sft_stderr"] is not None
+    markdown = (root / "artifacts" / "sweep" / "frontier.md").read_text()
+    assert "4 held-out prompts" in markdown and "DPO's" in markdown and "PPO's" in markdown
+    assert (root / "artifacts" / "plots" / "frontier.png").stat().st_size > 10_000
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("rlhf")
+    (sweep_run,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.stage = 'sweep'"
+    )
+    assert sweep_run.info.run_name == "sweep" and sweep_run.info.status == "FINISHED"
+    assert any(key.startswith("verdict.gold.dpo_vs_ppo") for key in sweep_run.data.tags)
+    children = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'",
+    )
+    assert sorted((c.data.params["method"], c.data.params["value"]) for c in children) == [
+        ("best_of_n", "1.0"),
+        ("best_of_n", "2.0"),
+        ("dpo", "0.05"),
+        ("dpo", "0.5"),
+        ("ppo", "1.0"),
+        ("ppo", "8.0"),
+    ]
+    for child in children:
+        assert {"kl_to_sft", "rm_score_mean", "rm_score_ci_low", "gold_score_ci_high"} <= set(
+            child.data.metrics
+        )
+    artifacts = {item.path for item in client.list_artifacts(sweep_run.info.run_id, "sweep")}
+    assert {"sweep/frontier.png", "sweep/frontier.json", "sweep/frontier.md"} <= artifacts
+
+    # The stages of the experiments logged to the project's store (not their temporary
+    # folders'): each point trained its own policy, SFT and the reward model trained once.
+    def runs_of(stage: str) -> int:
+        filter_string = f"tags.stage = '{stage}'"
+        return len(client.search_runs([experiment.experiment_id], filter_string=filter_string))
+
+    assert (runs_of("sft"), runs_of("reward"), runs_of("dpo"), runs_of("ppo")) == (1, 1, 2, 2)
+    assert runs_of("evaluate") == 4
+    log = next((root / "artifacts" / "sweep" / "logs").glob("sweep-*.log")).read_text()
+    assert log.count("Reproducing experiment '") == 4
+    assert log.count("Running stage 'sft'") == 1 and log.count("Running stage 'reward'") == 1
+
+    # A point whose policy stage fails: the sweep names the experiment and its log.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweep"] = {**TINY_SWEEP, "dpo_betas": [0.3], "ppo_target_kls": []}
+    params["policy"]["dpo"]["lora"] = {"enabled": True, "target_modules": ["no_such_layer"]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(root, "commit", "-qam", "a LoRA on a layer the model does not have")
+    failed = _rlhf_sweep(root, env)
+    assert failed.returncode == 2
+    (error,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert (
+        "1 of 1 sweep experiments failed: sweep-" in error
+        and "-dpo-beta-0.3 (failed, log " in error
+    )
+    log_path = Path(error.split(", log ")[1].split(")")[0])
+    assert "no_such_layer" in log_path.read_text()
