@@ -174,6 +174,7 @@ LONGEST_FIRST = (
     "test_training_processes.py",
     "test_ppo_processes.py",
     "test_chat.py",
+    "test_label_page.py",
 )
 
 

@@ -4,6 +4,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -112,14 +113,17 @@ def batch_rows(incoming):
 
 @pytest.mark.slow
 def test_people_vote_in_the_page_and_the_rows_reach_the_preference_store(tmp_path, model_folder):
+    for name in ("champion", "candidate"):  # two folders: the page's two-model mode
+        shutil.copytree(model_folder, tmp_path / "models" / name)
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     port = free_port()
     log = tmp_path / "label.log"
     server = start_process(
-        [sys.executable, "-m", "rlhf_core.app.cli", "label", "--model", str(model_folder),
-         "--prompts", str(prompts_file), "--port", str(port), "--batch-size", "3",
-         "--votes-per-pair", "1", "--max-new-tokens", "8", "--params", "none.yaml"],
+        [sys.executable, "-m", "rlhf_core.app.cli", "label",
+         "--models", "models/champion,models/candidate", "--prompts", str(prompts_file),
+         "--port", str(port), "--batch-size", "3", "--votes-per-pair", "1",
+         "--max-new-tokens", "8", "--params", "none.yaml"],
         env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
         log_path=log,
         cwd=tmp_path,
@@ -134,14 +138,17 @@ def test_people_vote_in_the_page_and_the_rows_reach_the_preference_store(tmp_pat
             page.wait_for_function("document.querySelector('#answer-a').textContent.length > 0")
             prompt_shown = page.locator("#prompt").text_content()
             assert prompt_shown in PROMPTS
-            assert "two samples of" in page.locator("#mode").text_content()
+            assert page.locator("#mode").text_content() == "models/champion vs models/candidate"
 
             def vote(button, better=None):
                 if better is not None:
                     page.fill("#better", better)
                 page.click(f"button[data-verdict='{button}']")
                 page.wait_for_function("document.querySelector('#reveal').textContent !== ''")
-                assert str(model_folder) in page.locator("#reveal").text_content()
+                assert page.locator("#reveal").text_content() in (
+                    "A was models/champion; B was models/candidate.",
+                    "A was models/candidate; B was models/champion.",
+                )
                 message = page.locator("#message").text_content()
                 assert message.startswith("Saved (vote "), message
                 return message
@@ -154,6 +161,10 @@ def test_people_vote_in_the_page_and_the_rows_reach_the_preference_store(tmp_pat
             page.click("#next")
             page.wait_for_function("document.querySelector('#reveal').textContent === ''")
             assert "Batch written: label-" in vote("tie")  # the third vote fills a batch
+            page.wait_for_function("document.querySelector('#tally').textContent.includes('3 v')")
+            tally = page.locator("#tally").text_content()
+            assert "3 votes: A 1, B 1, tie 1, both bad 0; 0 not yet in a batch." in tally
+            assert "models/candidate vs models/champion: wins " in tally
             screenshot(page, "label_page")
             # bad input: an empty typed prompt, then one holding markup
             page.fill("#typed", "   ")
@@ -370,3 +381,45 @@ def test_bad_input_is_one_clear_sentence_and_text_is_stored_raw(tmp_path, chat_m
     assert len(logged["rows"]) == 2 + (logged["answer_a"] != logged["answer_b"])
     rows, files = batch_rows(tmp_path / "incoming")  # written when the server stopped
     assert rows == logged["rows"] and len(files) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The command's refusals
+# --------------------------------------------------------------------------------------------
+
+
+def label(tmp_path, *args):
+    """`rlhf label ARGS` run from `tmp_path` with no params file (params' defaults)."""
+    return CliRunner().invoke(app, ["label", "--params", str(tmp_path / "none.yaml"), *args])
+
+
+def test_the_command_explains_bad_choices_a_taken_port_and_a_missing_champion(
+    tmp_path, monkeypatch, empty_mlflow_db
+):
+    monkeypatch.chdir(tmp_path)
+    database = tmp_path / "mlflow.db"
+    shutil.copy(empty_mlflow_db, database)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    result = label(tmp_path, "--models", "a,b,c")
+    assert result.exit_code == 2
+    assert "--models takes two different models separated by a comma, got 'a,b,c'." in (
+        result.output
+    )
+    result = label(tmp_path, "--models", "a,b", "--model", "a")
+    assert result.exit_code == 2 and "not both" in result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = label(tmp_path, "--port", str(port))
+    assert result.exit_code == 2
+    assert f"Cannot serve on 127.0.0.1:{port} (Address already in use); pass another --port" in (
+        result.output
+    )
+    result = label(tmp_path, "--prompts", "missing.jsonl", "--port", str(free_port()))
+    assert result.exit_code == 2 and "data file 'missing.jsonl' does not exist" in result.output
+    result = label(tmp_path, "--port", str(free_port()))  # champion,candidate by default
+    assert result.exit_code == 2, result.output
+    assert "No validated eval prompts yet" in result.output
+    assert "No rlhf-policy version is the champion in the registry at" in result.output
+    assert "Traceback" not in result.output

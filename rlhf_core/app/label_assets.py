@@ -190,7 +190,8 @@ async function refreshTally() {
     lines.push(h.challenger + " vs " + h.incumbent + ": wins " + percent(h.win_rate) + " (95% CI " +
                percent(h.low) + " to " + percent(h.high) + ") over " + h.counted +
                " votes (" + h.wins + " won, " + h.losses + " lost, " + h.ties +
-               " ties counted ½; " + h.both_bad + " both bad left out).");
+               (h.ties === 1 ? " tie" : " ties") + " counted ½; " + h.both_bad +
+               " both bad left out).");
   } else if (h) {
     lines.push(h.challenger + " vs " + h.incumbent + ": no votes between them yet.");
   }

@@ -109,7 +109,7 @@ class LabelSession:
     @property
     def mode(self) -> str:
         if len(self.writers) == 2:
-            return "champion vs candidate"
+            return f"{self.writers[0].label} vs {self.writers[1].label}"
         return f"two samples of {self.writers[0].description}"
 
     # ----- pairs
