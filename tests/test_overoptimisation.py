@@ -11,6 +11,7 @@ from tiny_models import FILM_WORDS, TINY_PPO_TRAIN, word_tokenizer
 from rlhf_core.config.training import PPOTrainSettings
 from rlhf_core.evaluation.overoptimisation import (
     NO_GOLD,
+    best_of_n_fit,
     fit_gao,
     overoptimisation_alarm,
     overoptimisation_warning,
@@ -94,6 +95,31 @@ def test_too_few_points_or_no_initial_score_give_no_fit():
         fit_gao("rl", [0.0, 1.0], [0.0])
     with pytest.raises(ValueError, match="Unknown overoptimisation fit form"):
         fit_gao("ppo", [0.0, 1.0], [0.0, 1.0])
+
+
+def test_best_of_n_fit_reads_the_evaluation_and_needs_two_sizes():
+    from rlhf_core.evaluation.comparison import BEST_OF_N_PREFIX, SFT, best_of_n_kl
+
+    sizes = (2, 4, 16, 64)
+    kl = [best_of_n_kl(n) for n in sizes]
+    gold = gao_curve("bon", kl, 0.5, 0.1, initial=0.2)
+    evaluation = {
+        SFT: {"gold_score_mean": 0.2, "kl_to_sft": 0.0},
+        "ppo": {"gold_score_mean": 0.9, "kl_to_sft": 7.0},  # not a best-of-n point
+        "reward_model": {"eval_accuracy": 0.7},
+        **{
+            f"{BEST_OF_N_PREFIX}{n}": {"gold_score_mean": g, "kl_to_sft": k}
+            for n, g, k in zip(sizes, gold, kl, strict=True)
+        },
+    }
+    fit = best_of_n_fit(evaluation, best_of_n_prefix=BEST_OF_N_PREFIX, reference=SFT)
+    assert fit.form == "bon" and fit.points == 4
+    assert fit.alpha == pytest.approx(0.5) and fit.beta == pytest.approx(0.1)
+    one_size = {k: v for k, v in evaluation.items() if k not in ("bon_4", "bon_16", "bon_64")}
+    assert best_of_n_fit(one_size) is None
+    no_gold = {k: {**v, "gold_score_mean": None} for k, v in evaluation.items()}
+    assert best_of_n_fit(no_gold) is None
+    assert best_of_n_fit(no_gold, score="rm_score_mean") is None  # no such metric here
 
 
 # ---------------------------------------------------------------------------------------------

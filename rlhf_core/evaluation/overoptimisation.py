@@ -17,7 +17,7 @@ evaluation history (`rlhf_core.stages.ppo`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -127,6 +127,28 @@ def fit_gao(
         peak_kl=None if peak_d is None else peak_d**2,
         points=len(distance),
     )
+
+
+def best_of_n_fit(
+    evaluation: Mapping[str, Mapping[str, Any]],
+    score: str = "gold_score_mean",
+    best_of_n_prefix: str = "bon_",
+    reference: str = "sft",
+) -> GaoFit | None:
+    """The best-of-n form fitted to an evaluate.json-shaped mapping: one point per best-of-n
+    policy (`bon_<n>`: its `kl_to_sft`, the analytic log n − (n−1)/n, and its `score`), R₀ the
+    reference's (SFT's) `score`. None with fewer than two best-of-n sizes, without the
+    reference or with null scores (no gold judge)."""
+    initial = (evaluation.get(reference) or {}).get(score)
+    points = [
+        (metrics.get("kl_to_sft"), metrics.get(score))
+        for name, metrics in evaluation.items()
+        if name.startswith(best_of_n_prefix)
+    ]
+    if initial is None or len(points) < 2 or any(None in point for point in points):
+        return None
+    kl, scores = zip(*points, strict=True)
+    return fit_gao("bon", kl, scores, initial_score=float(initial))
 
 
 def _peak(form: Form, alpha: float, beta: float) -> float | None:
