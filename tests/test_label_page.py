@@ -358,6 +358,13 @@ def test_bad_input_is_one_clear_sentence_and_text_is_stored_raw(tmp_path, chat_m
         )
         refused(
             "/api/vote",
+            {**vote, "better_answer": "a good\x07 film"},
+            400,
+            "The better answer cannot be saved: it contains control character U+0007 at "
+            "position 6.",
+        )
+        refused(
+            "/api/vote",
             {**vote, "comparison_id": "gone"},
             404,
             "This pair is no longer open (the server was restarted): load a new one.",

@@ -195,10 +195,8 @@ class LabelSession:
         if verdict not in VERDICTS:
             raise LabelError(400, "Pick one of: A is better, B is better, Tie, Both bad.")
         annotator = self._annotator(annotator, required=self.annotator_required)
-        if better is not None and len(better) > self.validation.max_chars:
-            raise LabelError(
-                400, _too_long("The better answer", len(better), self.validation.max_chars)
-            )
+        if better is not None:
+            self._check_better(better)
         with self._guard:
             pair = self._open.get(comparison_id)
             if pair is None:
@@ -225,6 +223,18 @@ class LabelSession:
             "model_a": _revealed(pair.writer_a),
             "model_b": _revealed(pair.writer_b),
         }
+
+    def _check_better(self, better: str) -> None:
+        """Refuse a written answer that validation would quarantine for its own text."""
+        if len(better) > self.validation.max_chars:
+            raise LabelError(
+                400, _too_long("The better answer", len(better), self.validation.max_chars)
+            )
+        row = {"prompt": [{"role": "user", "content": "-"}], "chosen": better, "rejected": "-"}
+        reasons = quarantine_reasons(row, "preference", self.validation)
+        if better.strip() and "invalid_text" in reasons:
+            detail = reasons["invalid_text"].replace("'chosen' contains", "it contains")
+            raise LabelError(400, f"The better answer cannot be saved: {detail}.")
 
     def _record(self, pair: Comparison, verdict: str, annotator: str, better: str | None) -> dict:
         record: dict[str, Any] = {
