@@ -18,7 +18,9 @@ import pytest
 import torch
 import uvicorn
 from browser import chromium_page, screenshot
+from fastapi.testclient import TestClient
 from servers import free_port, log_tail, start_process, wait_for_http
+from test_tracking_registry import EVALUATION, run_model_stage
 from tiny_models import FILM_WORDS, two_layer_llama, word_tokenizer
 from typer.testing import CliRunner
 
@@ -31,6 +33,8 @@ from rlhf_core.config.training import SamplingSettings
 from rlhf_core.data.store import read_table
 from rlhf_core.data.votes import LABEL_SOURCE, VoteJournal
 from rlhf_core.models.loading import load_causal_lm, save_model
+from rlhf_core.paths import ProjectPaths
+from rlhf_core.tracking.registry import POLICY_MODEL, promote, register_candidate, registry_client
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -430,3 +434,49 @@ def test_the_command_explains_bad_choices_a_taken_port_and_a_missing_champion(
     assert "No validated eval prompts yet" in result.output
     assert "No rlhf-policy version is the champion in the registry at" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_page_compares_the_registry_champion_with_the_candidate(
+    tmp_path, model_folder, empty_mlflow_db, monkeypatch
+):
+    paths = ProjectPaths(tmp_path)
+    database = tmp_path / "mlflow.db"
+    shutil.copy(empty_mlflow_db, database)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    monkeypatch.setenv("RLHF_EXPERIMENT", "label-test")
+    monkeypatch.setattr(
+        "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{database}"
+    )
+    for stage, folder in (("reward", paths.reward_model_dir), ("dpo", paths.policy_dir("dpo"))):
+        shutil.copytree(model_folder, folder)
+        run_model_stage(tmp_path, stage, {}, folder)
+    champion = register_candidate(tmp_path, "dpo", EVALUATION)
+    promote(registry_client(tmp_path), champion)
+    run_model_stage(tmp_path, "dpo", {}, paths.policy_dir("dpo"))  # the next policy
+    candidate = register_candidate(tmp_path, "dpo", EVALUATION)
+    served_apps = []  # the app `rlhf label` serves, driven here in-process instead of uvicorn
+    monkeypatch.setattr(
+        "uvicorn.run", lambda served_app, **_options: served_apps.append(served_app)
+    )
+
+    result = label(tmp_path, "--max-new-tokens", "8", "--port", str(free_port()))
+    assert result.exit_code == 0, result.output
+    assert f"Model champion: {POLICY_MODEL} v{champion.policy_version} (@champion" in result.output
+    assert f"Model candidate: {POLICY_MODEL} v{candidate.policy_version} (@candidate" in (
+        result.output
+    )
+    with TestClient(served_apps[0]) as client:
+        assert client.get("/api/config").json()["mode"] == "champion vs candidate"
+        pair = client.post("/api/comparison", json={"prompt": "the film was", "annotator": "a"})
+        saved = client.post(
+            "/api/vote", json={"comparison_id": pair.json()["id"], "verdict": "a", "annotator": "a"}
+        ).json()
+        revealed = sorted([saved["model_a"], saved["model_b"]])
+        assert revealed[0].startswith(f"candidate ({POLICY_MODEL} v{candidate.policy_version} ")
+        assert revealed[1].startswith(f"champion ({POLICY_MODEL} v{champion.policy_version} ")
+        head = client.get("/api/tally").json()["head_to_head"]
+        won = saved["model_a"].startswith("candidate")
+        assert (head["wins"], head["losses"], head["counted"]) == (int(won), int(not won), 1)
+    [logged] = VoteJournal(tmp_path / "data" / "labels", paths.incoming_dir).votes()
+    assert {logged["model_a"], logged["model_b"]} == {"champion", "candidate"}
+    assert len(batch_rows(paths.incoming_dir)[0]) == len(logged["rows"])  # flushed at the end
