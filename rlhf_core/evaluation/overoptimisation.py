@@ -82,8 +82,8 @@ def fit_gao(
     """Fit Gao et al.'s `form` to scores measured at KLs; None when it cannot be fitted.
 
     `initial_score` is R₀, the score at d = 0 (the initial policy, or SFT for best-of-n);
-    None takes the score of the smallest KL in the data when that KL is 0 (PPO's evaluation
-    before training), and otherwise means there is no R₀ and no fit. Points at d = 0 carry no
+    None takes the score of the first point at KL ≤ 0 (PPO's evaluation before training), and
+    without one there is no R₀ and no fit. Points at d = 0 carry no
     information about (α, β) (both features vanish) and are left out. Needs two points with
     d > 0 whose features are not collinear; NaN scores or KLs are dropped first.
     """
