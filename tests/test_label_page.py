@@ -21,6 +21,7 @@ from browser import chromium_page, screenshot
 from fastapi.testclient import TestClient
 from servers import free_port, log_tail, start_process, wait_for_http
 from test_tracking_registry import EVALUATION, run_model_stage
+from test_votes import vote as recorded_vote
 from tiny_models import FILM_WORDS, two_layer_llama, word_tokenizer
 from typer.testing import CliRunner
 
@@ -429,8 +430,15 @@ def test_the_command_explains_bad_choices_a_taken_port_and_a_missing_champion(
     )
     result = label(tmp_path, "--prompts", "missing.jsonl", "--port", str(free_port()))
     assert result.exit_code == 2 and "data file 'missing.jsonl' does not exist" in result.output
+    # a server that died with two votes not yet in a batch: the next start writes them
+    crashed = VoteJournal(tmp_path / "data" / "labels", tmp_path / "data" / "incoming", 20)
+    for number in (1, 2):
+        crashed.append(recorded_vote(number, "a"))
     result = label(tmp_path, "--port", str(free_port()))  # champion,candidate by default
     assert result.exit_code == 2, result.output
+    [batch] = batch_rows(tmp_path / "data" / "incoming")[1]
+    assert f"Wrote the votes an earlier run left unbatched to {batch}" in result.output
+    assert [row["vote_id"] for row in batch_rows(batch.parent)[0]] == ["vote-1", "vote-2"]
     assert "No validated eval prompts yet" in result.output
     assert "No rlhf-policy version is the champion in the registry at" in result.output
     assert "Traceback" not in result.output
