@@ -4,6 +4,9 @@ math of people's votes (rlhf_core/evaluation/human_votes.py)."""
 import json
 import multiprocessing
 import os
+import random
+import signal
+import time
 
 import pytest
 
@@ -265,6 +268,44 @@ def test_processes_appending_at_once_keep_every_vote_once(folders):
     rows, files = batch_rows(incoming)
     assert sorted(row["vote_id"] for row in rows) == sorted(v["vote_id"] for v in logged)
     assert len(files) == 15  # 14 batches of 7 votes, then the last 2
+
+
+def _vote_until_killed(labels, incoming, acknowledged):
+    """Append votes as fast as possible, noting each one the journal said was saved."""
+    journal = VoteJournal(labels, incoming, batch_size=3)
+    with open(acknowledged, "a") as acks:
+        for number in range(1, 100_000):
+            journal.append(vote(number, "ab"[number % 2]))
+            acks.write(f"vote-{number}\n")
+            acks.flush()
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_a_process_killed_while_voting_loses_no_saved_vote_and_repeats_no_row(folders, trial):
+    labels, incoming = folders
+    acknowledged = labels.parent.parent / "acknowledged.txt"
+    worker = multiprocessing.get_context("fork").Process(
+        target=_vote_until_killed, args=(labels, incoming, acknowledged)
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not acknowledged.is_file() or len(acknowledged.read_text().split()) < 5 + 4 * trial:
+        assert worker.is_alive() and time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(random.Random(trial).uniform(0, 0.02))  # a kill at any point of an append
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    saved = acknowledged.read_text().split()
+    restarted = VoteJournal(labels, incoming, batch_size=3)
+    restarted.recover()
+    logged = [v["vote_id"] for v in restarted.votes()]
+    assert logged[: len(saved)] == saved  # every vote the page was told was saved
+    assert len(logged) - len(saved) <= 1  # and at most the one in flight besides
+    rows, _ = batch_rows(incoming)
+    assert sorted(row["vote_id"] for row in rows) == sorted(
+        v["vote_id"] for v in restarted.votes() for _ in v["rows"]
+    )
+    assert not list(incoming.glob(".*")) and restarted.pending() == 0
 
 
 # --------------------------------------------------------------------------------------------
