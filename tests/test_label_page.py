@@ -386,7 +386,23 @@ def test_bad_input_is_one_clear_sentence_and_text_is_stored_raw(tmp_path, chat_m
             413,
             "The request is over 4 MiB: shorten the texts.",
         )
-    [logged] = journal.votes()
+        # a file where the votes log's folder should be: the vote fails, and can be retried
+        second = client.post("/api/comparison", json={"prompt": "the film", "annotator": "x"})
+        tie = {"comparison_id": second.json()["id"], "verdict": "tie", "annotator": "x"}
+        labels = tmp_path / "labels"
+        labels.rename(tmp_path / "labels.aside")
+        labels.write_text("in the way")
+        answer = client.post("/api/vote", json=tie)
+        assert answer.status_code == 500
+        assert answer.json()["error"].startswith("The server failed (FileExistsError: ")
+        assert answer.json()["error"].endswith(
+            "what you did last may not be saved: see the terminal running rlhf label."
+        )
+        labels.unlink()
+        (tmp_path / "labels.aside").rename(labels)
+        assert client.post("/api/vote", json=tie).json()["seq"] == 2
+    [logged, retried] = journal.votes()
+    assert (retried["verdict"], retried["rows"]) == ("tie", [])
     assert logged["better_answer"] == SCRIPT and logged["prompt"][0]["content"] == SCRIPT
     # A over B (unless the two samples are the same text), the written answer over both
     assert [row["chosen"] for row in logged["rows"]].count(SCRIPT) == 2

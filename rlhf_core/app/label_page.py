@@ -10,6 +10,7 @@ sentence the page shows.
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from rlhf_core.config.data import ValidationSettings
 from rlhf_core.config.training import SamplingSettings
 from rlhf_core.data.votes import VoteJournal, quarantine_reasons
 
+log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 4 * 2**20  # a request body; texts are held to max_chars on top of it
 
 
@@ -61,6 +63,16 @@ def create_app(session: LabelSession) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def not_json(_request: Request, _error_: RequestValidationError) -> JSONResponse:
         return _error(400, "The request must be a JSON object; reload the page.")
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, error: Exception) -> JSONResponse:
+        # A full disk, a model that fails: the person must see that it did not work.
+        log.exception("rlhf label could not answer a request")
+        return _error(
+            500,
+            f"The server failed ({type(error).__name__}: {error}); what you did last may not "
+            "be saved: see the terminal running rlhf label.",
+        )
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
