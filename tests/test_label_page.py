@@ -26,12 +26,13 @@ from tiny_models import FILM_WORDS, two_layer_llama, word_tokenizer
 from typer.testing import CliRunner
 
 from rlhf_core.app.cli import app
-from rlhf_core.app.label_page import create_app
+from rlhf_core.app.label_page import create_app, load_prompt_set
 from rlhf_core.app.label_session import LabelSession, Writer
 from rlhf_core.chat import ChatModel
 from rlhf_core.config.data import ValidationSettings
 from rlhf_core.config.training import SamplingSettings
 from rlhf_core.data.store import read_table
+from rlhf_core.data.validation import validate_files
 from rlhf_core.data.votes import LABEL_SOURCE, VoteJournal
 from rlhf_core.models.loading import load_causal_lm, save_model
 from rlhf_core.paths import ProjectPaths
@@ -504,3 +505,23 @@ def test_the_page_compares_the_registry_champion_with_the_candidate(
     [logged] = VoteJournal(tmp_path / "data" / "labels", paths.incoming_dir).votes()
     assert {logged["model_a"], logged["model_b"]} == {"champion", "candidate"}
     assert len(batch_rows(paths.incoming_dir)[0]) == len(logged["rows"])  # flushed at the end
+
+
+def test_prompts_come_from_the_validated_eval_prompts_or_a_file(tmp_path):
+    settings = ValidationSettings()
+    assert load_prompt_set("eval", tmp_path, settings) == []  # not validated yet: typed only
+    raw = tmp_path / "eval_prompts.jsonl"
+    raw.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in PROMPTS[:3]))
+    validate_files([raw], "prompts", ProjectPaths(tmp_path).validated_set("eval_prompts"),
+                   data_docs=False)  # fmt: skip
+    expected = [[{"role": "user", "content": prompt}] for prompt in PROMPTS[:3]]
+    assert load_prompt_set("eval", tmp_path, settings) == expected
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": PROMPTS[0]}, {"prompt": "  "}, {"prompt": [{"role": "assistant",
+            "content": "no question"}]}, {"prompt": PROMPTS[1]}]  # fmt: skip
+    mixed.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert load_prompt_set(str(mixed), tmp_path, settings) == [expected[0], expected[1]]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": " "}) + "\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl holds no usable prompt \(each row needs"):
+        load_prompt_set(str(empty), tmp_path, settings)
