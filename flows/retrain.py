@@ -15,6 +15,7 @@ Loaded by path (`flows/retrain.py:retrain`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -155,6 +156,19 @@ def hold_store(store: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # Incoming data
 # --------------------------------------------------------------------------------------------
+
+
+def candidate_win_rates(root: Path, decision: dict[str, Any]) -> str:
+    """The gated candidate's gold and RM win rates over SFT beside people's win rate over
+    the champion (`human_votes.win_rates_line`)."""
+    from rlhf_core.evaluation.human_votes import win_rates_line
+
+    metrics_file = ProjectPaths(root).metrics_file("evaluate")
+    evaluation = {}
+    if metrics_file.is_file():
+        evaluation = json.loads(metrics_file.read_text(encoding="utf-8"))
+    candidate = decision["candidate"]
+    return win_rates_line(candidate, evaluation.get(candidate) or {}, decision.get("human"))
 
 
 def incoming_files(incoming_dir: Path) -> list[Path]:
@@ -347,6 +361,8 @@ def retrain(project_root: str = ".", gate: dict[str, Any] | None = None) -> dict
             summary = pipeline(project_root=str(root), gate=gate)
             decision = summary["gate"]
             message = f"Retrained on {why}; gate: {decision['status']}."
+            if decision.get("candidate"):
+                message += " " + candidate_win_rates(root, decision)
             print(message)
             outcome.update(status="retrained", message=message, pipeline=summary, decision=decision)
         if ingested or store_was_stale or outcome["status"] == "retrained":

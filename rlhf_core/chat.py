@@ -176,6 +176,7 @@ class ChatModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     description: str  # name, version and run id, or the folder
+    run_id: str | None = None  # the MLflow run that trained a registered model (None: a folder)
 
     @property
     def context_length(self) -> int | None:
@@ -207,19 +208,21 @@ def load_chat_model(
     """
     from rlhf_core.models.loading import load_causal_lm
 
+    run_id = None
     if choice in (CHAMPION_CHOICE, CANDIDATE_CHOICE):
-        folder, description = _download_registered(choice, project_root, workdir)
+        folder, description, run_id = _download_registered(choice, project_root, workdir)
     else:
         folder, description = _model_folder(choice), choice
     try:
         model, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
     except OSError as error:  # FileNotFoundError: no safetensors weights in the folder
         raise ValueError(str(error)) from error
-    return ChatModel(model, tokenizer, description)
+    return ChatModel(model, tokenizer, description, run_id)
 
 
-def _download_registered(alias: str, project_root: Path, workdir: Path) -> tuple[str, str]:
-    """The local folder of the `rlhf-policy` version with `alias`, and its description."""
+def _download_registered(alias: str, project_root: Path, workdir: Path) -> tuple[str, str, str]:
+    """The local folder of the `rlhf-policy` version with `alias`, its description and the
+    run that trained it."""
     from mlflow.exceptions import MlflowException
 
     from rlhf_core.tracking.registry import (
@@ -253,7 +256,7 @@ def _download_registered(alias: str, project_root: Path, workdir: Path) -> tuple
     stage = version.tags.get("stage")
     trained_by = f", {stage}" if stage else ""
     description = f"{POLICY_MODEL} v{version.version} (@{alias}{trained_by}, run {version.run_id})"
-    return str(folder), description
+    return str(folder), description, version.run_id
 
 
 def _model_folder(choice: str) -> str:

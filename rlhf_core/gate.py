@@ -19,6 +19,11 @@ With `block_on_overoptimisation`, step 2 also reads each policy's training-stage
 the overoptimisation alarm (`overoptimisation/alarm` 1, see `evaluation.overoptimisation`)
 fails.
 
+With `min_human_win_rate`, step 3 also reads people's votes (`rlhf label`): once
+`min_human_votes` votes compared the candidate with the champion (`human`, from
+`evaluation.human_votes.head_to_head` on the runs that trained them), the people's win rate
+must reach the threshold; with fewer votes the gate says so and decides without them.
+
 `gold_*` metrics are null for user data without a gold judge; the gate then falls back to the
 reward model's version of the metric and says so in its reasons and checks.
 """
@@ -246,11 +251,17 @@ def decide(
     head_to_head_win_rate: float | None,
     has_champion: bool,
     stage_metrics: StageMetrics | None = None,
+    human: Mapping[str, Any] | None = None,
 ) -> GateDecision:
     """Promote the candidate or not.
 
     promote = reward-model accuracy passes ∧ a candidate passes its absolute checks
-              ∧ (no champion ∨ head-to-head win rate vs the champion ≥ min_win_rate_vs_champion).
+              ∧ (no champion ∨ head-to-head win rate vs the champion ≥ min_win_rate_vs_champion)
+              ∧ (human check off ∨ fewer than min_human_votes votes
+                 ∨ people's win rate vs the champion ≥ min_human_win_rate).
+
+    `human`: people's votes on the candidate against the champion, {"win_rate", "counted",
+    "low", "high"} (`human_votes.HeadToHead`); None means no votes.
 
     `head_to_head_win_rate` is the candidate's win rate against the champion (ties half), as
     measured by `rlhf_core.evaluation.head_to_head`; with a champion, None fails the gate.
@@ -277,12 +288,41 @@ def decide(
         else:
             reasons.append(versus.sentence())
         promote = promote and versus.passed
+        human_check = _human_check(selection.candidate, settings, human)
+        if isinstance(human_check, Check):
+            checks.append(human_check)
+            reasons.append(human_check.sentence())
+            promote = promote and human_check.passed
+        elif human_check is not None:
+            reasons.append(human_check)
     reasons.append(_verdict(promote, selection.candidate, reward_check.passed, has_champion))
     return GateDecision(
         promote=promote,
         candidate=selection.candidate,
         reasons=reasons,
         checks={check.name: check.as_dict() for check in checks},
+    )
+
+
+def _human_check(
+    candidate: str, settings: GateSettings, human: Mapping[str, Any] | None
+) -> Check | str | None:
+    """The people's win-rate check once enough votes exist; else a sentence saying why it
+    did not apply (None when the check is off)."""
+    if settings.min_human_win_rate is None:
+        return None
+    counted = int((human or {}).get("counted") or 0)
+    if counted < settings.min_human_votes:
+        return (
+            f"{candidate}: {counted} people's vote(s) compared it with the champion in "
+            f"`rlhf label`, fewer than gate.min_human_votes ({settings.min_human_votes}), so "
+            "their win rate is not required yet"
+        )
+    return Check(
+        f"{candidate}.human_win_rate_vs_champion",
+        _number((human or {}).get("win_rate")),
+        settings.min_human_win_rate,
+        ">=",
     )
 
 

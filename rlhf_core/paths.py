@@ -42,6 +42,11 @@ class ProjectPaths:
         return self.root / "data" / "incoming"
 
     @property
+    def labels_dir(self) -> Path:
+        """`rlhf label`'s votes log and its batch state."""
+        return self.root / "data" / "labels"
+
+    @property
     def base_model_dir(self) -> Path:
         return self.root / "artifacts" / "base"
 

@@ -53,6 +53,52 @@ def stage_metrics(project_root: Path, policies: Sequence[str]) -> dict[str, Any]
     }
 
 
+def human_votes(project_root: Path, candidate: str, champion: Any) -> dict[str, Any] | None:
+    """What people said in `rlhf label` about the candidate policy against the champion:
+    the votes whose sides were trained by the candidate's run and the champion's run
+    (`human_votes.head_to_head` by run id), plus every vote's count and the annotators'
+    agreement. None when nobody has voted yet."""
+    from dataclasses import asdict
+
+    from rlhf_core.data.votes import VoteJournal
+    from rlhf_core.evaluation.human_votes import annotator_agreement, head_to_head
+    from rlhf_core.paths import ProjectPaths
+
+    paths = ProjectPaths(project_root)
+    votes = VoteJournal(paths.labels_dir, paths.incoming_dir).votes()
+    if not votes:
+        return None
+    candidate_run = read_producer_run_id(paths.policy_dir(candidate))
+    versus = head_to_head(
+        votes, candidate_run, champion.run_id, fields=("model_a_run_id", "model_b_run_id")
+    )
+    agreement = annotator_agreement(votes)
+    return {
+        **asdict(versus),
+        "counted": versus.counted,
+        "votes_total": len(votes),
+        "agreement": agreement.rate,
+        "agreement_pairs": agreement.annotator_pairs,
+    }
+
+
+def log_human_votes(human: dict[str, Any]) -> None:
+    """People's numbers on the active MLflow run, beside the gate's other metrics."""
+    import mlflow
+
+    names = {
+        "votes_total": "human.votes_total",
+        "counted": "human.votes_vs_champion",
+        "win_rate": "human.win_rate_vs_champion",
+        "low": "human.win_rate_low",
+        "high": "human.win_rate_high",
+        "agreement": "human.agreement",
+    }
+    mlflow.log_metrics(
+        {name: float(human[key]) for key, name in names.items() if human.get(key) is not None}
+    )
+
+
 def measure_head_to_head(project_root: Path, policy: str, client: Any, champion: Any) -> dict:
     """Win rate of `artifacts/policy/<policy>` against the champion's files on the held-out
     prompts; judged by the gold judge for demo data, else by the candidate's reward model."""
@@ -124,9 +170,19 @@ def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
                 "champion_version": str(champion.version),
             }
         head_to_head = measure_head_to_head(root, selection.candidate, client, champion)
+    human = None
+    if champion is not None and selection.candidate is not None:
+        human = human_votes(root, selection.candidate, champion)
+        if human is not None:
+            log_human_votes(human)
     win_rate = None if head_to_head is None else head_to_head["win_rate"]
     decision = decide(
-        evaluation, settings, win_rate, has_champion=champion is not None, stage_metrics=trained
+        evaluation,
+        settings,
+        win_rate,
+        has_champion=champion is not None,
+        stage_metrics=trained,
+        human=human,
     )
     candidate = None
     if decision.candidate is not None:
@@ -142,6 +198,7 @@ def quality_gate(project_root: str, settings: Any) -> dict[str, Any]:
         "status": "promoted" if decision.promote else "kept",
         **decision.as_dict(),
         "head_to_head": head_to_head,
+        "human": human,
         "champion_version": None if champion is None else str(champion.version),
         "policy_version": None if candidate is None else candidate.policy_version,
         "reward_version": None if candidate is None else candidate.reward_version,

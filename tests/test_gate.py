@@ -295,3 +295,100 @@ def test_head_to_head_needs_prompts_and_a_judge(tiny_project):
         head_to_head_win_rate(sft_dir, sft_dir, held_out_prompts(tiny_project), SAMPLING)
     with pytest.raises(ValueError, match="prompt"):
         head_to_head_win_rate(sft_dir, sft_dir, [], SAMPLING, judge=GoldJudge())
+
+
+# --------------------------------------------------------------------------------------------
+# People's votes (`rlhf label`)
+# --------------------------------------------------------------------------------------------
+
+HUMAN = GateSettings(min_human_win_rate=0.6, min_human_votes=10)
+
+
+def test_peoples_win_rate_decides_only_once_enough_votes_exist():
+    metrics = evaluation(dpo=policy(0.71))
+    few = decide(metrics, HUMAN, 0.7, has_champion=True, human={"counted": 9, "win_rate": 0.1})
+    assert few.promote  # 9 votes < 10: decided without them, and said so
+    assert "dpo.human_win_rate_vs_champion" not in few.checks
+    assert any("9 people's vote(s)" in reason and "(10)" in reason for reason in few.reasons)
+    losing = decide(metrics, HUMAN, 0.7, has_champion=True, human={"counted": 10, "win_rate": 0.55})
+    assert not losing.promote
+    assert losing.checks["dpo.human_win_rate_vs_champion"]["passed"] is False
+    assert "dpo: human_win_rate_vs_champion 0.55 < 0.60" in losing.reasons
+    winning = decide(metrics, HUMAN, 0.7, has_champion=True, human={"counted": 12, "win_rate": 0.6})
+    assert winning.promote and winning.checks["dpo.human_win_rate_vs_champion"]["passed"]
+    # Off by default: votes change nothing.
+    outvoted = {"counted": 50, "win_rate": 0.0}
+    default = decide(metrics, SETTINGS, 0.7, has_champion=True, human=outvoted)
+    assert default.promote and not any("human" in name for name in default.checks)
+
+
+def test_human_gate_settings_are_checked():
+    with pytest.raises(ValueError, match="min_human_win_rate"):
+        GateSettings(min_human_win_rate=1.5)
+    with pytest.raises(ValueError, match="min_human_votes"):
+        GateSettings(min_human_win_rate=0.6, min_human_votes=0)
+
+
+def test_the_gate_task_counts_the_votes_on_exactly_its_candidate_and_champion(tmp_path):
+    """Votes from a real votes log, matched to the candidate by the run that trained its
+    files (the output's run marker) and to the champion by its version's run."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from rlhf_core.data.votes import VoteJournal
+    from rlhf_core.evaluation.human_votes import win_rates_line
+    from rlhf_core.scripts import load_script
+    from rlhf_core.tracking.lineage import write_run_marker
+
+    quality_gate = load_script(Path(__file__).resolve().parents[1] / "tasks" / "quality_gate.py")
+    paths = ProjectPaths(tmp_path)
+    policy_dir = paths.policy_dir("dpo")
+    policy_dir.mkdir(parents=True)
+    (policy_dir / "config.json").write_text("{}")
+    write_run_marker(policy_dir, {"run_id": "run-new"})
+    champion = SimpleNamespace(run_id="run-champ", version="3")
+    assert quality_gate.human_votes(tmp_path, "dpo", champion) is None  # nobody voted yet
+
+    journal = VoteJournal(paths.labels_dir, paths.incoming_dir, batch_size=100)
+    sides = {"new": "run-new", "champ": "run-champ", "older": "run-older"}
+
+    def vote(a, b, verdict, annotator, comparison):
+        journal.append(
+            {
+                "comparison_id": comparison,
+                "verdict": verdict,
+                "annotator": annotator,
+                "model_a": "candidate" if a != "champ" else "champion",
+                "model_b": "candidate" if b != "champ" else "champion",
+                "model_a_run_id": sides[a],
+                "model_b_run_id": sides[b],
+                "rows": [],
+            }
+        )
+
+    vote("new", "champ", "a", "ann-1", "c1")  # candidate wins
+    vote("new", "champ", "a", "ann-2", "c1")  # agrees with ann-1
+    vote("champ", "new", "b", "ann-1", "c2")  # candidate wins from the right side
+    vote("champ", "new", "a", "ann-1", "c3")  # champion wins
+    vote("new", "champ", "tie", "ann-1", "c4")
+    vote("new", "champ", "both_bad", "ann-1", "c5")  # left out of the win rate
+    vote("older", "champ", "b", "ann-1", "c6")  # an older candidate: not this one
+    human = quality_gate.human_votes(tmp_path, "dpo", champion)
+    assert (human["wins"], human["losses"], human["ties"], human["both_bad"]) == (3, 1, 1, 1)
+    assert human["counted"] == 5 and human["votes_total"] == 7
+    assert human["win_rate"] == pytest.approx(3.5 / 5)
+    assert human["low"] < 0.7 < human["high"]
+    assert human["agreement"] == 1.0 and human["agreement_pairs"] == 1
+    line = win_rates_line("dpo", policy(0.71, rm=0.64), human)
+    assert line.startswith("dpo: gold win rate vs SFT 0.71, RM 0.64; people vs the champion 0.70")
+    assert "5 votes" in line
+    assert win_rates_line("dpo", {}, None).endswith("n/a (no votes on this candidate)")
+    decision = decide(
+        evaluation(dpo=policy(0.71)),
+        GateSettings(min_human_win_rate=0.75, min_human_votes=5),
+        0.7,
+        has_champion=True,
+        human=human,
+    )
+    assert not decision.promote
+    assert "dpo: human_win_rate_vs_champion 0.70 < 0.75" in decision.reasons

@@ -36,6 +36,7 @@ from rlhf_core.data.validation import validate_files
 from rlhf_core.data.votes import LABEL_SOURCE, VoteJournal
 from rlhf_core.models.loading import load_causal_lm, save_model
 from rlhf_core.paths import ProjectPaths
+from rlhf_core.scripts import load_script
 from rlhf_core.tracking.registry import POLICY_MODEL, promote, register_candidate, registry_client
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -505,6 +506,20 @@ def test_the_page_compares_the_registry_champion_with_the_candidate(
     [logged] = VoteJournal(tmp_path / "data" / "labels", paths.incoming_dir).votes()
     assert {logged["model_a"], logged["model_b"]} == {"champion", "candidate"}
     assert len(batch_rows(paths.incoming_dir)[0]) == len(logged["rows"])  # flushed at the end
+    # Each side's training run is recorded, so the gate counts this vote for exactly the
+    # candidate policy in artifacts/ against the champion.
+    client = registry_client(tmp_path)
+    versions = {"champion": champion, "candidate": candidate}
+    runs = {
+        role: client.get_model_version(POLICY_MODEL, version.policy_version).run_id
+        for role, version in versions.items()
+    }
+    assert runs["champion"] != runs["candidate"]
+    assert {logged[f"model_{side}"]: logged[f"model_{side}_run_id"] for side in "ab"} == runs
+    quality_gate = load_script(REPOSITORY / "tasks" / "quality_gate.py")
+    champion_version = client.get_model_version(POLICY_MODEL, champion.policy_version)
+    human = quality_gate.human_votes(tmp_path, "dpo", champion_version)
+    assert (human["counted"], human["wins"]) == (1, int(won))
 
 
 def test_prompts_come_from_the_validated_eval_prompts_or_a_file(tmp_path):

@@ -219,7 +219,7 @@ def run_label(
         echo(
             "No validated eval prompts yet (rlhf stage validate): the page asks for typed prompts."
         )
-    journal = VoteJournal(paths.root / "data" / "labels", paths.incoming_dir, options.batch_size)
+    journal = VoteJournal(paths.labels_dir, paths.incoming_dir, options.batch_size)
     recovered = journal.recover()
     if recovered is not None:
         echo(f"Wrote the votes an earlier run left unbatched to {recovered}")

@@ -250,6 +250,9 @@ class LabelSession:
             "model_b": pair.writer_b.label,
             "model_a_description": pair.writer_a.description,
             "model_b_description": pair.writer_b.description,
+            # The runs that trained each side: the gate matches votes to its candidate by them.
+            "model_a_run_id": pair.writer_a.chat_model.run_id,
+            "model_b_run_id": pair.writer_b.chat_model.run_id,
             "better_answer": better,
             "sampling": {**asdict(self.sampling), "seed_a": pair.seeds[0], "seed_b": pair.seeds[1]},
         }

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from rlhf_core.evaluation.human_votes import win_rates_line
 from rlhf_core.evaluation.overoptimisation import (
     ALARM_METRIC,
     NO_GOLD,
@@ -70,6 +71,9 @@ def print_summary(summary: dict[str, Any], root: Path = Path(".")) -> None:
         if line is not None:
             console.print(line, style="bold yellow" if line.startswith("warning") else None)
     gate = summary.get("gate") or {}
+    if gate.get("candidate") and metrics_file.is_file():
+        candidate = gate["candidate"]
+        console.print(win_rates_line(candidate, evaluation.get(candidate) or {}, gate.get("human")))
     if gate:
         console.print(f"gate: {gate.get('status')}")
         for reason in gate.get("reasons", []):

@@ -41,6 +41,13 @@ class GateSettings:
             the reward-model score rose while the gold score fell); default False, the alarm
             only warns. A policy whose stage has no gold judge (alarm off) or no alarm (DPO)
             is not blocked.
+        min_human_win_rate: when set, the least head-to-head win rate people gave the
+            candidate over the champion in `rlhf label` (ties half, "both bad" left out),
+            counted on votes whose sides were trained by exactly the candidate's and the
+            champion's runs. Applies once `min_human_votes` such votes exist; with fewer
+            the gate says so and decides without it. None (default) never asks.
+        min_human_votes: votes on the candidate against the champion before
+            `min_human_win_rate` applies (default 20).
     """
 
     policy_metric: str = "gold_win_rate_vs_sft"
@@ -53,6 +60,8 @@ class GateSettings:
     min_win_rate_vs_champion: float = 0.55
     candidate_policies: tuple[str, ...] = ("dpo", "ppo")
     block_on_overoptimisation: bool = False
+    min_human_win_rate: float | None = None
+    min_human_votes: int = 20
 
     def __post_init__(self) -> None:
         for name in ("min_policy_metric", "max_kl", "min_reward_accuracy", "min_ended_fraction"):
@@ -71,5 +80,15 @@ class GateSettings:
             raise ValueError("GateSettings.max_kl must be non-negative (KL is never below 0).")
         if not isinstance(self.block_on_overoptimisation, bool):
             raise ValueError("GateSettings.block_on_overoptimisation must be true or false.")
+        if self.min_human_win_rate is not None and not (
+            is_finite_number(self.min_human_win_rate) and 0.0 <= self.min_human_win_rate <= 1.0
+        ):
+            raise ValueError("GateSettings.min_human_win_rate must lie in [0, 1] or be null.")
+        if (
+            not isinstance(self.min_human_votes, int)
+            or isinstance(self.min_human_votes, bool)
+            or self.min_human_votes < 1
+        ):
+            raise ValueError("GateSettings.min_human_votes must be a whole number of at least 1.")
         if isinstance(self.candidate_policies, str) or not self.candidate_policies:
             raise ValueError("GateSettings.candidate_policies must be a non-empty tuple of names.")

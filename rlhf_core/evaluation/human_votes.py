@@ -85,13 +85,21 @@ class HeadToHead:
 
 
 def head_to_head(
-    votes: Iterable[Mapping[str, Any]], challenger: str = "candidate", incumbent: str = "champion"
+    votes: Iterable[Mapping[str, Any]],
+    challenger: str = "candidate",
+    incumbent: str = "champion",
+    fields: tuple[str, str] = ("model_a", "model_b"),
 ) -> HeadToHead:
     """The challenger's win rate over the incumbent in the votes that compared the two
-    (whichever side each stood on); votes on other pairs are ignored."""
+    (whichever side each stood on); votes on other pairs are ignored.
+
+    `fields` names the fields that say who wrote answers A and B: ("model_a", "model_b") are
+    their roles on the page (champion, candidate); ("model_a_run_id", "model_b_run_id") the
+    MLflow runs that trained them, which is how the gate finds the votes on the exact policy
+    it decides about."""
     wins = losses = ties = both_bad = 0
     for vote in votes:
-        sides = (vote.get("model_a"), vote.get("model_b"))
+        sides = (vote.get(fields[0]), vote.get(fields[1]))
         if set(sides) != {challenger, incumbent}:
             continue
         verdict = vote.get("verdict")
@@ -157,3 +165,27 @@ def verdict_counts(votes: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         if vote.get("verdict") in counts:
             counts[vote["verdict"]] += 1
     return counts
+
+
+def win_rates_line(
+    candidate: str, policy_metrics: Mapping[str, Any], human: Mapping[str, Any] | None
+) -> str:
+    """One line with the candidate's win rates side by side: the gold judge's and the reward
+    model's over SFT (evaluate stage), and people's over the champion (`rlhf label`) with its
+    95% interval, e.g. "dpo: gold win rate vs SFT 0.71, RM 0.68; people vs the champion 0.65
+    (95% 0.43-0.82, 20 votes)". A number nobody measured reads "n/a"."""
+
+    def number(value: Any) -> str:
+        return "n/a" if value is None else f"{float(value):.2f}"
+
+    text = (
+        f"{candidate}: gold win rate vs SFT {number(policy_metrics.get('gold_win_rate_vs_sft'))}, "
+        f"RM {number(policy_metrics.get('rm_win_rate_vs_sft'))}; people vs the champion "
+    )
+    counted = int((human or {}).get("counted") or 0)
+    if not counted:
+        return text + "n/a (no votes on this candidate)"
+    return (
+        text + f"{number(human['win_rate'])} (95% {number(human['low'])}-"
+        f"{number(human['high'])}, {counted} vote{'s' if counted != 1 else ''})"
+    )
