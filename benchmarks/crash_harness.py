@@ -48,6 +48,7 @@ PROJECT_PARAMS = {
         "ranking_k": 3,
         "n_ppo_prompts": 16,
         "n_eval_prompts": 8,
+        "n_reward_eval_pairs": 40,
     },
 }
 # Enough optimizer steps and checkpoints (every step) that a kill falls between two of them.

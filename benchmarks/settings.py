@@ -127,6 +127,7 @@ QUICK_PIPELINE_PARAMS = {
         "n_ranked": 0,
         "n_ppo_prompts": 16,
         "n_eval_prompts": 8,
+        "n_reward_eval_pairs": 40,
     },
     "sft": {"train": _TINY_TRAIN, "num_samples": 2, "sample_max_new_tokens": 8},
     "reward": {"train": _TINY_TRAIN},

@@ -36,6 +36,7 @@ TINY_PARAMS = {
         "ranking_k": 3,
         "n_ppo_prompts": 16,
         "n_eval_prompts": 8,
+        "n_reward_eval_pairs": 40,
     },
 }
 
