@@ -375,6 +375,10 @@ def run_sweep(
         if jobs == 1:  # the server runs one stage at a time
             env.update(server.environment())
         _run_shared_stages(root, env, log_path, echo)
+        # Only now do the inputs the shared stages make (the preference store) exist.
+        commands = sweep_commands(
+            points, queue=sweep.queue, jobs=jobs, copy_paths=_copy_paths(root)
+        )
         if sweep.queue:
             _run_queued(points, commands, root, env, log_path, jobs, echo)
         else:
@@ -385,9 +389,9 @@ def run_sweep(
         if point.name in result.failed:
             continue
         if state is None or state["state"] != "success":
-            where = (state or {}).get("log") or str(log_path)
             status = "not found" if state is None else state["state"]
-            result.failed[point.name] = f"{status}, log {where}"
+            where = _keep_log((state or {}).get("log"), log_path.with_name(f"{point.name}.log"))
+            result.failed[point.name] = f"{status}, log {where or log_path}"
     finished = [p for p in points if p.name not in result.failed]
     if finished:
         result.frontier = collect_frontier(
@@ -408,6 +412,17 @@ def run_sweep(
             "from DVC's cache)."
         )
     return result
+
+
+def _keep_log(executor_log: str | None, kept: Path) -> Path | None:
+    """A copy of a queued experiment's log beside the sweep's: DVC removes its own copy when
+    the queue is cleaned (`dvc queue remove`, `dvc exp gc`)."""
+    import shutil
+
+    if not executor_log or not Path(executor_log).is_file():
+        return None
+    shutil.copyfile(executor_log, kept)
+    return kept
 
 
 def _refuse_foreign_queue(root: Path, env: Mapping[str, str], ours: set[str]) -> None:
