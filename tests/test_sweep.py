@@ -389,9 +389,9 @@ def test_a_tiny_sweep_runs_through_dvcs_queue_and_writes_the_frontier(tmp_path):
     assert sweep_run.info.run_name == "sweep" and sweep_run.info.status == "FINISHED"
     assert any(key.startswith("verdict.gold.dpo_vs_ppo") for key in sweep_run.data.tags)
     children = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'",
+        [experiment.experiment_id], filter_string="tags.stage = 'sweep_point'"
     )
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {sweep_run.info.run_id}
     assert sorted((c.data.params["method"], c.data.params["value"]) for c in children) == [
         ("best_of_n", "1.0"),
         ("best_of_n", "2.0"),
@@ -414,10 +414,13 @@ def test_a_tiny_sweep_runs_through_dvcs_queue_and_writes_the_frontier(tmp_path):
         return len(client.search_runs([experiment.experiment_id], filter_string=filter_string))
 
     assert (runs_of("sft"), runs_of("reward"), runs_of("dpo"), runs_of("ppo")) == (1, 1, 2, 2)
-    assert runs_of("evaluate") == 4
     log = next((root / "artifacts" / "sweep" / "logs").glob("sweep-*.log")).read_text()
     assert log.count("Reproducing experiment '") == 4
     assert log.count("Running stage 'sft'") == 1 and log.count("Running stage 'reward'") == 1
+    # An evaluation whose inputs another point already evaluated comes from DVC's run-cache.
+    evaluated = log.count("Running stage 'evaluate'")
+    assert evaluated + log.count("Stage 'evaluate' is cached") == 4
+    assert runs_of("evaluate") == evaluated
 
     # A point whose policy stage fails: the sweep names the experiment and its log.
     params = yaml.safe_load((root / "params.yaml").read_text())

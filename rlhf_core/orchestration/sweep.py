@@ -648,8 +648,10 @@ def log_sweep(root: Path, params: Params, result: SweepResult) -> str:
             if comparison.mean_gap is not None
         }
         run.log_metrics({**gaps, "points": float(len(result.frontier))}, step=0)
+        experiment_id = mlflow.get_run(run.run_id).info.experiment_id
         for row in frontier_rows(result.frontier):
             with mlflow.start_run(
+                experiment_id=experiment_id,  # else MLflow's default experiment
                 run_name=f"{row['method']} {row['parameter']}={row['value']:g}",
                 nested=True,
                 tags={"stage": POINT_RUN_TAG},
