@@ -167,6 +167,7 @@ def reward_model(tokenizer):
 LONGEST_FIRST = (
     "test_pipeline_end_to_end.py",
     "test_team_stack.py",
+    "test_sweep.py",  # a real 4-point sweep through DVC's queue: about 3.5 minutes
     "test_benchmarks.py",
     "test_flows.py",
     "test_tracking_outage.py",
