@@ -293,15 +293,17 @@ def check_project(root: Path) -> None:
             )
 
 
-def _copy_paths(root: Path) -> list[str]:
+def _copy_paths(root: Path, *, planned: bool = False) -> list[str]:
+    """`untracked_inputs` of the project at `root`; `planned` counts every input as there
+    (a dry run, before the shared stages have made them)."""
     dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
     listed = subprocess.run(
         ["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     tracked = set(listed)
-    tracked |= {str(Path(name).parent) for name in listed}  # a folder with tracked files
+    tracked |= {str(folder) for name in listed for folder in Path(name).parents}
     deps = {d for stage in (dvc_yaml.get("stages") or {}).values() for d in _deps(stage)}
-    exists = {dep.rstrip("/") for dep in deps if (root / dep).exists()}
+    exists = {dep.rstrip("/") for dep in deps if planned or (root / dep).exists()}
     return untracked_inputs(dvc_yaml, tracked, exists)
 
 
@@ -349,7 +351,7 @@ def run_sweep(
     stamp = stamp or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     points = sweep_points(sweep, sweep.eval_prompts, stamp)
     is_project = (root / ".dvc").is_dir() and (root / ".git").exists()
-    copy_paths = _copy_paths(root) if is_project else []
+    copy_paths = _copy_paths(root, planned=True) if is_project else []
     commands = sweep_commands(points, queue=sweep.queue, jobs=jobs, copy_paths=copy_paths)
     result = SweepResult(points)
     echo(f"Sweep: {len(points)} points, best-of-n {list(sweep.best_of_n) or 'none'}")
@@ -383,7 +385,9 @@ def run_sweep(
             _run_queued(points, commands, root, env, log_path, jobs, echo)
         else:
             result.failed.update(_run_one_by_one(points, commands, root, env, log_path, echo))
-    states = experiment_states(json.loads(_run(["exp", "show", "--json"], root, env, "").stdout))
+    states = experiment_states(
+        json.loads(_run(["exp", "show", "--json"], root, env, "reading the experiments").stdout)
+    )
     for point in points:
         state = states.get(point.name)
         if point.name in result.failed:
@@ -427,7 +431,9 @@ def _keep_log(executor_log: str | None, kept: Path) -> Path | None:
 
 def _refuse_foreign_queue(root: Path, env: Mapping[str, str], ours: set[str]) -> None:
     """`--run-all` runs every queued experiment, so someone else's must not be waiting."""
-    states = experiment_states(json.loads(_run(["exp", "show", "--json"], root, env, "").stdout))
+    states = experiment_states(
+        json.loads(_run(["exp", "show", "--json"], root, env, "reading the experiments").stdout)
+    )
     waiting = sorted(
         name for name, s in states.items() if s["state"] == "queued" and name not in ours
     )
