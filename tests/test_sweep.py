@@ -422,9 +422,10 @@ def test_a_tiny_sweep_runs_through_dvcs_queue_and_writes_the_frontier(tmp_path):
     assert evaluated + log.count("Stage 'evaluate' is cached") == 4
     assert runs_of("evaluate") == evaluated
 
-    # A point whose policy stage fails: the sweep names the experiment and its log.
+    # A point whose policy stage fails, run without the queue (`dvc exp run --temp`): the
+    # sweep names the experiment and its log.
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sweep"] = {**TINY_SWEEP, "dpo_betas": [0.3], "ppo_target_kls": []}
+    params["sweep"] = {**TINY_SWEEP, "dpo_betas": [0.3], "ppo_target_kls": [], "queue": False}
     params["policy"]["dpo"]["lora"] = {"enabled": True, "target_modules": ["no_such_layer"]}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git(root, "commit", "-qam", "a LoRA on a layer the model does not have")
