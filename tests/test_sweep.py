@@ -150,7 +150,11 @@ def test_reports_show_every_point_with_intervals_and_the_verdict():
     assert rows[4]["kl_to_sft_stderr"] is None
     markdown = frontier_markdown(points, num_prompts=8)
     assert "8 held-out prompts" in markdown
-    assert "DPO's frontier dominates PPO's on gold score" in markdown
+    # DPO − PPO: 0.55 − 0.2 at KL 1.5 (PPO's first point), 0.6 − 0.2 at KL 2.
+    assert (
+        "DPO's frontier dominates PPO's on gold score over KL 1.5–2 nats (mean gap +0.375 over "
+        "that range)" in markdown
+    )
     assert (
         "| DPO | beta | 0.1 | exp-dpo-0.1 | 1.000 | 0.050 | 0.500* | [0.400, 0.600] |" in markdown
     )

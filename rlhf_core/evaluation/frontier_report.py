@@ -119,8 +119,13 @@ def frontier_markdown(points: Sequence[FrontierPoint], num_prompts: int | None) 
     found = comparisons(points)
     for pairs in found.values():
         for comparison in pairs.values():
-            gap = comparison.mean_gap
-            extra = "" if gap is None else f" (mean gap {gap:+.3f} per nat of KL range)"
+            gap, kl_range = comparison.mean_gap, comparison.kl_range
+            if gap is None or kl_range is None:
+                extra = ""
+            elif kl_range[1] > kl_range[0]:
+                extra = f" (mean gap {gap:+.3f} over that range)"
+            else:
+                extra = f" (gap {gap:+.3f} there)"
             lines.append(f"- {comparison.verdict}{extra}.")
     if not any(found.values()):
         lines.append("- Only one method has points: nothing to compare.")
