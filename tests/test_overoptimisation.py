@@ -82,6 +82,16 @@ def test_a_curve_that_never_turns_down_has_no_peak():
     assert falling.peak_d == 0.0
 
 
+def test_a_peak_far_past_the_measured_kl_is_not_reported():
+    # The demo's default PPO run: gold still rising at KL ~4 with a tiny fitted β put the RL
+    # form's peak at exp(α/β − 1) ≈ 1e55 nats. Only peaks within reach of the data count.
+    kl = [0.0, 1.0, 2.0, 3.0, 4.0]
+    far = fit_gao("rl", kl, gao_curve("rl", kl, 0.34, 0.005))
+    assert far.beta == pytest.approx(0.005) and far.peak_d is None and far.peak_kl is None
+    near = fit_gao("rl", kl, gao_curve("rl", kl, 0.34, 0.4))  # peak at e^(−0.15)² ≈ 0.74
+    assert near.peak_kl == pytest.approx(math.exp(2 * (0.34 / 0.4 - 1)))
+
+
 def test_too_few_points_or_no_initial_score_give_no_fit():
     assert fit_gao("rl", [0.0, 4.0], [0.1, 0.3]) is None  # one point away from d = 0
     assert fit_gao("rl", [0.0, 0.0, 0.0], [0.1, 0.2, 0.3]) is None

@@ -27,6 +27,11 @@ Form = Literal["bon", "rl"]
 FORMS: tuple[Form, ...] = ("bon", "rl")
 
 
+# A fitted peak counts up to this multiple of the largest measured d = √KL (4× its KL); past
+# it the RL form's exp(α/β − 1) can be astronomically far (1e55 nats was seen on the demo).
+PEAK_REACH = 2.0
+
+
 @dataclass(frozen=True)
 class GaoFit:
     """A least-squares fit of R(d) − R₀ to one of Gao et al.'s forms.
@@ -36,7 +41,9 @@ class GaoFit:
         alpha, beta: the fitted coefficients.
         r_squared: 1 − SS_res / SS_tot of the gains (NaN when every gain is equal).
         peak_d: the d where the fitted curve is highest, None when β ≤ 0 (it never turns
-            down within the form); bon: max(0, α / 2β), RL: exp(α/β − 1).
+            down within the form) or when that d lies beyond `PEAK_REACH` times the largest
+            measured d (a peak there is the form's extrapolation, not something the data
+            show); bon: max(0, α / 2β), RL: exp(α/β − 1).
         peak_kl: peak_d², the KL in nats at the peak (None with peak_d).
         points: the (d, gain) pairs the fit used.
     """
@@ -118,6 +125,8 @@ def fit_gao(
     spread = float(np.sum((gains - gains.mean()) ** 2))
     r_squared = 1.0 - residual / spread if spread > 0 else float("nan")
     peak_d = _peak(form, float(alpha), float(beta))
+    if peak_d is not None and peak_d > PEAK_REACH * float(distance.max()):
+        peak_d = None
     return GaoFit(
         form=form,
         alpha=float(alpha),
