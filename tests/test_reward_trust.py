@@ -13,6 +13,7 @@ from rlhf_core.data.gold import (
     expected_agreement,
     observed_agreement,
 )
+from rlhf_core.evaluation.metrics import wilson_interval
 from rlhf_core.evaluation.reward_trust import (
     TRUST_KEYS,
     accuracy_by_gold_margin,
@@ -23,7 +24,6 @@ from rlhf_core.evaluation.reward_trust import (
     pair_accuracy,
     pair_calibration,
     reward_trust_metrics,
-    wilson_interval,
 )
 
 TEMPERATURE = 0.2  # the demo's annotator temperature

@@ -23,8 +23,8 @@ from rlhf_core.evaluation.human_votes import (
     annotator_agreement,
     head_to_head,
     verdict_counts,
-    wilson_interval,
 )
+from rlhf_core.evaluation.metrics import wilson_interval
 
 PROMPT = [{"role": "user", "content": "Review the film in one line."}]
 
@@ -321,8 +321,7 @@ def test_wilson_interval_matches_hand_computed_values():
     # 0 of 5: centre = half-width = (z²/10) / (1 + z²/5) = 0.21726
     low, high = wilson_interval(0, 5)
     assert low == 0.0 and high == pytest.approx(0.43449, abs=1e-4)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="successes must lie in"):
+    with pytest.raises(ValueError, match="successes must be between 0 and trials=5"):
         wilson_interval(6, 5)
 
 

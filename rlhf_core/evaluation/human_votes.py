@@ -22,39 +22,15 @@ Counting rules:
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
+from rlhf_core.evaluation.metrics import wilson_interval
+
 VERDICTS = ("a", "b", "tie", "both_bad")
-Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
-
-
-def wilson_interval(successes: float, trials: float, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion `successes / trials` (95% by default).
-
-    p̂ = s/n;  centre = (p̂ + z²/2n) / (1 + z²/n);
-    half-width = z·sqrt(p̂(1-p̂)/n + z²/4n²) / (1 + z²/n).
-    Wilson (1927), "Probable inference, the law of succession, and statistical inference".
-    Unlike p̂ ± z·se it stays inside [0, 1] and is sensible for a handful of votes or a
-    proportion of 0 or 1. Fractional successes (ties counted ½) enter the same formula.
-    (0, 1) when there are no trials: nothing is known yet.
-    """
-    if trials <= 0:
-        return 0.0, 1.0
-    if not 0 <= successes <= trials:
-        raise ValueError(f"successes must lie in [0, {trials}], got {successes}")
-    proportion = successes / trials
-    z2 = z * z
-    denominator = 1 + z2 / trials
-    centre = (proportion + z2 / (2 * trials)) / denominator
-    half_width = (
-        z * math.sqrt(proportion * (1 - proportion) / trials + z2 / (4 * trials * trials))
-    ) / denominator
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
 @dataclass(frozen=True)
@@ -115,7 +91,7 @@ def head_to_head(
                 losses += 1
     counted = wins + losses + ties
     score = wins + ties / 2
-    low, high = wilson_interval(score, counted)
+    low, high = wilson_interval(score, counted) if counted else (0.0, 1.0)  # no votes yet
     win_rate = score / counted if counted else None
     return HeadToHead(challenger, incumbent, wins, losses, ties, both_bad, win_rate, low, high)
 

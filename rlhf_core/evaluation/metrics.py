@@ -14,6 +14,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+
 # Keys of `summarise_policy`'s dict, in the order a report shows them.
 POLICY_SUMMARY_KEYS = (
     "gold_score_mean",
@@ -243,6 +245,32 @@ class ConfidenceInterval(NamedTuple):
 
     low: float
     high: float
+
+
+def wilson_interval(successes: float, trials: int, z: float = Z_95) -> ConfidenceInterval:
+    """Wilson score interval of a binomial proportion (95% with the default z).
+
+    With p̂ = k/n:  centre = (p̂ + z²/2n) / (1 + z²/n),
+                   half-width = z / (1 + z²/n) · √(p̂(1 − p̂)/n + z²/4n²).
+
+    Wilson 1927, "Probable inference, the law of succession, and statistical inference"
+    (JASA 22:209-212); recommended over the normal (Wald) interval by Brown, Cai & DasGupta
+    2001, "Interval Estimation for a Binomial Proportion" (Statistical Science 16:101-133):
+    it stays inside [0, 1] and keeps its coverage near 0 and 1 (a good reward model's accuracy
+    on easy pairs, a handful of people's votes). Fractional successes (a tie counted ½ a
+    win) enter the same formula.
+    """
+    if isinstance(trials, bool) or not isinstance(trials, int | np.integer) or trials < 1:
+        raise ValueError(f"trials must be a positive integer but is {trials!r}.")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be between 0 and trials={trials} but is {successes!r}.")
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"z must be a positive number but is {z!r}.")
+    share = successes / trials
+    spread = z * z / trials
+    centre = (share + spread / 2) / (1 + spread)
+    half = z / (1 + spread) * math.sqrt(share * (1 - share) / trials + spread / (4 * trials))
+    return ConfidenceInterval(max(0.0, centre - half), min(1.0, centre + half))
 
 
 def bootstrap_ci(
