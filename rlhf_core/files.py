@@ -116,6 +116,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames inside `folder` durable: fsync its directory entry (POSIX)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def create_temporary_beside(path: Path) -> tuple[int, Path]:
     """A new empty file beside `path` for an atomic replace: (open descriptor, its path).
 

@@ -42,7 +42,7 @@ from rlhf_core.data.readers import check_file_size
 from rlhf_core.data.schemas import OPTIONAL_FIELDS, REQUIRED_FIELDS, content_hash
 from rlhf_core.data.store_lock import store_lock
 from rlhf_core.data.validation import validate_files
-from rlhf_core.files import create_temporary_beside, file_sha256
+from rlhf_core.files import create_temporary_beside, file_sha256, sync_folder
 
 TABLES = {"preference": "pairs.parquet", "ranked": "rankings.parquet"}
 MANIFEST = "manifest.jsonl"
@@ -105,21 +105,12 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _sync_folder(folder: Path) -> None:
-    """Make the renames inside `folder` durable (its directory entry is fsynced)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _write_durably(path: Path, write: Any) -> None:
     """Write `path` atomically and durably: `write(temporary path)`, fsync, rename, fsync the
     folder. A crash leaves the old file or the new one, never a part of either."""
     temporary = _stage(path, write)
     os.replace(temporary, path)
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
 
 
 def _stage(path: Path, write: Any) -> Path:
@@ -306,7 +297,7 @@ def recover_store(store_dir: str | Path) -> str | None:
             entries = _manifest_text([*manifest, journal["entry"]])
             _write_durably(store / MANIFEST, _write_text(entries))
         journal_path.unlink()
-        _sync_folder(store)
+        sync_folder(store)
         finished = journal["entry"]["file"]
     for temporary in [*store.glob(".*.tmp"), *store.glob("archive/*/.*.tmp")]:
         temporary.unlink()

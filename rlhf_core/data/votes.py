@@ -45,7 +45,7 @@ from rlhf_core.config.data import ValidationSettings
 from rlhf_core.data.expectations import inspect_row
 from rlhf_core.data.schemas import REQUIRED_FIELDS
 from rlhf_core.data.store_lock import store_lock
-from rlhf_core.files import create_temporary_beside
+from rlhf_core.files import create_temporary_beside, sync_folder
 
 LABEL_SOURCE = "rlhf-label"
 VOTES_LOG = "votes.jsonl"
@@ -282,7 +282,7 @@ class VoteJournal:
     def _write_state(self, state: Mapping[str, Any]) -> None:
         temporary = _write_synced(self.state_path, json.dumps(state, sort_keys=True) + "\n")
         os.replace(temporary, self.state_path)
-        _sync_folder(self.folder)
+        sync_folder(self.folder)
 
     def _finish_staged(self, state: dict[str, Any]) -> dict[str, Any]:
         """Rename a committed batch into place (when not done yet) and mark its votes done."""
@@ -292,7 +292,7 @@ class VoteJournal:
         temporary = self.incoming / staged["temporary"]
         if temporary.is_file():
             os.replace(temporary, self.incoming / staged["name"])
-            _sync_folder(self.incoming)
+            sync_folder(self.incoming)
         finished = {"through": staged["through"], "staged": None}
         self._write_state(finished)
         return finished
@@ -314,12 +314,3 @@ def _write_synced(path: Path, text: str) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return temporary
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the renames inside `folder` durable (its directory entry is fsynced)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
