@@ -2,15 +2,13 @@
 folder and on the champion of a real (sqlite) registry."""
 
 import os
-import random
 import re
 import shutil
 import signal
 
 import pytest
-import torch
 from test_tracking_registry import EVALUATION, run_model_stage
-from tiny_models import FILM_WORDS, two_layer_llama, word_tokenizer
+from tiny_models import chatty_policy
 from typer.testing import CliRunner
 
 from rlhf_core.app.cli import app
@@ -27,7 +25,7 @@ from rlhf_core.chat import (
 )
 from rlhf_core.config.training import SamplingSettings
 from rlhf_core.generation import derived_seed, generate
-from rlhf_core.models.loading import load_causal_lm, save_model
+from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.tracking.registry import (
     POLICY_MODEL,
@@ -52,30 +50,9 @@ def model_folder(tmp_path_factory):
     """A 2-layer Llama with a 64-position context and a BPE tokenizer with our chat template,
     trained for 60 steps on film-word exchanges so that it answers in words and ends its
     answers (as a policy does), saved as save_pretrained writes it (about 2 s)."""
-    tokenizer = word_tokenizer()
-    torch.manual_seed(0)
-    model = two_layer_llama(len(tokenizer), max_position_embeddings=64)
-    rng = random.Random(1)
-
-    def sentence():
-        return " ".join(rng.choice(FILM_WORDS) for _ in range(6)) + "."
-
-    exchanges = [
-        [{"role": "user", "content": sentence()}, {"role": "assistant", "content": sentence()}]
-        for _ in range(64)
-    ]
-    rows = [tokenizer.apply_chat_template(exchange, tokenize=False) for exchange in exchanges]
-    batch = tokenizer(rows, add_special_tokens=False, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # (64, seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    for _ in range(60):
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 2.5  # it learnt the words (a uniform guess over 303 tokens: 5.7)
     folder = tmp_path_factory.mktemp("chat") / "policy"
-    save_model(model, tokenizer, folder)
+    loss = chatty_policy(folder, positions=64, exchanges=64, words=6, steps=60)
+    assert loss < 2.5  # it learnt the words (a uniform guess over 303 tokens: 5.7)
     return folder
 
 

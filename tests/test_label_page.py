@@ -15,14 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from browser import chromium_page, screenshot
 from fastapi.testclient import TestClient
 from servers import free_port, log_tail, start_process, wait_for_http
 from test_tracking_registry import EVALUATION, run_model_stage
 from test_votes import vote as recorded_vote
-from tiny_models import FILM_WORDS, two_layer_llama, word_tokenizer
+from tiny_models import FILM_WORDS, chatty_policy
 from typer.testing import CliRunner
 
 from rlhf_core.app.cli import app
@@ -34,7 +33,7 @@ from rlhf_core.config.training import SamplingSettings
 from rlhf_core.data.store import read_table
 from rlhf_core.data.validation import validate_files
 from rlhf_core.data.votes import LABEL_SOURCE, VoteJournal
-from rlhf_core.models.loading import load_causal_lm, save_model
+from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.scripts import load_script
 from rlhf_core.tracking.registry import POLICY_MODEL, promote, register_candidate, registry_client
@@ -50,29 +49,8 @@ SCRIPT = '<script>window.__pwned = true</script><img src=x onerror="window.__pwn
 def model_folder(tmp_path_factory):
     """A 2-layer Llama with our chat template, trained 40 steps on film-word exchanges so that
     it answers in words and ends its answers, saved as save_pretrained writes it."""
-    tokenizer = word_tokenizer()
-    torch.manual_seed(0)
-    model = two_layer_llama(len(tokenizer), max_position_embeddings=256)
-    rng = random.Random(1)
-
-    def sentence():
-        return " ".join(rng.choice(FILM_WORDS) for _ in range(5)) + "."
-
-    exchanges = [
-        [{"role": "user", "content": sentence()}, {"role": "assistant", "content": sentence()}]
-        for _ in range(48)
-    ]
-    rows = [tokenizer.apply_chat_template(exchange, tokenize=False) for exchange in exchanges]
-    batch = tokenizer(rows, add_special_tokens=False, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # (48, seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    for _ in range(40):
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
     folder = tmp_path_factory.mktemp("label") / "policy"
-    save_model(model, tokenizer, folder)
+    chatty_policy(folder, positions=256, exchanges=48, words=5, steps=40)
     return folder
 
 

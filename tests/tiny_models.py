@@ -51,3 +51,37 @@ def model_and_split(project, model: str, set_name: str, eval_fraction: float):
     causal_lm, tokenizer = load_causal_lm(str(model_dir))
     train_rows, held_out = train_eval_split(load_validated(paths, set_name), eval_fraction)
     return causal_lm, tokenizer, train_rows, held_out
+
+
+def chatty_policy(folder, *, positions: int, exchanges: int, words: int, steps: int) -> float:
+    """Train a `two_layer_llama` with `word_tokenizer`'s chat template on `exchanges` random
+    film-word exchanges (`words` words a sentence) for `steps` AdamW steps, so that it answers
+    in words and ends its answers as a policy does; save it to `folder` as save_pretrained
+    writes it. Returns the last training loss (a uniform guess over 303 tokens: 5.7)."""
+    import torch
+
+    from rlhf_core.models.loading import save_model
+
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    model = two_layer_llama(len(tokenizer), max_position_embeddings=positions)
+    rng = random.Random(1)
+
+    def sentence():
+        return " ".join(rng.choice(FILM_WORDS) for _ in range(words)) + "."
+
+    chats = [
+        [{"role": "user", "content": sentence()}, {"role": "assistant", "content": sentence()}]
+        for _ in range(exchanges)
+    ]
+    rows = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    batch = tokenizer(rows, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # (chats, seq)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_model(model, tokenizer, folder)
+    return loss.item()
