@@ -121,10 +121,16 @@ def measure_pipeline(
     return measure_project_pipeline(root, log_dir or workdir, repeats)
 
 
-def measure_project_pipeline(root: Path, logs: Path, repeats: int = 3) -> dict[str, Any]:
+def measure_project_pipeline(
+    root: Path, logs: Path, repeats: int = 3, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`measure_pipeline` on a scratch project made by `scratch_project` that no pipeline has
-    run in yet; leaves it after the no-op run (stages built, a champion promoted)."""
-    env = project_environment(root)
+    run in yet; leaves it after the no-op run (stages built, a champion promoted).
+
+    `env`: the commands' environment; by default a user's shell in the project
+    (`project_environment`: Prefect in ephemeral mode, a temporary API per flow run). With
+    PREFECT_API_URL in it the flows record to that server and no temporary one starts."""
+    env = env or project_environment(root)
     rlhf = str(Path(sys.executable).parent / "rlhf")
     logs.mkdir(parents=True, exist_ok=True)
 

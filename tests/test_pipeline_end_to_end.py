@@ -5,7 +5,8 @@ measures it, builds every stage and promotes a first champion whose lineage reac
 md5s; a second run skips every stage; a param change reruns only its dependents and meets a
 gate it cannot pass; new data retrains and promotes; `dvc repro`, `dvc exp run -S`,
 `dvc exp show`, `dvc metrics diff`, `dvc plots show` and a `dvc push` / `dvc pull` round trip
-work on the result.
+work on the result; last, `rlhf sweep` queues DPO and PPO points as DVC experiments on the
+built SFT and reward model and writes the reward–KL frontier (`dvc exp apply` takes a point).
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 def project(tmp_path_factory) -> Iterator[tuple[Path, dict[str, str]]]:
     """A git + DVC copy of the project with a nano model and a few dozen rows, and a Prefect
     server of its own (`prefect server start`, as a team runs one) that every flow run of the
-    module records to: PREFECT_API_URL in the environment. Prefect's ephemeral mode, which
-    starts a temporary API per flow run, is what the benchmark's `rlhf run` uses."""
+    module records to: PREFECT_API_URL in the environment."""
     from rlhf_core.app.prefect_server import prefect_server
 
     root = tmp_path_factory.mktemp("e2e") / "project"
@@ -49,10 +49,12 @@ def project(tmp_path_factory) -> Iterator[tuple[Path, dict[str, str]]]:
 @pytest.fixture(scope="module")
 def measured(project) -> dict:
     """The benchmark's pipeline measurement (`benchmarks.pipeline`) on the project: `rlhf run`
-    from nothing, then again with nothing to do, each as a user runs it (its own process,
-    Prefect in ephemeral mode), then an empty flow and a no-op `dvc repro`."""
-    root, _ = project
-    return measure_project_pipeline(root, root.parent / "bench-logs", repeats=1)
+    from nothing, then again with nothing to do, each as a user runs it (its own process),
+    then an empty flow and a no-op `dvc repro`. The flows record to the module's Prefect
+    server (`make bench` measures Prefect's ephemeral mode, which starts a temporary API per
+    flow run: about 10-25 s each here, spent on nothing these tests check)."""
+    root, env = project
+    return measure_project_pipeline(root, root.parent / "bench-logs", repeats=1, env=env)
 
 
 def _flow_runs(env: dict[str, str], flow_name: str) -> list[str]:
@@ -214,8 +216,7 @@ def test_pipeline_end_to_end(project, measured):
     assert name.startswith("#3 ") and " | data " in name, name
     assert "policy.dpo.beta=0.3" in name and "gate.min_policy_metric=1.5" in name, name
     assert third_run.data.params["policy.dpo.beta"] == "0.3"
-    # The Prefect server in PREFECT_API_URL recorded this run, and shows the measured ones too:
-    # Prefect's ephemeral API keeps its runs in the same database, the project's .prefect/.
+    # The Prefect server in PREFECT_API_URL recorded this run and the two measured ones.
     assert _flow_runs(env, "rlhf-pipeline") == ["Completed"] * 3
 
     # The DVC workflow people use around it.
@@ -253,16 +254,21 @@ def _retrain(root: Path, env: dict[str, str]) -> dict:
     return _launched(root, env, "run_retrain", outcome)
 
 
-def _new_preferences(path: Path, tag: str) -> None:
-    rows = [
-        {
-            "prompt": f"Write a short review of Film {tag}{i}, a drama.",
-            "chosen": f"Film {tag}{i} was a wonderful and moving drama. I loved the acting.",
-            "rejected": f"Film {tag}{i} was a dull drama. The acting was poor.",
-        }
-        for i in range(12)
+def _votes_batch(root: Path, count: int) -> Path:
+    """`count` votes as `rlhf label` records them, through its votes log: the batch file of
+    their preference rows that the log writes to data/incoming/."""
+    from test_votes import vote
+
+    from rlhf_core.data.votes import VoteJournal
+    from rlhf_core.paths import ProjectPaths
+
+    paths = ProjectPaths(root)
+    journal = VoteJournal(paths.labels_dir, paths.incoming_dir, batch_size=count)
+    batches = [
+        journal.append(vote(number, "a" if number % 3 else "b")).batch for number in range(count)
     ]
-    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    assert batches[:-1] == [None] * (count - 1) and batches[-1] is not None
+    return batches[-1]
 
 
 def _set_gate(root: Path, **values) -> None:
@@ -285,7 +291,8 @@ def test_retrain_on_new_data_reruns_what_reads_it_and_promotes(project):
 
     # A gate the candidate passes: new data -> retrain -> the new version becomes champion.
     _set_gate(root, min_policy_metric=0.0, min_win_rate_vs_champion=0.0, max_kl=1.0e6)
-    _new_preferences(root / "data" / "incoming" / "batch-a.jsonl", "A")
+    # People's votes in `rlhf label` are the new data: the retrain ingests their batch.
+    batch = _votes_batch(root, 12)
     promoted = _retrain(root, env)
     assert promoted["status"] == "retrained"
     # New preference rows rerun what reads them, and neither prepare nor SFT: validate's
@@ -294,7 +301,7 @@ def test_retrain_on_new_data_reruns_what_reads_it_and_promotes(project):
     assert promoted["decision"]["status"] == "promoted"
     after = client.get_model_version_by_alias(POLICY_MODEL, CHAMPION).version
     assert int(after) > int(before)
-    assert (root / "data" / "incoming" / "processed" / "batch-a.jsonl").is_file()
+    assert (root / "data" / "incoming" / "processed" / batch.name).is_file()
     assert _flow_runs(env, "rlhf-retrain") == ["Completed"]
 
 
@@ -435,3 +442,128 @@ def _uncached_paths(dvc_file: dict) -> set[str]:
                 if not (options or {}).get("cache", True):
                     paths.update(path.replace("${item}", name) for name in ("dpo", "ppo"))
     return paths
+
+
+# The sweep runs last: the project's SFT and reward model are built and current, as after
+# `make demo`, so the sweep trains only its points' policies. Its β differ from the
+# workspace's (0.5, from `dvc exp run` above), which DVC would find up to date.
+TINY_SWEEP = {
+    "dpo_betas": [0.05, 0.2],
+    "ppo_target_kls": [2],
+    "best_of_n": [1, 2],
+    "eval_prompts": 4,
+    "queue": True,
+    "jobs": 1,
+}
+
+
+def _rlhf_sweep(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["rlhf", "sweep"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def _commit(root: Path, env: dict[str, str], message: str) -> None:
+    _run(["git", "add", "-A"], root, env)
+    identity = ["-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    _run(["git", *identity, "commit", "-qm", message], root, env)
+
+
+def test_a_sweep_runs_through_dvcs_queue_and_writes_the_frontier(project):
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from rlhf_core.tracking.experiment import experiment_name, tracking_uri
+
+    root, env = project
+    client = MlflowClient(tracking_uri(root))
+    experiment = client.get_experiment_by_name(experiment_name())
+
+    def runs_of(stage: str) -> int:
+        filter_string = f"tags.stage = '{stage}'"
+        return len(client.search_runs([experiment.experiment_id], filter_string=filter_string))
+
+    before = {stage: runs_of(stage) for stage in ("sft", "reward", "dpo", "ppo", "evaluate")}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweep"] = TINY_SWEEP
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _commit(root, env, "a tiny sweep")
+    started = time.perf_counter()
+    done = _rlhf_sweep(root, env)
+    print(f"tiny sweep: {time.perf_counter() - started:.0f} s")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("] queued ") == 3 and done.stdout.count("] running ") == 3
+
+    rows = json.loads((root / "artifacts" / "plots" / "frontier.json").read_text())
+    found = sorted((row["method"], row["value"]) for row in rows)
+    points = [("best_of_n", 1.0), ("best_of_n", 2.0), ("dpo", 0.05), ("dpo", 0.2), ("ppo", 2.0)]
+    assert found == points
+    for row in rows:
+        for kind in ("gold", "rm"):
+            low, mean, high = (row[f"{kind}_score_{key}"] for key in ("ci_low", "mean", "ci_high"))
+            assert low <= mean <= high, row
+        assert row["experiment"].startswith("sweep-")
+        if row["method"] == "best_of_n":
+            assert row["kl_to_sft"] == pytest.approx(np.log(row["value"]) - 1 + 1 / row["value"])
+        else:
+            assert row["kl_to_sft_stderr"] is not None
+    markdown = (root / "artifacts" / "sweep" / "frontier.md").read_text()
+    assert "4 held-out prompts" in markdown and "DPO's" in markdown and "PPO's" in markdown
+    assert (root / "artifacts" / "plots" / "frontier.png").stat().st_size > 10_000
+
+    (sweep_run,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.stage = 'sweep'"
+    )
+    assert sweep_run.info.run_name == "sweep" and sweep_run.info.status == "FINISHED"
+    assert any(key.startswith("verdict.gold.dpo_vs_ppo") for key in sweep_run.data.tags)
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.stage = 'sweep_point'"
+    )
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {sweep_run.info.run_id}
+    logged = sorted((c.data.params["method"], float(c.data.params["value"])) for c in children)
+    assert logged == points
+    for child in children:
+        assert {"kl_to_sft", "rm_score_mean", "rm_score_ci_low", "gold_score_ci_high"} <= set(
+            child.data.metrics
+        )
+    artifacts = {item.path for item in client.list_artifacts(sweep_run.info.run_id, "sweep")}
+    assert {"sweep/frontier.png", "sweep/frontier.json", "sweep/frontier.md"} <= artifacts
+
+    # The experiments' stages logged to the project's store (not their temporary folders'):
+    # each point trained its own policy; SFT and the reward model did not train again.
+    after = {stage: runs_of(stage) for stage in before}
+    assert {stage: after[stage] - before[stage] for stage in ("sft", "reward", "dpo", "ppo")} == {
+        "sft": 0,
+        "reward": 0,
+        "dpo": 2,
+        "ppo": 1,
+    }
+    log = next((root / "artifacts" / "sweep" / "logs").glob("sweep-*.log")).read_text()
+    assert log.count("Reproducing experiment '") == 3
+    assert "Running stage 'sft'" not in log and "Running stage 'reward'" not in log
+    # An evaluation whose inputs another point already evaluated comes from DVC's run-cache.
+    evaluated = log.count("Running stage 'evaluate'")
+    assert evaluated + log.count("Stage 'evaluate' is cached") == 3
+    assert after["evaluate"] - before["evaluate"] == evaluated
+
+    # The sweep's points are DVC experiments: one of them goes into the workspace.
+    dpo_point = next(row["experiment"] for row in rows if row["value"] == 0.05)
+    assert dpo_point in _run(["dvc", "exp", "show", "--json"], root, env)
+    _run(["dvc", "exp", "apply", dpo_point], root, env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["policy"]["dpo"]["beta"] == 0.05
+
+    # A point whose policy stage fails, run without the queue (`dvc exp run --temp`): the
+    # sweep names the experiment and its log.
+    params["sweep"] = {**TINY_SWEEP, "dpo_betas": [0.3], "ppo_target_kls": [], "queue": False}
+    params["policy"]["dpo"]["lora"] = {"enabled": True, "target_modules": ["no_such_layer"]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _commit(root, env, "a LoRA on a layer the model does not have")
+    failed = _rlhf_sweep(root, env)
+    assert failed.returncode == 2
+    (error,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert (
+        "1 of 1 sweep experiments failed: sweep-" in error
+        and "-dpo-beta-0.3 (failed, log " in error
+    )
+    log_path = Path(error.split(", log ")[1].split(")")[0])
+    assert "no_such_layer" in log_path.read_text()

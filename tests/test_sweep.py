@@ -1,12 +1,12 @@
-"""`rlhf sweep`: the frontier math on constructed points, the grid and its dvc commands, the
-checks before a sweep, and one real sweep of a tiny project through DVC's experiment queue."""
+"""`rlhf sweep`: the frontier math on constructed points, the grid and its dvc commands and
+the checks before a sweep. A real sweep through DVC's experiment queue runs in
+tests/test_pipeline_end_to_end.py, on the project whose SFT and reward model the pipeline
+there built."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -317,128 +317,3 @@ def test_a_project_without_git_dvc_a_commit_or_committed_params_is_refused(tmp_p
     _git(root, "add", "params.yaml")
     _git(root, "commit", "-qm", "params")
     check_project(root)
-
-
-# --------------------------------------------------------------------------------------------
-# A real sweep
-# --------------------------------------------------------------------------------------------
-
-TINY_SWEEP = {
-    "dpo_betas": [0.05, 0.5],
-    "ppo_target_kls": [1, 8],
-    "best_of_n": [1, 2],
-    "eval_prompts": 4,
-    "queue": True,
-    "jobs": 1,
-}
-
-
-def _rlhf_sweep(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf_core.app.cli", "sweep"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
-@pytest.mark.slow
-def test_a_tiny_sweep_runs_through_dvcs_queue_and_writes_the_frontier(tmp_path):
-    from mlflow import MlflowClient
-
-    from benchmarks.pipeline import project_environment, scratch_project
-    from benchmarks.settings import QUICK_PIPELINE_PARAMS
-
-    root = tmp_path / "project"
-    scratch_project(REPO, root, {**QUICK_PIPELINE_PARAMS, "sweep": TINY_SWEEP})
-    env = project_environment(root)
-    started = time.perf_counter()
-    done = _rlhf_sweep(root, env)
-    seconds = time.perf_counter() - started
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(f"tiny sweep: {seconds:.0f} s")
-    out = done.stdout
-    assert out.count("] queued ") == 4 and out.count("] running ") == 4
-
-    rows = json.loads((root / "artifacts" / "plots" / "frontier.json").read_text())
-    found = sorted((row["method"], row["value"]) for row in rows)
-    assert found == [
-        ("best_of_n", 1.0),
-        ("best_of_n", 2.0),
-        ("dpo", 0.05),
-        ("dpo", 0.5),
-        ("ppo", 1.0),
-        ("ppo", 8.0),
-    ]
-    for row in rows:
-        for kind in ("gold", "rm"):
-            low, mean, high = (row[f"{kind}_score_{key}"] for key in ("ci_low", "mean", "ci_high"))
-            assert low <= mean <= high, row
-        assert row["experiment"].startswith("sweep-")
-        if row["method"] == "best_of_n":
-            assert row["kl_to_sft"] == pytest.approx(np.log(row["value"]) - 1 + 1 / row["value"])
-        else:
-            assert row["kl_to_sft_stderr"] is not None
-    markdown = (root / "artifacts" / "sweep" / "frontier.md").read_text()
-    assert "4 held-out prompts" in markdown and "DPO's" in markdown and "PPO's" in markdown
-    assert (root / "artifacts" / "plots" / "frontier.png").stat().st_size > 10_000
-
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name("rlhf")
-    (sweep_run,) = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.stage = 'sweep'"
-    )
-    assert sweep_run.info.run_name == "sweep" and sweep_run.info.status == "FINISHED"
-    assert any(key.startswith("verdict.gold.dpo_vs_ppo") for key in sweep_run.data.tags)
-    children = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.stage = 'sweep_point'"
-    )
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {sweep_run.info.run_id}
-    assert sorted((c.data.params["method"], c.data.params["value"]) for c in children) == [
-        ("best_of_n", "1.0"),
-        ("best_of_n", "2.0"),
-        ("dpo", "0.05"),
-        ("dpo", "0.5"),
-        ("ppo", "1.0"),
-        ("ppo", "8.0"),
-    ]
-    for child in children:
-        assert {"kl_to_sft", "rm_score_mean", "rm_score_ci_low", "gold_score_ci_high"} <= set(
-            child.data.metrics
-        )
-    artifacts = {item.path for item in client.list_artifacts(sweep_run.info.run_id, "sweep")}
-    assert {"sweep/frontier.png", "sweep/frontier.json", "sweep/frontier.md"} <= artifacts
-
-    # The stages of the experiments logged to the project's store (not their temporary
-    # folders'): each point trained its own policy, SFT and the reward model trained once.
-    def runs_of(stage: str) -> int:
-        filter_string = f"tags.stage = '{stage}'"
-        return len(client.search_runs([experiment.experiment_id], filter_string=filter_string))
-
-    assert (runs_of("sft"), runs_of("reward"), runs_of("dpo"), runs_of("ppo")) == (1, 1, 2, 2)
-    log = next((root / "artifacts" / "sweep" / "logs").glob("sweep-*.log")).read_text()
-    assert log.count("Reproducing experiment '") == 4
-    assert log.count("Running stage 'sft'") == 1 and log.count("Running stage 'reward'") == 1
-    # An evaluation whose inputs another point already evaluated comes from DVC's run-cache.
-    evaluated = log.count("Running stage 'evaluate'")
-    assert evaluated + log.count("Stage 'evaluate' is cached") == 4
-    assert runs_of("evaluate") == evaluated
-
-    # A point whose policy stage fails, run without the queue (`dvc exp run --temp`): the
-    # sweep names the experiment and its log.
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sweep"] = {**TINY_SWEEP, "dpo_betas": [0.3], "ppo_target_kls": [], "queue": False}
-    params["policy"]["dpo"]["lora"] = {"enabled": True, "target_modules": ["no_such_layer"]}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(root, "commit", "-qam", "a LoRA on a layer the model does not have")
-    failed = _rlhf_sweep(root, env)
-    assert failed.returncode == 2
-    (error,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    assert (
-        "1 of 1 sweep experiments failed: sweep-" in error
-        and "-dpo-beta-0.3 (failed, log " in error
-    )
-    log_path = Path(error.split(", log ")[1].split(")")[0])
-    assert "no_such_layer" in log_path.read_text()
