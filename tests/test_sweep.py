@@ -5,6 +5,7 @@ there built."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,36 @@ def test_reports_show_every_point_with_intervals_and_the_verdict():
     # One error-bar container per method, and DPO's two-point frontier as a dashed line.
     assert len(gold_panel.containers) == 3
     assert any(line.get_label() == "DPO frontier" for line in gold_panel.get_lines())
+
+
+def test_gao_fits_recover_each_methods_curve_from_the_sft_point():
+    """Points placed exactly on Gao et al.'s curves (gain over SFT's 0.1 against d = √KL):
+    best-of-n on d(0.6 − 0.15d), PPO on d(0.5 − 0.2 log d); DPO has a single point, no fit."""
+    from rlhf_core.evaluation.frontier_report import gao_fits
+
+    sft = 0.1
+    bon = [point("best_of_n", 0.0, sft, value=1)]
+    for n, kl in ((4, 0.636), (16, 1.835), (64, 3.175)):
+        d = math.sqrt(kl)
+        bon.append(point("best_of_n", kl, sft + d * (0.6 - 0.15 * d), value=n))
+    ppo = []
+    for target, kl in ((1, 1.2), (4, 4.5), (8, 9.0)):
+        d = math.sqrt(kl)
+        ppo.append(point("ppo", kl, sft + d * (0.5 - 0.2 * math.log(d)), value=target))
+    points = [*bon, *ppo, point("dpo", 2.0, 0.7, value=0.1)]
+    fits = gao_fits(points)
+    assert set(fits) == {("best_of_n", "gold"), ("best_of_n", "rm"), ("ppo", "gold"), ("ppo", "rm")}
+    bon_fit, ppo_fit = fits[("best_of_n", "gold")], fits[("ppo", "gold")]
+    assert bon_fit.form == "bon"
+    assert (bon_fit.alpha, bon_fit.beta) == (pytest.approx(0.6), pytest.approx(0.15))
+    assert bon_fit.peak_kl == pytest.approx((0.6 / 0.3) ** 2)
+    assert ppo_fit.form == "rl"
+    assert (ppo_fit.alpha, ppo_fit.beta) == (pytest.approx(0.5), pytest.approx(0.2))
+    markdown = frontier_markdown(points, num_prompts=8)
+    assert "## Gao et al.'s fits" in markdown
+    assert "| best-of-n | gold | bon | 0.600 | 0.150 | 1.000 | 4.00 |" in markdown
+    # Without the SFT point (best-of-1 at KL 0) there is no R₀ and no fit.
+    assert gao_fits(points[1:]) == {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from rlhf_core.evaluation.frontier import (
     compare_fronts,
     pareto_front,
 )
+from rlhf_core.evaluation.overoptimisation import GaoFit, fit_gao
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -87,6 +88,29 @@ def frontier_rows(points: Sequence[FrontierPoint]) -> list[dict[str, Any]]:
     return rows
 
 
+def gao_fits(points: Sequence[FrontierPoint]) -> dict[tuple[str, Score], GaoFit]:
+    """Gao et al.'s forms fitted to each method's points, per score: best-of-n's
+    d(α − βd), DPO's and PPO's d(α − β log d), with d = √KL and R₀ the SFT score (the
+    best-of-1 point at KL 0). Left out: a method or score without a fit (no SFT point, fewer
+    than two points away from KL 0, no gold judge)."""
+    groups = by_method(points)
+    sft = next((p for p in groups.get("best_of_n", []) if p.value == 1 and p.kl == 0), None)
+    fits: dict[tuple[str, Score], GaoFit] = {}
+    for method, members in groups.items():
+        for kind in scores_present(points):
+            if sft is None:
+                continue
+            fit = fit_gao(
+                "bon" if method == "best_of_n" else "rl",
+                [p.kl for p in members],
+                [p.score(kind) for p in members],
+                initial_score=sft.score(kind),
+            )
+            if fit is not None:
+                fits[(method, kind)] = fit
+    return fits
+
+
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -129,6 +153,21 @@ def frontier_markdown(points: Sequence[FrontierPoint], num_prompts: int | None) 
             lines.append(f"- {comparison.verdict}{extra}.")
     if not any(found.values()):
         lines.append("- Only one method has points: nothing to compare.")
+    fits = gao_fits(points)
+    if fits:
+        lines += [
+            "\n## Gao et al.'s fits\n",
+            "Score gain over SFT against d = √KL (Gao, Schulman & Hilton 2023): best-of-n "
+            "d(α − βd), DPO and PPO d(α − β log d), by least squares; the peak is where the "
+            "fitted curve turns down (– when it does not within twice the measured d).\n",
+            "| method | score | form | α | β | R² | peak KL |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for (method, kind), fit in fits.items():
+            cells = [METHOD_NAMES.get(method, method), kind, fit.form]
+            cells += [_number(fit.alpha), _number(fit.beta), _number(fit.r_squared)]
+            cells.append(_number(fit.peak_kl, 2))
+            lines.append("| " + " | ".join(cells) + " |")
     lines.append(
         "\nPoint estimates decide a verdict; where the intervals of two frontiers overlap, "
         "more held-out prompts (`sweep.eval_prompts`, `evaluate.samples_per_prompt`) would "

@@ -20,6 +20,7 @@ point. With `sweep.queue: false` the points run one after another as `dvc exp ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -628,7 +629,7 @@ def log_sweep(root: Path, params: Params, result: SweepResult) -> str:
     (params method, parameter, value, experiment; metrics its KL and scores with intervals)."""
     import mlflow
 
-    from rlhf_core.evaluation.frontier_report import comparisons, frontier_rows
+    from rlhf_core.evaluation.frontier_report import comparisons, frontier_rows, gao_fits
     from rlhf_core.tracking.runs import stage_run
 
     run_params = {
@@ -653,7 +654,18 @@ def log_sweep(root: Path, params: Params, result: SweepResult) -> str:
             for pair, comparison in pairs.items()
             if comparison.mean_gap is not None
         }
-        run.log_metrics({**gaps, "points": float(len(result.frontier))}, step=0)
+        fitted = {
+            f"fit/{method}/{kind}/{name}": value
+            for (method, kind), fit in gao_fits(result.frontier).items()
+            for name, value in (
+                ("alpha", fit.alpha),
+                ("beta", fit.beta),
+                ("r2", fit.r_squared),
+                ("peak_kl", fit.peak_kl),
+            )
+            if value is not None and math.isfinite(value)
+        }
+        run.log_metrics({**gaps, **fitted, "points": float(len(result.frontier))}, step=0)
         experiment_id = mlflow.get_run(run.run_id).info.experiment_id
         for row in frontier_rows(result.frontier):
             with mlflow.start_run(
