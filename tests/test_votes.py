@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import time
+import traceback
 
 import pytest
 
@@ -244,14 +245,20 @@ def test_a_crash_at_any_point_of_a_batch_commit_loses_and_repeats_no_row(
 
 
 def _append_votes(labels, incoming, worker, count):
-    journal = VoteJournal(labels, incoming, batch_size=7)
-    for number in range(count):
-        journal.append(vote(1000 * worker + number, "ab"[number % 2], annotator=f"w{worker}"))
+    try:
+        journal = VoteJournal(labels, incoming, batch_size=7)
+        for number in range(count):
+            journal.append(vote(1000 * worker + number, "ab"[number % 2], annotator=f"w{worker}"))
+    except BaseException:  # the parent's assertion shows what went wrong in this process
+        (labels.parent / f"worker-{worker}.error").write_text(traceback.format_exc())
+        raise
 
 
 def test_processes_appending_at_once_keep_every_vote_once(folders):
     labels, incoming = folders
-    context = multiprocessing.get_context("fork")
+    # Spawned, not forked: a test worker's threads (servers of earlier tests) must not be
+    # half-copied into the voters.
+    context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_append_votes, args=(labels, incoming, worker, 25))
         for worker in range(4)
@@ -259,8 +266,9 @@ def test_processes_appending_at_once_keep_every_vote_once(folders):
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(60)
-    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+        worker.join(120)
+    errors = [path.read_text() for path in sorted(labels.parent.glob("worker-*.error"))]
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0], errors
     journal = VoteJournal(labels, incoming)
     journal.flush()
     logged = journal.votes()
