@@ -19,6 +19,7 @@ import uvicorn
 from browser import chromium_page, screenshot
 from fastapi.testclient import TestClient
 from servers import free_port, log_tail, start_process, wait_for_http
+from test_chat import registry_project  # noqa: F401 (a fixture)
 from test_tracking_registry import EVALUATION, run_model_stage
 from test_votes import vote as recorded_vote
 from tiny_models import FILM_WORDS, chatty_policy
@@ -446,19 +447,11 @@ def test_the_command_explains_bad_choices_a_taken_port_and_a_missing_champion(
 
 
 def test_the_page_compares_the_registry_champion_with_the_candidate(
-    tmp_path, model_folder, empty_mlflow_db, monkeypatch
+    registry_project,
+    monkeypatch,  # noqa: F811 (the fixture imported from test_chat)
 ):
+    tmp_path = registry_project  # its dpo policy and reward model logged by their stage runs
     paths = ProjectPaths(tmp_path)
-    database = tmp_path / "mlflow.db"
-    shutil.copy(empty_mlflow_db, database)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
-    monkeypatch.setenv("RLHF_EXPERIMENT", "label-test")
-    monkeypatch.setattr(
-        "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{database}"
-    )
-    for stage, folder in (("reward", paths.reward_model_dir), ("dpo", paths.policy_dir("dpo"))):
-        shutil.copytree(model_folder, folder)
-        run_model_stage(tmp_path, stage, {}, folder)
     champion = register_candidate(tmp_path, "dpo", EVALUATION)
     promote(registry_client(tmp_path), champion)
     run_model_stage(tmp_path, "dpo", {}, paths.policy_dir("dpo"))  # the next policy
