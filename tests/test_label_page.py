@@ -447,8 +447,8 @@ def test_the_command_explains_bad_choices_a_taken_port_and_a_missing_champion(
 
 
 def test_the_page_compares_the_registry_champion_with_the_candidate(
-    registry_project,
-    monkeypatch,  # noqa: F811 (the fixture imported from test_chat)
+    registry_project,  # noqa: F811 (the fixture imported from test_chat)
+    monkeypatch,
 ):
     tmp_path = registry_project  # its dpo policy and reward model logged by their stage runs
     paths = ProjectPaths(tmp_path)
