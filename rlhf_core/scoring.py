@@ -180,6 +180,25 @@ def load_reward_members(
     ]
 
 
+JUDGE_DIR = "judge"
+
+
+def judge_dir(reward_dir: str | os.PathLike) -> Path:
+    """Where the reward stage keeps its held-out judge (`reward.judge`): `judge/` inside the
+    reward model's directory, beside the ensemble members."""
+    return Path(reward_dir) / JUDGE_DIR
+
+
+def load_judge(
+    reward_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> RewardModel | None:
+    """The held-out judge the reward stage trained (in eval mode), None when it trained none."""
+    directory = judge_dir(reward_dir)
+    if not (directory / "config.json").is_file():
+        return None
+    return RewardModel.from_pretrained(directory, dtype=dtype).eval()
+
+
 def score_token_ids_members(
     members: Sequence[RewardModel],
     input_ids_list: Sequence[Sequence[int]],

@@ -177,7 +177,8 @@ def test_alarm_stays_silent_when_both_rise_or_when_changes_are_within_epsilon():
 
 def test_alarm_without_gold_or_with_too_few_evaluations_does_not_fire_and_says_why():
     off = overoptimisation_alarm(STEPS, [0.1] * 7, None)
-    assert not off.fired and off.status == NO_GOLD == "no gold judge: alarm off"
+    assert not off.fired and off.status == NO_GOLD
+    assert NO_GOLD == "no judge (no gold judge, no held-out reward model): alarm off"
     short = overoptimisation_alarm([0, 10], [0.0, 1.0], [0.0, -1.0], window=3)
     assert not short.fired and short.status == "too few evaluations" and short.gold_change is None
     with pytest.raises(ValueError, match="window must be at least 2"):
@@ -209,6 +210,31 @@ def test_run_metrics_of_an_evaluation_history():
     assert without_gold["overoptimisation/gold_alpha"] is None
     assert without_gold["overoptimisation/proxy_alpha"] is not None
     assert overoptimisation_warning(without_gold) is None
+    assert (
+        metrics["overoptimisation/judge"] == "gold"
+        and without_gold["overoptimisation/judge"] is None
+    )
+
+
+def test_the_alarm_trusts_the_named_judge_and_the_warning_names_it():
+    """Off the demo the held-out reward model stands in for the gold judge: the alarm reads
+    its `judge_score_mean` and says whose score fell."""
+    kl = [0.0, 1.0, 4.0, 9.0, 16.0, 25.0, 36.0]
+    judge = gao_curve("rl", kl, 0.6, 0.35, initial=0.1)
+    history = [
+        {"step": step, "score_mean": 0.2 * i, "kl_mean": kl[i], "judge_score_mean": judge[i]}
+        for i, step in enumerate(STEPS)
+    ]
+    metrics = run_overoptimisation(history, window=3, epsilon=0.05, judge="judge")
+    assert metrics["overoptimisation/judge"] == "judge"
+    assert metrics["overoptimisation/alarm"] == 1
+    assert metrics["overoptimisation/gold_alpha"] == pytest.approx(0.6)
+    assert "while the held-out reward model's score changed by" in overoptimisation_warning(metrics)
+    # Trusting the gold judge, which did not score these evaluations: no judge, alarm off.
+    assert run_overoptimisation(history, judge="gold")["overoptimisation/status"] == NO_GOLD
+    assert run_overoptimisation(history, judge=None)["overoptimisation/alarm"] is None
+    with pytest.raises(ValueError, match="Unknown judge 'oracle'; the judges are gold, judge"):
+        run_overoptimisation(history, judge="oracle")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +307,7 @@ def ppo_run(**overrides):
         settings,
         seed=0,
         eval_prompts=prompts,
-        gold_scorer=repetition_discounting_gold(len(tokenizer)),
+        judges={"gold": repetition_discounting_gold(len(tokenizer))},
         show_progress=False,
     )
     return result.eval_history, run_overoptimisation(result.eval_history)
@@ -319,7 +345,12 @@ def test_alarm_fires_on_an_over_optimised_ppo_run_and_not_on_a_kl_controlled_one
     ("alarm", "status", "expected"),
     [
         (1, "fired", "warning: ppo: overoptimisation alarm: from step 14 the reward-model score"),
-        (None, NO_GOLD, "ppo: no gold judge: alarm off"),
+        (
+            None,
+            NO_GOLD,
+            "ppo: no judge (no gold judge, no held-out reward model): alarm off; "
+            "set reward.judge.enabled: true",
+        ),
         (0, "silent", None),
     ],
 )
@@ -347,4 +378,5 @@ def test_the_run_summary_warns_when_the_alarm_fired(tmp_path, capsys, alarm, sta
     else:
         assert expected in printed
     if alarm == 1:
-        assert "rose by +0.302 while the gold score changed by -0.207 over 3 evaluations" in printed
+        changed = "rose by +0.302 while the gold judge's score changed by -0.207 over 3 evaluations"
+        assert changed in printed

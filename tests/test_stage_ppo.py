@@ -8,6 +8,7 @@ from tiny_models import TINY_PPO_TRAIN
 
 from rlhf_core.config.stages import PPOSettings
 from rlhf_core.config.training import PPOTrainSettings
+from rlhf_core.evaluation.overoptimisation import NO_GOLD
 from rlhf_core.models.heads import PolicyWithValueHead
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.paths import ProjectPaths
@@ -166,10 +167,11 @@ def test_without_a_gold_judge_the_alarm_is_off_and_says_so(tiny_project, tiny_pa
     )
     assert "eval/gold_score_mean" not in metrics and "eval/score_mean" in metrics
     assert metrics["overoptimisation/alarm"] is None
-    assert metrics["overoptimisation/status"] == "no gold judge: alarm off"
+    assert metrics["overoptimisation/status"] == NO_GOLD
     assert metrics["overoptimisation/gold_alpha"] is None
+    assert metrics["overoptimisation/judge"] is None
     saved = json.loads(ProjectPaths(tiny_project).metrics_file("ppo").read_text())
-    assert saved["overoptimisation/status"] == "no gold judge: alarm off"
+    assert saved["overoptimisation/status"] == NO_GOLD
 
 
 def test_missing_reward_model_is_a_clear_error(tiny_project, tiny_params, tracking_uri):

@@ -36,11 +36,15 @@ def _cell(value: Any) -> str:
 
 def overoptimisation_line(ppo_metrics: dict[str, Any]) -> str | None:
     """A warning when PPO's overoptimisation alarm fired, a note when it was off (no gold
-    judge), None when it stayed silent or the metrics predate it."""
+    judge and no held-out reward model), None when it stayed silent or the metrics predate
+    it."""
     if (warning := overoptimisation_warning(ppo_metrics)) is not None:
         return f"warning: ppo: {warning}"
     if ALARM_METRIC in ppo_metrics and ppo_metrics.get(STATUS_METRIC) == NO_GOLD:
-        return f"ppo: {NO_GOLD} (user data has no gold judge to compare the reward model with)"
+        return (
+            f"ppo: {NO_GOLD}; set reward.judge.enabled: true to train a held-out reward model "
+            "on a disjoint split as the gold judge's stand-in"
+        )
     return None
 
 

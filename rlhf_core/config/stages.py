@@ -105,6 +105,38 @@ class EnsembleSettings:
             )
 
 
+@dataclass(frozen=True)
+class JudgeSettings:
+    """A held-out judge for the overoptimisation alarm: `reward.judge`.
+
+    Where the data have no gold judge (anything but the demo), PPO's alarm needs a second
+    opinion the policy cannot exploit along with the proxy: a reward model trained on
+    comparisons the proxy never saw (Gao et al. 2023, arXiv:2210.10760, measure a proxy
+    against a gold reward model; this is the stand-in for one).
+
+    Attributes:
+        enabled: train the judge in the reward stage after the reward model (and its
+            ensemble members), under artifacts/reward/judge (default False). PPO then scores
+            every evaluation with it as `eval/judge_score_mean` and, without a gold judge,
+            its alarm compares the proxy against it (`policy.ppo.overoptimisation_judge`).
+        share: the fraction of the training prompts whose comparisons go to the judge
+            (`data.splits.judge_split`, by prompt, disjoint); the reward model and its members
+            train on the rest, so they see less data (default 0.5).
+    """
+
+    enabled: bool = False
+    share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"reward.judge.enabled must be true or false, got {self.enabled!r}.")
+        share = self.share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share < 1:
+            raise ValueError(
+                f"reward.judge.share must be a number strictly between 0 and 1, got {share!r}."
+            )
+
+
 def require_aggregate(key: str, mode: object, coef_key: str, coef: object) -> None:
     """One error line unless `mode` is a reward aggregate and `coef` a number >= 0."""
     if mode not in REWARD_AGGREGATES:
@@ -133,6 +165,8 @@ class RewardSettings:
         eval_batch_size: sequences per forward pass when scoring (default 64).
         ensemble: how many reward models to train and on what (`EnsembleSettings`; default
             one model). Each member is centred on the same training responses.
+        judge: a held-out reward model on a disjoint split, the overoptimisation alarm's
+            stand-in for a gold judge (`JudgeSettings`; default off).
     """
 
     train: TrainSettings = REWARD_DEMO_TRAIN
@@ -142,6 +176,7 @@ class RewardSettings:
     center_rewards: bool = True
     eval_batch_size: int = 64
     ensemble: EnsembleSettings = field(default_factory=EnsembleSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
 
     def __post_init__(self) -> None:
         require_minimums("reward", self, {"max_length": 2, "eval_batch_size": 2})
@@ -151,6 +186,12 @@ class RewardSettings:
             raise ValueError(
                 f"reward.ensemble must be a mapping with members and bootstrap, "
                 f"got {self.ensemble!r}."
+            )
+        if isinstance(self.judge, Mapping):
+            object.__setattr__(self, "judge", JudgeSettings(**self.judge))
+        if not isinstance(self.judge, JudgeSettings):
+            raise ValueError(
+                f"reward.judge must be a mapping with enabled and share, got {self.judge!r}."
             )
 
 
@@ -294,6 +335,9 @@ class DPOSettings:
         )
 
 
+OVEROPTIMISATION_JUDGES = ("auto", "gold", "judge")
+
+
 @dataclass(frozen=True)
 class PPOSettings:
     """Every knob of the PPO stage.
@@ -317,6 +361,11 @@ class PPOSettings:
             one member every choice is that model's score.
         reward_std_coef: λ of mean_minus_std, r̄ − λ·σ with σ the members' population std
             (default 1.0).
+        overoptimisation_judge: whose score the alarm compares the proxy with: "gold" (the
+            demo's gold judge), "judge" (the held-out reward model of `reward.judge`) or
+            "auto" (default: gold where the data have one, else the held-out reward model
+            when the reward stage trained one, else none and the alarm is off). Every judge
+            there is scores the evaluations either way (`eval/<judge>_score_mean`).
     """
 
     train: PPOTrainSettings = field(default_factory=PPOTrainSettings)
@@ -326,8 +375,14 @@ class PPOSettings:
     overoptimisation_epsilon: float = 0.05
     reward_aggregate: str = "mean"
     reward_std_coef: float = 1.0
+    overoptimisation_judge: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.overoptimisation_judge not in OVEROPTIMISATION_JUDGES:
+            raise ValueError(
+                f"policy.ppo.overoptimisation_judge must be one of "
+                f"{', '.join(OVEROPTIMISATION_JUDGES)}, got {self.overoptimisation_judge!r}."
+            )
         if not isinstance(self.train, PPOTrainSettings):
             raise ValueError("ppo train must be a PPOTrainSettings (the ppo.train section).")
         require_minimums(

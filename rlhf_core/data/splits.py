@@ -75,3 +75,29 @@ def split_frame(
     labelled = frame.assign(**{SPLIT_FIELD: pd.Series(splits, index=frame.index, dtype=object)})
     is_eval = labelled[SPLIT_FIELD] == "eval"
     return labelled[~is_eval], labelled[is_eval]
+
+
+JUDGE_SALT = "/judge"
+
+
+def judge_split(
+    frame: pd.DataFrame, share: float, salt: str = ""
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the proxy reward model's rows, the held-out judge's rows) of a training frame.
+
+    A prompt goes to the judge when its :func:`split_position` under `salt` + "/judge" (a
+    split independent of the train/eval one) is below `share`, so the two sets share no
+    prompt, and, as with :func:`split_frame`, a prompt never moves as data grows. The judge is
+    the stand-in for a gold judge where the data have none (Gao et al. 2023 compare a proxy
+    against a reward model it never saw the data of).
+    """
+    if isinstance(share, bool) or not 0.0 < share < 1.0:
+        raise ValueError(f"the judge's share must be a number in (0, 1), got {share!r}")
+    if "prompt" not in frame.columns:
+        raise ValueError("the frame has no 'prompt' column; read it with read_records first")
+    is_judge = pd.Series(
+        [split_position(prompt, salt + JUDGE_SALT) < share for prompt in frame["prompt"]],
+        index=frame.index,
+        dtype=bool,
+    )
+    return frame[~is_judge].reset_index(drop=True), frame[is_judge].reset_index(drop=True)

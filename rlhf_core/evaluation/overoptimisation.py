@@ -12,6 +12,10 @@ Both are linear in (α, β), so least squares on the (d, R − R₀) pairs fits 
 alarm needs no functional form: it fires when, over the last few evaluations, the proxy's
 fitted trend rises while the gold's falls. Pure numpy; the PPO stage feeds both its
 evaluation history (`rlhf_core.stages.ppo`).
+
+Where the data have no gold judge (anything but the demo), the stand-in is an independent
+reward model trained on comparisons the proxy never saw (`reward.judge`, a disjoint split by
+prompt); "gold" below means whichever judge scored the evaluations, and the metrics name it.
 """
 
 from __future__ import annotations
@@ -193,7 +197,7 @@ class OveroptimisationAlarm:
         proxy_change, gold_change: the fitted change across the window (least-squares slope
             × the window's step span, in score units) of the first window that fired, or of
             the last window when none did; None with too few evaluations or no gold.
-        status: "fired", "silent", "too few evaluations" or "no gold judge: alarm off".
+        status: "fired", "silent", "too few evaluations" or `NO_GOLD` (no judge: alarm off).
     """
 
     fired: bool
@@ -209,7 +213,11 @@ class OveroptimisationAlarm:
         return asdict(self)
 
 
-NO_GOLD = "no gold judge: alarm off"
+NO_GOLD = "no judge (no gold judge, no held-out reward model): alarm off"
+
+# The judges PPO can score its evaluations with: the eval metric `<key>_score_mean`, and what
+# the summary calls it.
+JUDGES = {"gold": "the gold judge", "judge": "the held-out reward model"}
 
 
 def window_change(steps: Sequence[float], values: Sequence[float]) -> float:
@@ -281,29 +289,37 @@ PREFIX = "overoptimisation/"
 ALARM_METRIC = f"{PREFIX}alarm"
 FIRST_STEP_METRIC = f"{PREFIX}first_step"
 STATUS_METRIC = f"{PREFIX}status"
+JUDGE_METRIC = f"{PREFIX}judge"
 
 
 def run_overoptimisation(
     eval_history: Sequence[dict[str, float]],
     window: int = DEFAULT_WINDOW,
     epsilon: float = DEFAULT_EPSILON,
+    judge: str | None = "gold",
 ) -> dict[str, Any]:
     """The alarm and the RL-form fits of a PPO run's evaluations, as flat metrics.
 
     `eval_history` rows are PPO's evaluations: `step`, `score_mean` (the proxy), `kl_mean`
-    and, when a gold judge scored them, `gold_score_mean`. Keys (all under
-    "overoptimisation/"): `alarm` (1 fired, 0 silent, None with no gold judge), `first_step`,
-    `status`, `window`, `epsilon`, `proxy_change`, `gold_change`, and per curve ("proxy",
-    "gold") `<curve>_alpha`, `_beta`, `_r2`, `_peak_kl` of the RL form fitted against the
-    evaluation at step 0 (None where there is no fit or no peak).
+    and, for each judge that scored them, `<judge>_score_mean`. `judge` (a key of `JUDGES`,
+    or None) names the one the alarm trusts. Keys (all under "overoptimisation/"): `judge`
+    (None when no judge scored every evaluation), `alarm` (1 fired, 0 silent, None with no
+    judge), `first_step`, `status`, `window`, `epsilon`, `proxy_change`, `gold_change` (the
+    judge's), and per curve ("proxy", "gold" = the judge's) `<curve>_alpha`, `_beta`, `_r2`,
+    `_peak_kl` of the RL form fitted against the evaluation at step 0 (None where there is
+    no fit or no peak).
     """
+    if judge is not None and judge not in JUDGES:
+        raise ValueError(f"Unknown judge {judge!r}; the judges are {', '.join(JUDGES)}.")
     rows = sorted(eval_history, key=lambda row: row["step"])
     steps = [int(row["step"]) for row in rows]
     proxy = [float(row["score_mean"]) for row in rows]
-    has_gold = bool(rows) and all(row.get("gold_score_mean") is not None for row in rows)
-    gold = [float(row["gold_score_mean"]) for row in rows] if has_gold else None
+    key = f"{judge}_score_mean"
+    has_gold = judge is not None and bool(rows) and all(row.get(key) is not None for row in rows)
+    gold = [float(row[key]) for row in rows] if has_gold else None
     alarm = overoptimisation_alarm(steps, proxy, gold, window, epsilon)
     metrics: dict[str, Any] = {
+        JUDGE_METRIC: judge if has_gold else None,
         ALARM_METRIC: None if gold is None else int(alarm.fired),
         FIRST_STEP_METRIC: alarm.first_step,
         STATUS_METRIC: alarm.status,
@@ -335,9 +351,10 @@ def overoptimisation_warning(metrics: dict[str, Any]) -> str | None:
     if metrics.get(ALARM_METRIC) != 1:
         return None
     window = metrics.get(f"{PREFIX}window")
+    judge_name = JUDGES.get(metrics.get(JUDGE_METRIC) or "gold", "the judge") + "'s"
     return (
         f"overoptimisation alarm: from step {metrics.get(FIRST_STEP_METRIC)} the reward-model "
-        f"score rose by {metrics[f'{PREFIX}proxy_change']:+.3f} while the gold score changed "
+        f"score rose by {metrics[f'{PREFIX}proxy_change']:+.3f} while {judge_name} score changed "
         f"by {metrics[f'{PREFIX}gold_change']:+.3f} over {window} evaluations; the policy is "
         "exploiting the reward model (raise the KL penalty, train fewer iterations or improve "
         "the reward model)"

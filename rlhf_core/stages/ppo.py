@@ -9,8 +9,11 @@ tokenizer. Also writes `artifacts/metrics/ppo.json`, `artifacts/plots/ppo_curves
 On the demo task the gold judge, which the reward model never sees, also scores every
 evaluation (`eval/gold_score_mean` beside `eval/score_mean`): ppo.json then holds the
 overoptimisation alarm (the reward-model score rising while the gold score falls) and Gao et
-al.'s RL-form fits of both curves against √KL (`evaluation.overoptimisation`). Off the demo
-there is no gold score and the alarm is off, which ppo.json says.
+al.'s RL-form fits of both curves against √KL (`evaluation.overoptimisation`). When the reward
+stage trained a held-out judge (`reward.judge`) it scores every evaluation too
+(`eval/judge_score_mean`), and where the data have no gold judge the alarm compares the proxy
+against it (`overoptimisation_judge`). With neither, the alarm is off, which ppo.json says;
+`overoptimisation/judge` names the judge it used.
 
 Held-out prompts for the periodic evaluation come from the same stable hash split every stage
 uses (`data.eval_fraction`); the `eval_prompts` set stays unseen for the evaluation stage.
@@ -25,6 +28,7 @@ from typing import Any
 from rlhf_core.config import DataSettings
 from rlhf_core.config.stages import PPOSettings
 from rlhf_core.evaluation.overoptimisation import (
+    JUDGES,
     STATUS_METRIC,
     overoptimisation_warning,
     run_overoptimisation,
@@ -44,7 +48,10 @@ log = logging.getLogger(__name__)
 
 STAGE = "ppo"
 # Curves drawn in the PNG (all logged metrics are in the curves JSON and in MLflow).
-PLOTTED_CURVES = ("reward/score_mean", "kl/mean", "eval/score_mean", "eval/gold_score_mean")
+PLOTTED_CURVES = (
+    *("reward/score_mean", "kl/mean", "eval/score_mean"),
+    *("eval/gold_score_mean", "eval/judge_score_mean"),
+)
 # The last iteration's values that go to artifacts/metrics/ppo.json.
 FINAL_ITERATION_METRICS = (
     *("reward/score_mean", "reward/total_mean", "kl/mean", "kl/coef", "policy/entropy"),
@@ -80,6 +87,7 @@ def run_ppo(
             f"{inputs['prompts']}: no training prompts are left after the held-out split; "
             "add prompts or lower data.eval_fraction."
         )
+    trusted = trusted_judge(settings.overoptimisation_judge, context.data, paths)
     eval_frame = eval_frame.head(settings.max_eval_prompts)
     datasets[1] = dataclasses.replace(datasets[1], frame=eval_frame)  # the prompts evaluated
     with run_training_stage(
@@ -115,7 +123,7 @@ def run_ppo(
             settings.train,
             seed=context.seed,
             eval_prompts=list(eval_frame["prompt"]),
-            gold_scorer=gold_scorer(context.data),
+            judges=judge_scorers(context.data, paths, tokenizer.pad_token_id, settings, device),
             checkpoints=stage.checkpoint_manager(),
             on_log=with_ensemble_std(stage.log_step, scorer),
             on_eval=stage.log_eval,
@@ -127,11 +135,13 @@ def run_ppo(
             result.eval_history,
             settings.overoptimisation_window,
             settings.overoptimisation_epsilon,
+            judge=trusted,
         )
         stage.run.set_tags(
             {
                 "resumed_from": result.resumed_from,
                 "overoptimisation.status": overoptimisation[STATUS_METRIC],
+                "overoptimisation.judge": JUDGES.get(trusted or "", "none"),
             }
         )
         if warning := overoptimisation_warning(overoptimisation):
@@ -167,6 +177,45 @@ def gold_scorer(data: DataSettings) -> Any:
 
     judge = GoldJudge()
     return lambda rollout: torch.tensor(judge.score_batch(rollout.texts))
+
+
+def trusted_judge(choice: str, data: DataSettings, paths: ProjectPaths) -> str | None:
+    """The judge the overoptimisation alarm compares the proxy with (`JUDGES` key), None when
+    there is none; one error line when `choice` names a judge this project lacks."""
+    from rlhf_core.scoring import judge_dir
+
+    has = {
+        "gold": data.source == "demo",
+        "judge": (judge_dir(paths.reward_model_dir) / "config.json").is_file(),
+    }
+    if choice == "auto":
+        return next((name for name in ("gold", "judge") if has[name]), None)
+    if not has[choice]:
+        raise ValueError(
+            "policy.ppo.overoptimisation_judge is gold, but only the demo's data have a gold "
+            "judge; use judge (with reward.judge.enabled: true) or auto"
+            if choice == "gold"
+            else "policy.ppo.overoptimisation_judge is judge, but the reward stage trained no "
+            "held-out judge (artifacts/reward/judge); set reward.judge.enabled: true and "
+            "rerun the reward stage, or use auto"
+        )
+    return choice
+
+
+def judge_scorers(
+    data: DataSettings, paths: ProjectPaths, pad_id: int, settings: PPOSettings, device: Any
+) -> dict[str, Any]:
+    """Every judge that scores PPO's evaluations, by `JUDGES` key: the demo's gold judge and
+    the reward stage's held-out judge, where they exist."""
+    from rlhf_core.scoring import load_judge
+    from rlhf_core.training.rollout import reward_model_scorer
+
+    judges = {}
+    if (gold := gold_scorer(data)) is not None:
+        judges["gold"] = gold
+    if (judge := load_judge(paths.reward_model_dir)) is not None:
+        judges["judge"] = reward_model_scorer(judge.to(device), pad_id, settings.scorer_batch_size)
+    return judges
 
 
 def ppo_run_label(train: Any) -> str:

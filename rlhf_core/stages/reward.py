@@ -25,9 +25,17 @@ to artifacts/reward/members/<i>/ and `ensemble.json` lists them all (`scoring`);
 are logged as `member_<i>/…`, and reward.json adds `member_<i>/eval_accuracy` (and the other
 held-out numbers) per member and `ensemble/eval_accuracy` etc. of the members' mean score.
 
-Resuming: member 0 resumes from its checkpoints as the single model does. A member i ≥ 1 that
-finished is kept under .checkpoints/reward/member-<i>/final (with its metrics) and loaded
-instead of retrained; the member that was training resumes from its own checkpoints.
+With `judge.enabled` the training prompts are split in two (`data.splits.judge_split`, by
+prompt): the reward model (and every member) trains on one part, and a held-out judge, a
+reward model trained the same way from the SFT model with its own seed, on the other. It goes
+to artifacts/reward/judge/, its curves are logged as `judge/…` and reward.json adds
+`judge/eval_accuracy` etc. on the same held-out pairs. PPO scores its evaluations with it and,
+where the data have no gold judge, its overoptimisation alarm compares the proxy against it.
+
+Resuming: member 0 resumes from its checkpoints as the single model does. A member i ≥ 1 (or
+the judge) that finished is kept under .checkpoints/reward/member-<i>/final (judge/final) with
+its metrics and loaded instead of retrained; the one that was training resumes from its own
+checkpoints.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from rlhf_core.files import write_json, writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
 from rlhf_core.stages.training_stage import (
+    LoggedDataset,
     TrainingStage,
     eval_metric_name,
     run_training_stage,
@@ -122,6 +131,13 @@ def run_reward(
 
     paths = ProjectPaths(context.root)
     train_pairs, eval_pairs, datasets = split_for_training(paths, "preference", context.data)
+    judge_pairs = pd.DataFrame()
+    if settings.judge.enabled:
+        train_pairs, judge_pairs = split_judge_pairs(train_pairs, settings, context)
+        datasets[0] = dataclasses.replace(datasets[0], frame=train_pairs)
+        datasets.append(
+            LoggedDataset("preference_judge", judge_pairs, "training", datasets[0].source)
+        )
     inputs = {"preference": paths.validated_set("preference"), "sft_model": paths.sft_model_dir}
     train_rankings = eval_rankings = pd.DataFrame()
     if settings.use_rankings and (paths.validated_set("ranked") / "valid.parquet").is_file():
@@ -206,6 +222,12 @@ def run_reward(
                 )
             )
             stage.run.set_tags({"resumed_from": result.resumed_from})  # member 0's, as k = 1
+        if settings.judge.enabled:
+            judge_groups = pair_groups(
+                tokenizer, judge_pairs, settings.max_length, settings.use_margin
+            )
+            metrics.update(train_judge(stage, settings, tokenizer, objective, judge_groups))
+            metrics["judge/train_pairs"] = len(judge_pairs)
         return stage.finish(
             result,
             metrics,
@@ -232,18 +254,36 @@ def member_seed(seed: int, index: int) -> int:
 
 @dataclasses.dataclass
 class MemberStage(TrainingStage):
-    """The reward stage's run seen by ensemble member `member`: its curves are logged as
-    `member_<i>/<name>` beside member 0's, and its checkpoints are its own."""
+    """The reward stage's run seen by one more reward model it trains (ensemble member i, or
+    the judge): its curves are logged as `<prefix><name>` (`member_<i>/`, `judge/`) beside
+    member 0's, and its checkpoints are its own."""
 
-    member: int = 0
+    prefix: str = ""
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
-        prefix = f"member_{self.member}/"
+        prefix = self.prefix
         self.run.log_metrics({prefix + k: v for k, v in metrics.items() if k != "tokens"}, step)
 
     def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
-        prefix = f"member_{self.member}/"
+        prefix = self.prefix
         self.run.log_metrics({prefix + eval_metric_name(k): v for k, v in metrics.items()}, step)
+
+
+def extra_model_stage(
+    stage: TrainingStage, prefix: str, seed: int, work: Path, keep: int
+) -> MemberStage:
+    """`stage` as seen by one more reward model: its metric prefix, seed and checkpoints."""
+    from rlhf_core.training.checkpoint import CheckpointManager
+
+    extra = MemberStage(
+        **{f.name: getattr(stage, f.name) for f in dataclasses.fields(TrainingStage)},
+        prefix=prefix,
+    )
+    extra.context = dataclasses.replace(stage.context, seed=seed)
+    extra.checkpoints = CheckpointManager(
+        work, keep=keep, fingerprint=f"{stage.fingerprint}/{work.name}"
+    )
+    return extra
 
 
 def train_members(
@@ -262,7 +302,6 @@ def train_members(
     from rlhf_core.generation import eval_mode
     from rlhf_core.models.heads import RewardEnsemble
     from rlhf_core.scoring import member_dir, write_ensemble_manifest
-    from rlhf_core.training.checkpoint import CheckpointManager
 
     paths, context = stage.paths, stage.context
     members = [first]
@@ -275,15 +314,8 @@ def train_members(
             log.info("reward: member %d finished before the interruption; loading it", index)
             member, member_metrics = finished
         else:
-            member_stage = MemberStage(
-                **{f.name: getattr(stage, f.name) for f in dataclasses.fields(TrainingStage)},
-                member=index,
-            )
-            member_stage.context = dataclasses.replace(context, seed=seeds[index])
-            member_stage.checkpoints = CheckpointManager(
-                work,
-                keep=settings.train.keep_checkpoints,
-                fingerprint=f"{stage.fingerprint}/member-{index}",
+            member_stage = extra_model_stage(
+                stage, f"member_{index}/", seeds[index], work, settings.train.keep_checkpoints
             )
             groups = list(train_groups)
             if settings.ensemble.bootstrap:
@@ -351,7 +383,8 @@ def _train_member(
         use_margin=settings.use_margin,
         eval_batch_size=settings.eval_batch_size,
     )
-    result = stage.train(member, member_objective, description=f"reward member {stage.member}")
+    name = stage.prefix.rstrip("/").replace("_", " ")
+    result = stage.train(member, member_objective, description=f"reward {name}")
     centering = (
         center_score_head(member, centre_groups, tokenizer.pad_token_id)
         if settings.center_rewards
@@ -371,3 +404,70 @@ def _train_member(
 def _member_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers reward.json keeps per member: held-out metrics and a few training ones."""
     return {k: v for k, v in metrics.items() if k.startswith("eval_") or k in MEMBER_METRICS}
+
+
+# --------------------------------------------------------------------------------------------
+# The held-out judge (reward.judge.enabled)
+# --------------------------------------------------------------------------------------------
+
+
+def split_judge_pairs(
+    train_pairs: pd.DataFrame, settings: RewardSettings, context: StageContext
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the reward model's training pairs, the judge's): `judge_split` by prompt, with one
+    error line when either side would be empty."""
+    from rlhf_core.data.splits import judge_split
+
+    proxy_pairs, judge_pairs = judge_split(
+        train_pairs, settings.judge.share, context.data.split_salt
+    )
+    if proxy_pairs.empty or judge_pairs.empty:
+        raise ValueError(
+            f"reward.judge.share {settings.judge.share:g} of {len(train_pairs)} training pairs "
+            f"leaves the reward model {len(proxy_pairs)} and the judge {len(judge_pairs)}; "
+            "both need pairs: add data or move the share towards 0.5"
+        )
+    log.info(
+        "reward: the held-out judge trains on %d pairs, the reward model on %d (disjoint prompts)",
+        len(judge_pairs),
+        len(proxy_pairs),
+    )
+    return proxy_pairs, judge_pairs
+
+
+def train_judge(
+    stage: TrainingStage,
+    settings: RewardSettings,
+    tokenizer: Any,
+    objective: Any,
+    judge_groups: Sequence[ComparisonGroup],
+) -> dict[str, Any]:
+    """Train the held-out judge on `judge_groups` (or load the one an interrupted run
+    finished), save it to artifacts/reward/judge; return its `judge/…` metrics."""
+    from rlhf_core.generation import derived_seed
+    from rlhf_core.scoring import judge_dir
+
+    work = stage.paths.checkpoints_dir(STAGE) / "judge"
+    finished = _finished_member(work, stage.fingerprint)
+    if finished is not None:
+        log.info("reward: the judge finished before the interruption; loading it")
+        judge, judge_metrics = finished
+    else:
+        seed = derived_seed(stage.context.seed, "reward/judge")
+        judge_stage = extra_model_stage(
+            stage, "judge/", seed, work, settings.train.keep_checkpoints
+        )
+        groups = list(judge_groups)
+        judge, judge_metrics = _train_member(
+            judge_stage, settings, tokenizer, objective, groups, groups, seed
+        )
+        judge.save_pretrained(work / "final")  # kept until the stage ends well
+        write_json(
+            work / "final.json",
+            {"fingerprint": stage.fingerprint, "metrics": judge_metrics},
+            what="the reward judge's record",
+        )
+    out_dir = judge_dir(stage.paths.reward_model_dir)
+    with writing("the held-out reward judge", out_dir):
+        judge.save_pretrained(out_dir)
+    return {f"judge/{k}": v for k, v in judge_metrics.items()}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,14 +89,15 @@ def evaluate_policy(
     prompts: Sequence[Messages],
     settings: PPOTrainSettings,
     seed: int,
-    gold_scorer: Scorer | None = None,
+    judges: Mapping[str, Scorer] | None = None,
 ) -> dict[str, float]:
     """Held-out metrics of responses sampled at the training temperature with a fixed seed.
 
     `score_mean` (raw scorer output), `kl_mean` (per-sequence Σ_t log π − log π_ref),
-    `length_mean` (response tokens) and `ended_fraction`; with a `gold_scorer` (a judge the
-    scorer never saw, e.g. the demo's gold judge) also `gold_score_mean` of the same
-    responses, so proxy and true reward can be compared step by step (overoptimisation). The
+    `length_mean` (response tokens) and `ended_fraction`; for each of `judges` ({name:
+    scorer}, judges the scorer never saw: the demo's gold judge as "gold", a held-out reward
+    model as "judge") also `<name>_score_mean` of the same responses, so proxy and judge can
+    be compared step by step (overoptimisation). The
     same seed at every evaluation keeps the curve free of sampling noise that is not due to
     the policy.
     """
@@ -120,8 +121,8 @@ def evaluate_policy(
         "length_mean": sum(len(ids) for ids in rollout.response_ids) / len(rollout),
         "ended_fraction": sum(rollout.ended) / len(rollout),
     }
-    if gold_scorer is not None:
-        metrics["gold_score_mean"] = float(gold_scorer(rollout).float().mean())
+    for name, judge in (judges or {}).items():
+        metrics[f"{name}_score_mean"] = float(judge(rollout).float().mean())
     return metrics
 
 
@@ -181,7 +182,7 @@ def train_ppo(
     *,
     seed: int = 0,
     eval_prompts: Sequence[Messages] = (),
-    gold_scorer: Scorer | None = None,
+    judges: Mapping[str, Scorer] | None = None,
     checkpoints: CheckpointManager | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
@@ -193,8 +194,8 @@ def train_ppo(
     Resumes from the newest matching checkpoint in `checkpoints`, if any. `on_log(iteration,
     metrics)` is called after every iteration (1-based), `on_eval(iteration, metrics)` after
     every evaluation on `eval_prompts` (iteration 0 = before training; none without prompts).
-    `gold_scorer`, when given, also scores every evaluation's responses (`evaluate_policy`'s
-    `gold_score_mean`); it never shapes a reward.
+    `judges` ({name: scorer}) also score every evaluation's responses (`evaluate_policy`'s
+    `<name>_score_mean`); they never shape a reward.
     The reference is put in eval mode with gradients off; the scorer must not need gradients.
     The policy stays in eval mode (no dropout) while it trains.
 
@@ -263,7 +264,7 @@ def train_ppo(
             trained, optimizer = accelerator.prepare(policy, optimizer)
         result = _train(
             models, prompts, settings, trained, optimizer, scheduler, controller, accelerator,
-            seed=seed, eval_prompts=eval_prompts, gold_scorer=gold_scorer, checkpoints=checkpoints,
+            seed=seed, eval_prompts=eval_prompts, judges=judges, checkpoints=checkpoints,
             on_log=on_log if is_main else None, on_eval=on_eval if is_main else None,
             show_progress=show_progress and is_main,
         )  # fmt: skip
@@ -287,7 +288,7 @@ def _train(
     *,
     seed: int,
     eval_prompts: Sequence[Messages],
-    gold_scorer: Scorer | None,
+    judges: Mapping[str, Scorer] | None,
     checkpoints: CheckpointManager | None,
     on_log: Callable[[int, dict[str, float]], None] | None,
     on_eval: Callable[[int, dict[str, float]], None] | None,
@@ -315,7 +316,7 @@ def _train(
         if not eval_prompts or not is_main:
             return
         metrics = evaluate_policy(
-            models, eval_prompts, settings, derived_seed(seed, "eval"), gold_scorer
+            models, eval_prompts, settings, derived_seed(seed, "eval"), judges
         )
         result.eval_history.append({"step": iteration, **metrics})
         if on_eval is not None:
