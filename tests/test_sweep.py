@@ -5,6 +5,7 @@ there built."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -196,6 +197,34 @@ def test_gao_fits_recover_each_methods_curve_from_the_sft_point():
     assert "| best-of-n | gold | bon | 0.600 | 0.150 | 1.000 | 4.00 |" in markdown
     # Without the SFT point (best-of-1 at KL 0) there is no R₀ and no fit.
     assert gao_fits(points[1:]) == {}
+
+
+def test_the_alarm_along_a_grid_fires_where_the_rm_score_rises_while_gold_falls():
+    """DPO's β grid read in order of KL: gold peaks at KL 3 and falls while the RM score keeps
+    rising, so the alarm fires at the point that closes the first such window (KL 8); PPO's
+    points rise on both and stay silent; without gold there is nothing to judge by."""
+    from rlhf_core.evaluation.frontier_report import grid_alarms
+
+    dpo = [
+        point("dpo", kl, gold, value=beta, rm=rm)
+        for beta, kl, gold, rm in (
+            (0.5, 1.0, 0.50, 1.0),
+            (0.2, 3.0, 0.70, 1.5),
+            (0.1, 5.0, 0.60, 2.0),
+            (0.05, 8.0, 0.45, 2.6),
+        )
+    ]
+    ppo = [point("ppo", kl, 0.4 + 0.05 * kl, value=kl, rm=kl) for kl in (1.0, 2.0, 4.0)]
+    alarms = grid_alarms([*ppo, *reversed(dpo)])  # any order: points are sorted by KL
+    assert alarms["dpo"].fired and alarms["dpo"].first_step == 8.0
+    assert alarms["dpo"].proxy_change > 0.05 and alarms["dpo"].gold_change < -0.05
+    assert not alarms["ppo"].fired and alarms["ppo"].status == "silent"
+    markdown = frontier_markdown([*dpo, *ppo], num_prompts=8)
+    assert "## Overoptimisation along each grid" in markdown
+    assert "| DPO | 4 | fired | 8.00 |" in markdown and "| PPO | 3 | silent | – |" in markdown
+    no_gold = [dataclasses.replace(p, gold=None) for p in dpo]
+    assert grid_alarms(no_gold) == {}
+    assert "Overoptimisation along" not in frontier_markdown(no_gold, num_prompts=8)
 
 
 # --------------------------------------------------------------------------------------------

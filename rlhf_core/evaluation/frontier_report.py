@@ -19,7 +19,14 @@ from rlhf_core.evaluation.frontier import (
     compare_fronts,
     pareto_front,
 )
-from rlhf_core.evaluation.overoptimisation import GaoFit, fit_gao
+from rlhf_core.evaluation.overoptimisation import (
+    DEFAULT_EPSILON,
+    DEFAULT_WINDOW,
+    GaoFit,
+    OveroptimisationAlarm,
+    fit_gao,
+    overoptimisation_alarm,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -111,6 +118,30 @@ def gao_fits(points: Sequence[FrontierPoint]) -> dict[tuple[str, Score], GaoFit]
     return fits
 
 
+def grid_alarms(
+    points: Sequence[FrontierPoint],
+    window: int = DEFAULT_WINDOW,
+    epsilon: float = DEFAULT_EPSILON,
+) -> dict[str, OveroptimisationAlarm]:
+    """The overoptimisation alarm along each method's grid: its points in order of KL read as
+    one run's evaluations at positions KL (DPO's β grid, PPO's KL targets, best-of-n's n), so
+    it fires where, over `window` consecutive points, the reward-model score rises by more
+    than `epsilon` while the gold score falls by more than `epsilon`. Best-of-n includes its
+    n = 1 point (SFT). Only with a gold judge (else every point's gold is None)."""
+    if "gold" not in scores_present(points):
+        return {}
+    alarms = {}
+    for method, members in by_method(points).items():
+        ordered = sorted(members, key=lambda p: p.kl)
+        kl = [p.kl for p in ordered]
+        if len(set(kl)) < len(kl):  # two points at one KL: no order to read a trend in
+            continue
+        rm = [p.score("rm") for p in ordered]
+        gold = [p.score("gold") for p in ordered]
+        alarms[method] = overoptimisation_alarm(kl, rm, gold, window, epsilon)
+    return alarms
+
+
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -167,6 +198,20 @@ def frontier_markdown(points: Sequence[FrontierPoint], num_prompts: int | None) 
             cells = [METHOD_NAMES.get(method, method), kind, fit.form]
             cells += [_number(fit.alpha), _number(fit.beta), _number(fit.r_squared)]
             cells.append(_number(fit.peak_kl, 2))
+            lines.append("| " + " | ".join(cells) + " |")
+    if alarms := grid_alarms(points):
+        lines += [
+            "\n## Overoptimisation along each grid\n",
+            "Each method's points in order of KL, read as one run: the alarm fires where, over "
+            f"{DEFAULT_WINDOW} consecutive points, the RM score's fitted change is above "
+            f"+{DEFAULT_EPSILON:g} while the gold score's is below −{DEFAULT_EPSILON:g}.\n",
+            "| method | points | alarm | at KL | RM change | gold change |",
+            "| --- | ---: | --- | ---: | ---: | ---: |",
+        ]
+        for method, alarm in alarms.items():
+            cells = [METHOD_NAMES.get(method, method), str(len(by_method(points)[method]))]
+            cells += [alarm.status, _number(alarm.first_step, 2)]
+            cells += [_number(alarm.proxy_change), _number(alarm.gold_change)]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append(
         "\nPoint estimates decide a verdict; where the intervals of two frontiers overlap, "

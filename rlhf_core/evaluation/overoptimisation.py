@@ -191,8 +191,8 @@ class OveroptimisationAlarm:
     Attributes:
         fired: whether any window of `window` consecutive evaluations had the proxy rising by
             more than `epsilon` while the gold fell by more than `epsilon`.
-        first_step: the step of the last evaluation of the first window that fired (None
-            when it never fired).
+        first_step: the step (position) of the last evaluation of the first window that
+            fired (None when it never fired).
         window, epsilon: the settings it ran with.
         proxy_change, gold_change: the fitted change across the window (least-squares slope
             × the window's step span, in score units) of the first window that fired, or of
@@ -201,7 +201,7 @@ class OveroptimisationAlarm:
     """
 
     fired: bool
-    first_step: int | None
+    first_step: float | None
     window: int
     epsilon: float
     proxy_change: float | None
@@ -238,7 +238,7 @@ def window_change(steps: Sequence[float], values: Sequence[float]) -> float:
 
 
 def overoptimisation_alarm(
-    steps: Sequence[int],
+    steps: Sequence[float],
     proxy_scores: Sequence[float],
     gold_scores: Sequence[float] | None,
     window: int = DEFAULT_WINDOW,
@@ -246,6 +246,9 @@ def overoptimisation_alarm(
 ) -> OveroptimisationAlarm:
     """Slide a window of `window` evaluations over the run; fire where the proxy's fitted
     change across it is above +`epsilon` while the gold's is below −`epsilon`.
+
+    `steps` are the evaluations' positions in increasing order: PPO's iterations, or the KL
+    of a sweep's points along a method's grid (`frontier_report.grid_alarms`).
 
     Trends over a window, not single steps, so one noisy evaluation cannot fire it, and both
     conditions at once, so a policy that improves on both (or drifts on both) stays silent:
@@ -274,7 +277,7 @@ def overoptimisation_alarm(
         proxy_change = window_change(steps[span], proxy_scores[span])
         gold_change = window_change(steps[span], gold_scores[span])
         if proxy_change > epsilon and gold_change < -epsilon:
-            first_step = int(steps[span][-1])
+            first_step = steps[span][-1]
             return OveroptimisationAlarm(
                 True, first_step, window, epsilon, proxy_change, gold_change, "fired"
             )

@@ -629,7 +629,12 @@ def log_sweep(root: Path, params: Params, result: SweepResult) -> str:
     (params method, parameter, value, experiment; metrics its KL and scores with intervals)."""
     import mlflow
 
-    from rlhf_core.evaluation.frontier_report import comparisons, frontier_rows, gao_fits
+    from rlhf_core.evaluation.frontier_report import (
+        comparisons,
+        frontier_rows,
+        gao_fits,
+        grid_alarms,
+    )
     from rlhf_core.tracking.runs import stage_run
 
     run_params = {
@@ -665,7 +670,12 @@ def log_sweep(root: Path, params: Params, result: SweepResult) -> str:
             )
             if value is not None and math.isfinite(value)
         }
-        run.log_metrics({**gaps, **fitted, "points": float(len(result.frontier))}, step=0)
+        alarms = {
+            f"alarm/{method}": float(alarm.fired)
+            for method, alarm in grid_alarms(result.frontier).items()
+            if alarm.status in ("fired", "silent")
+        }
+        run.log_metrics({**gaps, **fitted, **alarms, "points": float(len(result.frontier))}, step=0)
         experiment_id = mlflow.get_run(run.run_id).info.experiment_id
         for row in frontier_rows(result.frontier):
             with mlflow.start_run(
