@@ -92,6 +92,9 @@ def measure(stage: str, impl: str, workspace: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from rlhf_core.app.fast_exit import freeze_at_exit
+
+    freeze_at_exit()  # the measurement is over when it exits: no second of teardown
     stage, impl, workspace, out = (argv or sys.argv[1:])[:4]
     record = measure(stage, impl, Path(workspace))
     Path(out).write_text(json.dumps(record, indent=2, default=float))

@@ -512,7 +512,10 @@ def main() -> None:
     pipeline flow runs one (`rlhf_core.orchestration.warm_stages`), everything else runs here."""
     import sys
 
+    from rlhf_core.app.fast_exit import freeze_at_exit
     from rlhf_core.orchestration.warm_stages import delegate
+
+    freeze_at_exit()
 
     if sys.argv[1:2] == ["stage"] and (code := delegate(sys.argv[1:])) is not None:
         raise SystemExit(code)
