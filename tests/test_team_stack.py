@@ -51,7 +51,14 @@ def stack_dir():
 
 def test_a_team_retrain_on_the_stack(tmp_path, stack_dir, monkeypatch):
     started = time.monotonic()
-    params = {**QUICK_PIPELINE_PARAMS, "orchestration": {"record_lock": "commit"}}
+    # DPO alone: what a team's stack changes is where runs, files and flows go, not PPO
+    # (which the end-to-end tests run).
+    policy = {**QUICK_PIPELINE_PARAMS["policy"], "algorithms": ["dpo"]}
+    params = {
+        **QUICK_PIPELINE_PARAMS,
+        "policy": policy,
+        "orchestration": {"record_lock": "commit"},
+    }
     project = scratch_project(REPO, tmp_path / "teamproj", params)
     base_env = project_environment(project)
     for key, value in (("user.email", "team@example.org"), ("user.name", "team")):
