@@ -118,7 +118,8 @@ class StageResult:
 
 def stage_settings(stage: str) -> Any:
     """The stage's section with `TRAIN`: a few seconds of training on the nano model."""
-    from rlhf_core.config.stages import DPOSettings, PPOSettings, RewardSettings, SFTSettings
+    from rlhf_core.config.reward import RewardSettings
+    from rlhf_core.config.stages import DPOSettings, PPOSettings, SFTSettings
     from rlhf_core.config.training import PPOTrainSettings, TrainSettings
 
     if stage == "sft":

@@ -16,12 +16,8 @@ import rlhf_core.stages.reward as reward_stage
 from rlhf_core.algorithms.ensemble import bootstrap_indices, conservative_reward, ensemble_std
 from rlhf_core.algorithms.ppo import penalise_unfinished
 from rlhf_core.config import DataSettings
-from rlhf_core.config.stages import (
-    EnsembleSettings,
-    EvaluateSettings,
-    PPOSettings,
-    RewardSettings,
-)
+from rlhf_core.config.reward import EnsembleSettings, RewardSettings
+from rlhf_core.config.stages import EvaluateSettings, PPOSettings
 from rlhf_core.config.training import PPOTrainSettings, SamplingSettings, TrainSettings
 from rlhf_core.evaluation.comparison import ResponseJudge, sample_best_of_n
 from rlhf_core.generation import generate

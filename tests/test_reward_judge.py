@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from tiny_models import TINY_PPO_TRAIN
 
 from rlhf_core.config import DataSettings
-from rlhf_core.config.stages import JudgeSettings, PPOSettings, RewardSettings
+from rlhf_core.config.reward import JudgeSettings, RewardSettings
+from rlhf_core.config.stages import PPOSettings
 from rlhf_core.config.training import PPOTrainSettings, TrainSettings
 from rlhf_core.data.splits import judge_split
 from rlhf_core.models.heads import RewardModel

@@ -13,7 +13,7 @@ from training_checks import assert_same_step, train_one_step
 import rlhf_core.training.objectives.reward as reward_task_module
 from rlhf_core.algorithms.preference import bradley_terry_loss, plackett_luce_loss
 from rlhf_core.config import DataSettings
-from rlhf_core.config.stages import RewardSettings
+from rlhf_core.config.reward import RewardSettings
 from rlhf_core.config.training import TrainSettings
 from rlhf_core.models.heads import RewardModel
 from rlhf_core.models.loading import load_causal_lm

@@ -22,11 +22,11 @@ from rlhf_core.config.compute import ComputeSettings
 from rlhf_core.config.data import DemoSettings, ValidationSettings
 from rlhf_core.config.gate import GateSettings
 from rlhf_core.config.launch import LaunchSettings
+from rlhf_core.config.reward import RewardSettings
 from rlhf_core.config.stages import (
     DPOSettings,
     EvaluateSettings,
     PPOSettings,
-    RewardSettings,
     SFTSettings,
 )
 from rlhf_core.config.sweep import SweepSettings

@@ -52,7 +52,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rlhf_core.config.stages import RewardSettings
+from rlhf_core.config.reward import RewardSettings
 from rlhf_core.files import write_json, writing
 from rlhf_core.paths import ProjectPaths
 from rlhf_core.stages.common import StageContext
