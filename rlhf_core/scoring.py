@@ -189,14 +189,18 @@ def judge_dir(reward_dir: str | os.PathLike) -> Path:
     return Path(reward_dir) / JUDGE_DIR
 
 
+def has_judge(reward_dir: str | os.PathLike) -> bool:
+    """Whether the reward stage trained a held-out judge (a saved model in `judge_dir`)."""
+    return (judge_dir(reward_dir) / "config.json").is_file()
+
+
 def load_judge(
     reward_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> RewardModel | None:
     """The held-out judge the reward stage trained (in eval mode), None when it trained none."""
-    directory = judge_dir(reward_dir)
-    if not (directory / "config.json").is_file():
+    if not has_judge(reward_dir):
         return None
-    return RewardModel.from_pretrained(directory, dtype=dtype).eval()
+    return RewardModel.from_pretrained(judge_dir(reward_dir), dtype=dtype).eval()
 
 
 def score_token_ids_members(

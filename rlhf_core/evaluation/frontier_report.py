@@ -208,8 +208,9 @@ def frontier_markdown(points: Sequence[FrontierPoint], num_prompts: int | None) 
             "| method | points | alarm | at KL | RM change | gold change |",
             "| --- | ---: | --- | ---: | ---: | ---: |",
         ]
+        groups = by_method(points)
         for method, alarm in alarms.items():
-            cells = [METHOD_NAMES.get(method, method), str(len(by_method(points)[method]))]
+            cells = [METHOD_NAMES.get(method, method), str(len(groups[method]))]
             cells += [alarm.status, _number(alarm.first_step, 2)]
             cells += [_number(alarm.proxy_change), _number(alarm.gold_change)]
             lines.append("| " + " | ".join(cells) + " |")

@@ -182,12 +182,9 @@ def gold_scorer(data: DataSettings) -> Any:
 def trusted_judge(choice: str, data: DataSettings, paths: ProjectPaths) -> str | None:
     """The judge the overoptimisation alarm compares the proxy with (`JUDGES` key), None when
     there is none; one error line when `choice` names a judge this project lacks."""
-    from rlhf_core.scoring import judge_dir
+    from rlhf_core.scoring import has_judge
 
-    has = {
-        "gold": data.source == "demo",
-        "judge": (judge_dir(paths.reward_model_dir) / "config.json").is_file(),
-    }
+    has = {"gold": data.source == "demo", "judge": has_judge(paths.reward_model_dir)}
     if choice == "auto":
         return next((name for name in ("gold", "judge") if has[name]), None)
     if not has[choice]:

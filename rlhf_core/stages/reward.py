@@ -261,12 +261,12 @@ class MemberStage(TrainingStage):
     prefix: str = ""
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
-        prefix = self.prefix
-        self.run.log_metrics({prefix + k: v for k, v in metrics.items() if k != "tokens"}, step)
+        logged = {self.prefix + k: v for k, v in metrics.items() if k != "tokens"}
+        self.run.log_metrics(logged, step)
 
     def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
-        prefix = self.prefix
-        self.run.log_metrics({prefix + eval_metric_name(k): v for k, v in metrics.items()}, step)
+        logged = {self.prefix + eval_metric_name(k): v for k, v in metrics.items()}
+        self.run.log_metrics(logged, step)
 
 
 def extra_model_stage(
@@ -308,27 +308,21 @@ def train_members(
     metrics = {f"member_0/{k}": v for k, v in _member_summary(first_metrics).items()}
     seeds = [member_seed(context.seed, i) for i in range(settings.ensemble.members)]
     for index in range(1, settings.ensemble.members):
-        work = paths.checkpoints_dir(STAGE) / f"member-{index}"
-        finished = _finished_member(work, stage.fingerprint)
-        if finished is not None:
-            log.info("reward: member %d finished before the interruption; loading it", index)
-            member, member_metrics = finished
-        else:
-            member_stage = extra_model_stage(
-                stage, f"member_{index}/", seeds[index], work, settings.train.keep_checkpoints
-            )
-            groups = list(train_groups)
-            if settings.ensemble.bootstrap:
-                groups = [groups[i] for i in bootstrap_indices(len(groups), seeds[index])]
-            member, member_metrics = _train_member(
-                member_stage, settings, tokenizer, objective, groups, train_groups, seeds[index]
-            )
-            member.save_pretrained(work / "final")  # kept until the stage ends well
-            write_json(
-                work / "final.json",
-                {"fingerprint": stage.fingerprint, "metrics": member_metrics},
-                what=f"reward ensemble member {index}'s record",
-            )
+        groups = list(train_groups)
+        if settings.ensemble.bootstrap:
+            groups = [groups[i] for i in bootstrap_indices(len(groups), seeds[index])]
+        member, member_metrics = _train_or_resume(
+            stage,
+            settings,
+            tokenizer,
+            objective,
+            name=f"member {index}",
+            prefix=f"member_{index}/",
+            work=paths.checkpoints_dir(STAGE) / f"member-{index}",
+            seed=seeds[index],
+            groups=groups,
+            centre_groups=train_groups,
+        )
         members.append(member)
         metrics.update({f"member_{index}/{k}": v for k, v in member_metrics.items()})
     for index, member in enumerate(members[1:], start=1):
@@ -342,6 +336,39 @@ def train_members(
     metrics["ensemble/members"] = len(members)
     metrics.update({f"ensemble/{k}": v for k, v in ensemble_eval.items()})
     return metrics
+
+
+def _train_or_resume(
+    stage: TrainingStage,
+    settings: RewardSettings,
+    tokenizer: Any,
+    objective: Any,
+    *,
+    name: str,
+    prefix: str,
+    work: Path,
+    seed: int,
+    groups: list[ComparisonGroup],
+    centre_groups: Sequence[ComparisonGroup],
+) -> tuple[Any, dict[str, Any]]:
+    """One more reward model of the stage (an ensemble member or the judge): the one an
+    interrupted run finished and kept in `work`, else trained on `groups` (curves under
+    `prefix`, checkpoints in `work`) and kept in `work/final` until the stage ends well."""
+    finished = _finished_member(work, stage.fingerprint)
+    if finished is not None:
+        log.info("reward: %s finished before the interruption; loading it", name)
+        return finished
+    extra = extra_model_stage(stage, prefix, seed, work, settings.train.keep_checkpoints)
+    model, metrics = _train_member(
+        extra, settings, tokenizer, objective, groups, centre_groups, seed
+    )
+    model.save_pretrained(work / "final")
+    write_json(
+        work / "final.json",
+        {"fingerprint": stage.fingerprint, "metrics": metrics},
+        what=f"the reward {name}'s record",
+    )
+    return model, metrics
 
 
 def _finished_member(work: Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | None:
@@ -447,26 +474,18 @@ def train_judge(
     from rlhf_core.generation import derived_seed
     from rlhf_core.scoring import judge_dir
 
-    work = stage.paths.checkpoints_dir(STAGE) / "judge"
-    finished = _finished_member(work, stage.fingerprint)
-    if finished is not None:
-        log.info("reward: the judge finished before the interruption; loading it")
-        judge, judge_metrics = finished
-    else:
-        seed = derived_seed(stage.context.seed, "reward/judge")
-        judge_stage = extra_model_stage(
-            stage, "judge/", seed, work, settings.train.keep_checkpoints
-        )
-        groups = list(judge_groups)
-        judge, judge_metrics = _train_member(
-            judge_stage, settings, tokenizer, objective, groups, groups, seed
-        )
-        judge.save_pretrained(work / "final")  # kept until the stage ends well
-        write_json(
-            work / "final.json",
-            {"fingerprint": stage.fingerprint, "metrics": judge_metrics},
-            what="the reward judge's record",
-        )
+    judge, judge_metrics = _train_or_resume(
+        stage,
+        settings,
+        tokenizer,
+        objective,
+        name="judge",
+        prefix="judge/",
+        work=stage.paths.checkpoints_dir(STAGE) / "judge",
+        seed=derived_seed(stage.context.seed, "reward/judge"),
+        groups=list(judge_groups),
+        centre_groups=judge_groups,
+    )
     out_dir = judge_dir(stage.paths.reward_model_dir)
     with writing("the held-out reward judge", out_dir):
         judge.save_pretrained(out_dir)
