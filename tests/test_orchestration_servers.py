@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import servers
 
 from rlhf_core.app import mlflow_ui, prefect_server, processes
 from rlhf_core.tracking.check import (
@@ -442,6 +443,7 @@ def test_a_started_prefect_server_tells_its_ui_its_own_api_url(tmp_path, monkeyp
 
     for name in ("PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL"):
         monkeypatch.delenv(name, raising=False)
+    servers.seed_prefect_database(tmp_path / prefect_server.PREFECT_HOME_DIR)  # no migrations
     with (
         temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_API_URL}),
         prefect_server.prefect_server(tmp_path) as api_url,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import seed_prefect_database
 
 from benchmarks.pipeline import measure_project_pipeline, project_environment, scratch_project
 from benchmarks.settings import QUICK_PIPELINE_PARAMS
@@ -38,10 +39,11 @@ def project(tmp_path_factory) -> Iterator[tuple[Path, dict[str, str]]]:
     """A git + DVC copy of the project with a nano model and a few dozen rows, and a Prefect
     server of its own (`prefect server start`, as a team runs one) that every flow run of the
     module records to: PREFECT_API_URL in the environment."""
-    from rlhf_core.app.prefect_server import prefect_server
+    from rlhf_core.app.prefect_server import PREFECT_HOME_DIR, prefect_server
 
     root = tmp_path_factory.mktemp("e2e") / "project"
     scratch_project(REPO, root, QUICK_PIPELINE_PARAMS)
+    seed_prefect_database(root / PREFECT_HOME_DIR)  # a migrated copy: the server skips migrations
     with prefect_server(root) as api_url:
         yield root, {**project_environment(root), "PREFECT_API_URL": api_url}
 
