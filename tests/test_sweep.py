@@ -33,7 +33,6 @@ from rlhf_core.evaluation.frontier_report import (
     frontier_rows,
 )
 from rlhf_core.orchestration.sweep import (
-    SweepError,
     check_project,
     experiment_command,
     experiment_states,
@@ -41,6 +40,7 @@ from rlhf_core.orchestration.sweep import (
     sweep_points,
     untracked_inputs,
 )
+from rlhf_core.orchestration.sweep_results import SweepError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -406,7 +406,8 @@ def sweep(
     `sweep` section), run through DVC's queue; writes artifacts/plots/frontier.{json,png},
     artifacts/sweep/frontier.md and an MLflow run "sweep" with one nested run per point."""
     from rlhf_core.config import ParamsError
-    from rlhf_core.orchestration.sweep import SweepError, run_sweep
+    from rlhf_core.orchestration.sweep import run_sweep
+    from rlhf_core.orchestration.sweep_results import SweepError
 
     load_params_or_exit(params_path)
     try:
