@@ -123,7 +123,11 @@ def run_ppo(
             settings.train,
             seed=context.seed,
             eval_prompts=list(eval_frame["prompt"]),
-            judges=judge_scorers(context.data, paths, tokenizer.pad_token_id, settings, device),
+            judges=(  # only the main process evaluates: the others never load a judge
+                judge_scorers(context.data, paths, tokenizer.pad_token_id, settings, device)
+                if accelerator.is_main_process
+                else {}
+            ),
             checkpoints=stage.checkpoint_manager(),
             on_log=with_ensemble_std(stage.log_step, scorer),
             on_eval=stage.log_eval,
