@@ -216,6 +216,19 @@ def test_a_real_model_run_has_its_own_title_section_and_no_pipeline_rows(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_failed_measurement_names_itself_and_shows_its_log(tmp_path):
+    """A measurement runs in a process forked from the workers' fork server; its failure is
+    an error with the process's exit code and the end of its log."""
+    from benchmarks.run import run_worker
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # an empty workspace: the worker finds no workload.json
+    with pytest.raises(RuntimeError, match=r"(?s)ours sft failed \(exit 1.*workload\.json"):
+        run_worker("sft", "ours", tmp_path, logs)
+    assert "FileNotFoundError" in (logs / "sft_ours.log").read_text()
+
+
 def test_quick_run_measures_every_stage(tmp_path):
     """The pipeline measurement (`benchmarks.pipeline`) is tested in
     tests/test_pipeline_end_to_end.py, on the project whose first run it measures."""
