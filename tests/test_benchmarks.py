@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from forkservers import stop_forkserver
 from tiny_models import two_layer_llama
 from torch import nn
 from transformers import LlamaForCausalLM
@@ -235,6 +236,7 @@ def test_quick_run_measures_every_stage(tmp_path):
     from benchmarks.run import run_benchmarks
     from benchmarks.settings import QUICK
 
+    stop_forkserver()  # so the workers' server starts with their preloads (benchmarks.run)
     results = run_benchmarks(QUICK, tmp_path, with_trl=True, with_pipeline=False)
 
     written = json.loads((tmp_path / "latest.json").read_text())

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
+from forkservers import stop_forkserver
 
 from rlhf_core.data.store import (
     COMMIT_JOURNAL,
@@ -34,6 +35,7 @@ KILLS_NEEDED = 20
 
 @pytest.fixture(scope="module")
 def processes():
+    stop_forkserver()  # one another test file started here would keep its own preloads
     context = multiprocessing.get_context("forkserver")
     # Everything an ingest imports (Great Expectations takes seconds), imported once.
     context.set_forkserver_preload([__name__, "rlhf_core.data.readers", "great_expectations"])
