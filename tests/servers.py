@@ -333,7 +333,8 @@ def seed_prefect_database(home: Path) -> Path:
             completed = subprocess.run(
                 [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
                 env=env,
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,  # a failure's traceback is on stderr
                 text=True,
                 timeout=SERVER_START_TIMEOUT_S,
             )

@@ -216,8 +216,15 @@ def test_a_real_model_run_has_its_own_title_section_and_no_pipeline_rows(tmp_pat
 # ------------------------------------------------------------------------------------ a run
 
 
+@pytest.fixture(scope="module")
+def bench_forkserver():
+    """The workers' fork server with its own preloads (benchmarks.run), started once for the
+    module's measurements: one another test file started in this worker is stopped first."""
+    stop_forkserver()
+
+
 @pytest.mark.slow
-def test_a_failed_measurement_names_itself_and_shows_its_log(tmp_path):
+def test_a_failed_measurement_names_itself_and_shows_its_log(tmp_path, bench_forkserver):
     """A measurement runs in a process forked from the workers' fork server; its failure is
     an error with the process's exit code and the end of its log."""
     from benchmarks.run import run_worker
@@ -230,13 +237,13 @@ def test_a_failed_measurement_names_itself_and_shows_its_log(tmp_path):
     assert "FileNotFoundError" in (logs / "sft_ours.log").read_text()
 
 
-def test_quick_run_measures_every_stage(tmp_path):
+@pytest.mark.slow
+def test_quick_run_measures_every_stage(tmp_path, bench_forkserver):
     """The pipeline measurement (`benchmarks.pipeline`) is tested in
     tests/test_pipeline_end_to_end.py, on the project whose first run it measures."""
     from benchmarks.run import run_benchmarks
     from benchmarks.settings import QUICK
 
-    stop_forkserver()  # so the workers' server starts with their preloads (benchmarks.run)
     results = run_benchmarks(QUICK, tmp_path, with_trl=True, with_pipeline=False)
 
     written = json.loads((tmp_path / "latest.json").read_text())
